@@ -1,0 +1,1 @@
+"""Fine-tuning: adapters and heads for downstream tasks, evaluation, export."""

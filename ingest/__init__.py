@@ -1,0 +1,1 @@
+"""Ingest: convert medical data into shard sets on Ray."""

@@ -1,0 +1,1 @@
+"""Pretraining engine: Lightning MAE, contrastive and diffusion objectives."""

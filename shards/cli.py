@@ -1,0 +1,75 @@
+"""`medfm shards ...`: verify, stats and ls."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from .manifest import Manifest
+from .summary import LS_COLUMNS, ls_rows, stats
+from .verify import verify
+
+app = typer.Typer(help="Inspect and verify shard sets.", no_args_is_help=True)
+
+
+@app.command("verify")
+def verify_cmd(
+    root: str = typer.Argument(..., help="Shard-set folder or fsspec URL."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+):
+    """Re-hash every shard and check every manifest row; exit 1 on any mismatch."""
+    report = verify(root)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=1))
+    else:
+        for w in report.warnings:
+            typer.echo(f"WARNING {w}", err=True)
+        for e in report.errors:
+            typer.echo(f"ERROR {e}", err=True)
+        status = "OK" if report.ok else f"FAILED ({len(report.errors)} errors)"
+        typer.echo(
+            f"{root}: {status}: {report.files_checked} files, {report.rows_checked} rows checked"
+        )
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@app.command("stats")
+def stats_cmd(
+    root: str = typer.Argument(..., help="Shard-set folder or fsspec URL."),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Counts per dataset, modality, split and label, plus bytes."""
+    s = stats(Manifest.open(root))
+    if as_json:
+        typer.echo(json.dumps(s, indent=1))
+        return
+    typer.echo(
+        f"{root}: {s['samples']} samples, {s['patients']} patients, "
+        f"{s['file_bytes'] / 1e6:.1f} MB in files, {s['synthetic']} synthetic"
+    )
+    for col in ("dataset", "kind", "modality", "split", "label"):
+        items = ", ".join(f"{k}: {v}" for k, v in s[f"by_{col}"].items()) or "-"
+        typer.echo(f"  {col:<8} {items}")
+
+
+@app.command("ls")
+def ls_cmd(
+    root: str = typer.Argument(..., help="Shard-set folder or fsspec URL."),
+    split: str = typer.Option(None),
+    kind: str = typer.Option(None),
+    dataset: str = typer.Option(None),
+    limit: int = typer.Option(None),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
+):
+    """List samples with their location."""
+    rows = ls_rows(Manifest.open(root), split=split, kind=kind, dataset=dataset, limit=limit)
+    if as_json:
+        for r in rows:
+            typer.echo(json.dumps(r))
+        return
+    typer.echo("\t".join(LS_COLUMNS))
+    for r in rows:
+        typer.echo(
+            "\t".join("x".join(map(str, r[c])) if c == "shape" else str(r[c]) for c in LS_COLUMNS)
+        )

@@ -1,0 +1,83 @@
+"""Random access to samples of a shard set by manifest row (streaming loaders build on this)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from .codecs import decode
+from .errors import ShardFormatError
+from .manifest import Manifest
+from .schema import Sample
+from .storage import read_range, sha256_bytes
+from .volume import open_volume
+
+
+class ShardSet:
+    """An opened shard set: its manifest plus sample decoding."""
+
+    def __init__(self, root: str, **storage_options: Any):
+        self.manifest = Manifest.open(root, **storage_options)
+        self.fs, self.path = self.manifest.fs, self.manifest.path
+
+    def __len__(self) -> int:
+        return len(self.manifest)
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        return self.manifest.rows()
+
+    def read_member(self, row: dict[str, Any], ext: str, check: bool = True) -> bytes:
+        """The raw bytes of one tar member, by byte range (no scan of the shard)."""
+        loc = json.loads(row["members"])[ext]
+        where = f"{row['shard']}:{row['key']}.{ext}"
+        try:
+            data = read_range(self.fs, f"{self.path}/{row['shard']}", loc["offset"], loc["size"])
+        except FileNotFoundError as e:
+            raise ShardFormatError(f"{where}: shard file is missing") from e
+        if len(data) != loc["size"]:
+            raise ShardFormatError(f"{where}: shard is truncated")
+        if check and sha256_bytes(data) != loc["sha256"]:
+            raise ShardFormatError(f"{where}: sha256 mismatch (corrupt shard)")
+        return data
+
+    def read_sample(self, row: dict[str, Any], check: bool = True) -> Sample:
+        """Decode a full sample (volumes are read whole; use PatchSampler for patches)."""
+        members = json.loads(row["members"])
+        meta = json.loads(row["meta"])
+        common = dict(
+            key=row["key"],
+            kind=row["kind"],
+            modality=row["modality"],
+            dataset=row["dataset"],
+            patient_id=row["patient_id"],
+            split=row["split"],
+            study_id=row["study_id"],
+            series_id=row["series_id"],
+            labels=json.loads(row["labels"]),
+            sampling_rate=row["sampling_rate"],
+            channels=list(row["channels"] or []),
+            synthetic=row["synthetic"],
+            generator=row["generator"],
+            licence=row["licence"],
+            provenance=json.loads(row["provenance"]),
+            meta=meta,
+        )
+        if row["storage"] == "zarr":
+            vol = open_volume(self.fs, self.path, row)
+            return Sample(
+                data=vol.image[...],
+                geometry=vol.geometry,
+                label_map=vol.label[...] if vol.label is not None else None,
+                **common,
+            )
+        where = f"{row['shard']}:{row['key']}"
+        data = decode(row["member"], self.read_member(row, row["member"], check), where)
+        label_map, extras = None, {}
+        for ext in members:
+            if ext.startswith("label."):
+                label_map = decode(ext, self.read_member(row, ext, check), where)
+            elif ext.endswith(".npy"):
+                extras[ext[:-4]] = decode(ext, self.read_member(row, ext, check), where)
+        spacing = tuple(row["spacing"]) if row["spacing"] else None
+        return Sample(data=data, label_map=label_map, extras=extras, spacing=spacing, **common)

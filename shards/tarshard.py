@@ -1,0 +1,187 @@
+"""WebDataset-compatible tar shards: a rolling writer and a reader that never extracts.
+
+Members are `<key>.<ext>` or `<key>.<component>.<ext>`, all regular files with fixed mode, owner
+and mtime, so the same samples always produce the same bytes (and the same shard hash).
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+import fsspec
+
+from .errors import ShardFormatError, UnsafeMemberError
+from .schema import MEMBER_RE
+from .storage import HashingWriter, commit, fsync_file, sha256_bytes, tmp_name
+
+# 512 MiB: inside the 256 MB - 1 GB range that WebDataset and MosaicML recommend; large enough
+# for efficient sequential reads from object stores, small enough to spread over many workers.
+DEFAULT_SHARD_BYTES = 512 * 1024 * 1024
+TAR_DIR = "tars"
+
+
+@dataclass
+class MemberLocation:
+    """Where one member's bytes sit inside its tar shard."""
+
+    sha256: str
+    offset: int
+    size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sha256": self.sha256, "offset": self.offset, "size": self.size}
+
+
+@dataclass
+class ShardFile:
+    """A finished shard file and its integrity record."""
+
+    path: str  # relative to the shard-set root
+    sha256: str
+    bytes: int
+    samples: int = 0
+
+
+class TarShardWriter:
+    """Append samples to `tars/<prefix>-NNNNNN.tar`, rolling over at `max_bytes`."""
+
+    def __init__(
+        self,
+        fs: fsspec.AbstractFileSystem,
+        root: str,
+        prefix: str,
+        max_bytes: int = DEFAULT_SHARD_BYTES,
+    ):
+        if not MEMBER_RE.match(f"{prefix}.tar"):
+            raise ValueError(f"invalid shard prefix {prefix!r}")
+        self.fs, self.root, self.prefix, self.max_bytes = fs, root, prefix, max_bytes
+        self.finished: list[ShardFile] = []
+        self._index = 0
+        self._open_shard: tuple[str, str, IO[bytes], HashingWriter, tarfile.TarFile] | None = None
+        self._samples = 0
+        fs.makedirs(f"{root}/{TAR_DIR}", exist_ok=True)
+
+    @property
+    def current_path(self) -> str | None:
+        return self._open_shard[0] if self._open_shard else None
+
+    def add(self, key: str, members: dict[str, bytes]) -> tuple[str, dict[str, MemberLocation]]:
+        """Write one sample's members; returns (shard relative path, locations by extension)."""
+        size = sum(512 + len(b) + 511 for b in members.values())
+        if self._open_shard and self._samples and self._tell() + size > self.max_bytes:
+            self._finish()
+        if not self._open_shard:
+            self._start()
+        rel, _, _, _, tar = self._open_shard
+        out = {}
+        for ext, payload in members.items():
+            name = f"{key}.{ext}"
+            if not MEMBER_RE.match(name) or len(name) > 100:  # USTAR's name field is 100 bytes
+                raise ValueError(f"invalid tar member name {name!r}")
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(payload), 0o444, 0
+            tar.addfile(info, io.BytesIO(payload))
+            # addfile pads data to 512-byte blocks; the data starts that far before the end.
+            data_offset = tar.offset - ((len(payload) + 511) // 512) * 512
+            out[ext] = MemberLocation(sha256_bytes(payload), data_offset, len(payload))
+        self._samples += 1
+        return rel, out
+
+    def close(self) -> list[ShardFile]:
+        if self._open_shard:
+            self._finish()
+        return self.finished
+
+    def abort(self) -> None:
+        """Drop the shard being written (its temporary file) without committing it."""
+        if self._open_shard:
+            _, tmp, raw, _, tar = self._open_shard
+            tar.close()
+            raw.close()
+            self.fs.rm(tmp)
+            self._open_shard = None
+
+    def _tell(self) -> int:
+        return self._open_shard[4].offset
+
+    def _start(self) -> None:
+        rel = f"{TAR_DIR}/{self.prefix}-{self._index:06d}.tar"
+        self._index += 1
+        tmp = tmp_name(f"{self.root}/{rel}")
+        raw = self.fs.open(tmp, "wb")
+        hw = HashingWriter(raw)
+        tar = tarfile.open(fileobj=hw, mode="w", format=tarfile.USTAR_FORMAT)
+        self._open_shard = (rel, tmp, raw, hw, tar)
+        self._samples = 0
+
+    def _finish(self) -> None:
+        rel, tmp, raw, hw, tar = self._open_shard
+        tar.close()
+        fsync_file(raw)
+        raw.close()
+        commit(self.fs, tmp, f"{self.root}/{rel}")
+        self.finished.append(ShardFile(rel, hw.sha.hexdigest(), hw.nbytes, self._samples))
+        self._open_shard = None
+
+
+def check_member(info: tarfile.TarInfo, shard: str) -> None:
+    """Refuse anything but a plainly named regular file; nothing is ever extracted."""
+    kind = (
+        "symlink"
+        if info.issym()
+        else "hard link"
+        if info.islnk()
+        else "device"
+        if (info.ischr() or info.isblk())
+        else "fifo"
+        if info.isfifo()
+        else "directory"
+        if info.isdir()
+        else None
+        if info.isreg()
+        else "special file"
+    )
+    if kind:
+        raise UnsafeMemberError(f"{shard}: member {info.name!r} is a {kind}; refused")
+    if info.name.startswith("/") or ".." in info.name.split("/") or "/" in info.name:
+        raise UnsafeMemberError(f"{shard}: member path {info.name!r} escapes the shard; refused")
+    if not MEMBER_RE.match(info.name):
+        raise UnsafeMemberError(f"{shard}: member name {info.name!r} is not <key>.<ext>; refused")
+
+
+def iter_members(f: IO[bytes], shard: str) -> Iterator[tuple[str, int, bytes]]:
+    """Stream (name, data offset, bytes) of every member of a tar, validating each first."""
+    try:
+        with tarfile.open(fileobj=f, mode="r|") as tar:
+            for info in tar:
+                check_member(info, shard)
+                fobj = tar.extractfile(info)
+                data = fobj.read() if fobj else b""
+                if len(data) != info.size:
+                    raise ShardFormatError(
+                        f"{shard}: member {info.name!r} is truncated "
+                        f"({len(data)} of {info.size} bytes)"
+                    )
+                yield info.name, info.offset_data, data
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ShardFormatError(f"{shard}: corrupt or truncated tar ({e})") from e
+
+
+def iter_samples(f: IO[bytes], shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Group consecutive members into WebDataset samples: (key, {ext: bytes})."""
+    key, parts = None, {}
+    for name, _, data in iter_members(f, shard):
+        k, ext = name.split(".", 1)
+        if key is not None and k != key:
+            yield key, parts
+            parts = {}
+        key = k
+        if ext in parts:
+            raise ShardFormatError(f"{shard}: duplicate member {name!r}")
+        parts[ext] = data
+    if key is not None:
+        yield key, parts

@@ -1,0 +1,1 @@
+"""Synthetic data: generation from diffusion models, quality and memorization audit."""
