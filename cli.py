@@ -7,6 +7,7 @@ stays fast.
 from __future__ import annotations
 
 import typer
+
 from medfm import __version__
 from medfm.clusters.cli import app as launch_app
 from medfm.finetune.cli import app as finetune_app

@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 
 from .codecs import encode_npy, encode_png, png_encodable
-from .manifest import HEADER_NAME, write_manifest
+from .manifest import HEADER_NAME, ROWS_NAME, write_manifest
 from .schema import Sample, row_metadata, sample_row, to_json
 from .storage import get_fs, remove_temporaries
-from .tarshard import DEFAULT_SHARD_BYTES, ShardFile, TarShardWriter
-from .volume import DEFAULT_CHUNKS, VolumeStoreWriter
+from .tarshard import DEFAULT_SHARD_BYTES, TAR_DIR, ShardFile, TarShardWriter
+from .volume import DEFAULT_CHUNKS, VOLUME_STORE, VolumeStoreWriter
 
 
 def _little_endian(a: np.ndarray) -> np.ndarray:
@@ -133,7 +133,11 @@ class ShardSetWriter:
             if not overwrite:
                 raise FileExistsError(f"{root} already holds a shard set (use overwrite=True)")
             fs.rm(path, recursive=True)
+        # Without a header, anything here was left by a killed writer: start clean.
         remove_temporaries(fs, path)
+        for leftover in (TAR_DIR, VOLUME_STORE, ROWS_NAME):
+            if fs.exists(f"{path}/{leftover}"):
+                fs.rm(f"{path}/{leftover}", recursive=True)
         self.samples = SampleWriter(
             root, prefix, storage_options=self.storage_options, **writer_options
         )

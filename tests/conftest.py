@@ -1,0 +1,34 @@
+"""Shared fixtures: where the real sample data lives."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def sample_data() -> Path:
+    """The real data folder from MEDFM_SAMPLE_DATA; tests that need it skip without it."""
+    root = os.environ.get("MEDFM_SAMPLE_DATA")
+    if not root or not Path(root).is_dir():
+        pytest.skip("MEDFM_SAMPLE_DATA is unset or missing (see ../shared/data/README.md)")
+    return Path(root)
+
+
+@pytest.fixture(scope="session")
+def nibabel_data() -> Path:
+    import nibabel
+
+    return Path(nibabel.__file__).parent / "tests" / "data"
+
+
+@pytest.fixture(scope="session")
+def medfm_exe() -> str:
+    """The installed `medfm` console script of the interpreter running the tests."""
+    import sys
+
+    exe = Path(sys.executable).parent / "medfm"
+    assert exe.exists(), f"console script not installed next to {sys.executable}"
+    return str(exe)
