@@ -73,3 +73,33 @@ def ls_cmd(
         typer.echo(
             "\t".join("x".join(map(str, r[c])) if c == "shape" else str(r[c]) for c in LS_COLUMNS)
         )
+
+
+@app.command("pairs")
+def pairs_cmd(
+    a: str = typer.Argument(..., help="First shard set (e.g. images)."),
+    b: str = typer.Argument(..., help="Second shard set (e.g. EHR)."),
+    window: str = typer.Option(None, help="Max time gap, e.g. 30d, 12h, 90m, 3600s."),
+    out: str = typer.Option(None, help="Write the pairs as JSON lines to this file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+):
+    """Join two shard sets on patient pseudonym (optionally within a time window); count pairs."""
+    from .pairs import find_pairs
+
+    try:
+        report = find_pairs(a, b, window, collect=bool(out))
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    if out:
+        with open(out, "w") as f:
+            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in report.rows)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=1, sort_keys=True))
+    else:
+        within = f" within {window}" if window else ""
+        typer.echo(
+            f"{report.pairs} pairs{within} over {report.patients_joined} shared patients "
+            f"({report.patients_a} in A, {report.patients_b} in B); "
+            f"split mismatches: {report.split_mismatches}"
+        )
+    raise typer.Exit(1 if report.split_mismatches else 0)
