@@ -1,5 +1,48 @@
-"""`medfm ingest`."""
+"""`medfm ingest SPEC.yaml --out DEST [--address RAY_ADDRESS] [--workers N] [--resume]`."""
 
-from medfm.shards.stub import stub_app
+from __future__ import annotations
 
-app = stub_app("ingest", "Convert DICOM, NIfTI, images, signals and EHR tables into shard sets")
+import dataclasses
+import json
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(
+    help="Convert DICOM, NIfTI, NRRD, MHA, PNG/JPEG/TIFF (and signals/EHR) into a shard set "
+    "on Ray: de-identified, split by patient, resumable. See docs/ingest.md.",
+    no_args_is_help=True,
+)
+
+
+@app.callback(invoke_without_command=True, context_settings={"allow_interspersed_args": True})
+def ingest(
+    spec: Path = typer.Argument(..., help="Dataset spec (YAML); see medfm/ingest/specs/."),
+    out: str = typer.Option(..., "--out", help="Destination shard-set folder or fsspec URL."),
+    address: str = typer.Option(
+        None, "--address", help="Existing Ray cluster (ray://... or auto)."
+    ),
+    workers: int = typer.Option(None, "--workers", min=1, help="Parallel tasks (default: cores)."),
+    resume: bool = typer.Option(False, "--resume", help="Finish an interrupted job in --out."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress line."),
+) -> None:
+    """Run an ingest job. The de-identification key comes from MEDFM_DEID_KEY or a key file."""
+    from .bookkeeping import ResumeError
+    from .job import run_ingest
+    from .privacy import DeidKeyError
+    from .registry import IngestError
+    from .spec import SpecError, load_spec
+
+    try:
+        summary = run_ingest(
+            load_spec(spec), out, address=address, workers=workers, resume=resume,
+            progress=not quiet,
+        )  # fmt: skip
+    except (SpecError, ResumeError, DeidKeyError, IngestError) as e:
+        typer.echo(f"medfm ingest: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(summary.line())
+    typer.echo(json.dumps(dataclasses.asdict(summary), sort_keys=True))
+    if summary.written == 0:
+        typer.echo("medfm ingest: no sample was written (see quarantine.jsonl)", err=True)
+        raise typer.Exit(1)

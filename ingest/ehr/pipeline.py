@@ -1,0 +1,352 @@
+"""The out-of-core EHR passes. Nothing here holds a whole table in memory:
+
+1. `partition_file` (one Ray task per table file) streams record batches, maps them to events
+   (pseudonymized, date-shifted) and appends them to per-bucket Parquet files, the bucket
+   being a hash of the patient pseudonym: an external group-by patient.
+2. `clean_bucket` (one task per bucket) sorts a bucket by patient and time, drops events
+   before birth (counted), and returns the train-split code counts and a bottom-k value
+   sample per code: the only inputs of the vocabulary and the bin edges.
+3. `tokenize_bucket` (inside the conversion task of a bucket) turns each patient's (or
+   admission's) events into token ids with time, age and type arrays.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from medfm.shards.storage import atomic_write_bytes, commit, get_fs, sha256_file, tmp_name
+
+from ..privacy import Keyring
+from .spec import EHRSpec, EventTable, PatientTable
+from .tables import (
+    EVENT_SCHEMA,
+    KIND_BIRTH,
+    KIND_EVENT,
+    KIND_STATIC,
+    Pseudonymizer,
+    event_batches,
+    load_time_join,
+    open_batches,
+    patient_batches,
+)
+from .vocab import (
+    SPECIAL,
+    TYPE_CODE,
+    TYPE_INTERVAL,
+    TYPE_SPECIAL,
+    TYPE_STATIC,
+    TYPE_VALUE,
+    Vocabulary,
+    bottom_k,
+    interval_token,
+)
+
+YEAR_S = 365.25 * 86400
+BIRTH_SLACK_S = 366 * 86400  # birth years estimated from an age are exact to a year only
+
+
+def bucket_of(pids: list[str], buckets: int) -> np.ndarray:
+    return np.array([int(p[1:9], 16) % buckets for p in pids], np.int64)
+
+
+@dataclass
+class PartitionJob:
+    """One table file to partition (picklable: it travels to a Ray task)."""
+
+    path: str  # fsspec path of the table file
+    rel: str  # relative to the source root (for quarantine records)
+    table: EventTable | PatientTable
+    join_paths: list[str]  # time_from table files, if any
+    tag: str  # unique, deterministic name of this job's bucket files
+
+
+def partition_file(
+    job: PartitionJob,
+    spec: EHRSpec,
+    keyring: Keyring,
+    namespace: str,
+    work: str,
+    source_root: str,
+    storage_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Stream one table file into the bucket files; returns row counts by outcome."""
+    done = f"{work}/parts/{job.tag}.json"
+    wfs, _ = get_fs(work)
+    if wfs.exists(done):  # resume: this file was partitioned by an earlier run
+        return json.loads(wfs.cat_file(done))
+    fs, _ = get_fs(source_root, **(storage_options or {}))
+    pseudo = Pseudonymizer(keyring, namespace)
+    counts: Counter = Counter()
+    joined = None
+    t = job.table
+    if isinstance(t, EventTable) and t.time_from is not None:
+        joined = load_time_join(fs, job.join_paths, t.time_from.key, t.time_from.time,
+                                spec.batch_rows)  # fmt: skip
+    writers: dict[int, tuple[str, str, pq.ParquetWriter, Any]] = {}
+    rows = 0
+    try:
+        for batch in open_batches(fs, job.path, t.columns(), spec.batch_rows):
+            if isinstance(t, EventTable):
+                events = event_batches(batch, t, pseudo, joined, counts)
+            else:
+                events = patient_batches(batch, t, pseudo, counts)
+            rows += batch.num_rows
+            _write_buckets(events, spec.buckets, work, job.tag, wfs, writers)
+        for final, tmp, w, f in writers.values():
+            w.close()
+            f.close()
+            commit(wfs, tmp, final)
+    except BaseException:
+        for _, tmp, _w, f in writers.values():
+            f.close()
+            if wfs.exists(tmp):
+                wfs.rm(tmp)
+        raise
+    digest = sha256_file(fs, job.path)[0]  # input hash for provenance, in parallel tasks
+    out = {"rel": job.rel, "rows": rows, "counts": dict(counts), "sha256": digest}
+    atomic_write_bytes(wfs, done, json.dumps(out, sort_keys=True).encode())
+    return out
+
+
+def _write_buckets(events: pa.Table, buckets: int, work: str, tag: str, wfs, writers) -> None:
+    if not events.num_rows:
+        return
+    b = bucket_of(events.column("pid").to_pylist(), buckets)
+    for k in np.unique(b):
+        part = events.filter(pa.array(b == k))
+        if k not in writers:
+            final = f"{work}/buckets/b{k:04d}/{tag}.parquet"
+            wfs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+            tmp = tmp_name(final)
+            f = wfs.open(tmp, "wb")
+            writers[k] = (final, tmp, pq.ParquetWriter(f, EVENT_SCHEMA, compression="zstd"), f)
+        writers[k][2].write_table(part)
+
+
+def read_parquet(fs: Any, path: str) -> pa.Table:
+    # Single-threaded: pyarrow 26's threaded reads can abort at interpreter exit (see manifest.py).
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, use_threads=False)
+
+
+def bucket_path(work: str, k: int) -> str:
+    return f"{work}/clean/b{k:04d}.parquet"
+
+
+def clean_bucket(
+    k: int, spec: EHRSpec, work: str, split_of: Callable[[str], str], seed: int
+) -> dict[str, Any]:
+    """Sort bucket k, drop events before birth, write it; return train counts and values."""
+    wfs, _ = get_fs(work)
+    stats_path = f"{work}/clean/b{k:04d}.json"
+    if wfs.exists(stats_path):
+        return json.loads(wfs.cat_file(stats_path))
+    files = sorted(wfs.glob(f"{work}/buckets/b{k:04d}/*.parquet"))
+    files = [f for f in files if ".tmp-" not in f]
+    table = (
+        pa.concat_tables([read_parquet(wfs, f) for f in files])
+        if files
+        else EVENT_SCHEMA.empty_table()
+    )
+    if spec.birth_code:  # MEDS-style birth events become birth rows
+        is_birth = pc.equal(table.column("code"), spec.birth_code).fill_null(False)
+        kind = pc.if_else(is_birth, pa.scalar(KIND_BIRTH, pa.int8()), table.column("kind"))
+        table = table.set_column(table.schema.get_field_index("kind"), "kind", kind)
+    table, before = drop_before_birth(table, spec)
+    table = table.sort_by([("pid", "ascending"), ("t", "ascending"), ("code", "ascending")])
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    atomic_write_bytes(wfs, bucket_path(work, k), sink.getvalue().to_pybytes())
+    out = train_statistics(table, spec, split_of, seed + k)
+    out["before_birth"] = before
+    atomic_write_bytes(wfs, stats_path, json.dumps(out, sort_keys=True).encode())
+    return out
+
+
+def births(table: pa.Table) -> dict[str, int]:
+    """Earliest birth time per patient."""
+    b = table.filter(pc.equal(table.column("kind"), KIND_BIRTH))
+    out: dict[str, int] = {}
+    for pid, t in zip(b.column("pid").to_pylist(), b.column("t").to_pylist(), strict=True):
+        if t is not None and (pid not in out or t < out[pid]):
+            out[pid] = t
+    return out
+
+
+def drop_before_birth(table: pa.Table, spec: EHRSpec) -> tuple[pa.Table, dict[str, int]]:
+    """Remove events dated before the patient's birth; returns (table, counts per table)."""
+    born = births(table)
+    if not born or not table.num_rows:
+        return table, {}
+    slack = BIRTH_SLACK_S if spec.patients and spec.patients.age else 0
+    birth = np.array([born.get(p, np.iinfo(np.int64).min // 2) for p in
+                      table.column("pid").to_pylist()], np.int64)  # fmt: skip
+    t = np.asarray(table.column("t").fill_null(np.iinfo(np.int64).max))
+    kind = np.asarray(table.column("kind"))
+    bad = (kind == KIND_EVENT) & (t < birth - slack)
+    counts = Counter(np.asarray(table.column("table"))[bad].tolist())
+    return table.filter(pa.array(~bad)), dict(counts)
+
+
+def train_statistics(
+    table: pa.Table, spec: EHRSpec, split_of: Callable[[str], str], seed: int
+) -> dict[str, Any]:
+    """Code counts and a bottom-k value sample per code, over train-split patients only."""
+    pids = table.column("pid").to_pylist()
+    split = {p: split_of(p) for p in set(pids)}
+    train = np.array([split[p] == "train" for p in pids], bool)
+    kind = np.asarray(table.column("kind"))
+    counted = train & (kind != KIND_BIRTH)
+    codes = np.asarray(table.column("code").to_numpy(zero_copy_only=False), dtype=object)
+    counts = Counter(codes[counted].tolist())
+    values = np.asarray(table.column("value").fill_null(np.nan))
+    has = counted & np.isfinite(values)
+    prio = np.random.default_rng(seed).random(int(has.sum()))
+    c, v, p = bottom_k(codes[has].astype(str), values[has], prio, spec.bin_sample)
+    return {
+        "counts": dict(counts),
+        "values": {"codes": c.tolist(), "values": v.tolist(), "prio": p.tolist()},
+        "train_patients": sum(1 for s in split.values() if s == "train"),
+        "patients": len(split),
+        "train_events": int(counted.sum()),
+    }
+
+
+@dataclass
+class Sequence:
+    """One patient's (or admission's) tokens and per-token arrays."""
+
+    pid: str
+    admission: str | None
+    tokens: np.ndarray  # int32
+    age: np.ndarray  # float32 years (-1 unknown), capped
+    time: np.ndarray  # float32 hours since the sequence's first event
+    delta: np.ndarray  # float32 hours since the previous event
+    type: np.ndarray  # uint8 token types
+    t_start: int
+    t_end: int
+    events: int
+    truncated: int
+
+
+def tokenize_bucket(table: pa.Table, vocab: Vocabulary, spec: EHRSpec) -> Iterator[Sequence]:
+    """Token sequences of a cleaned, sorted bucket, one per patient or admission."""
+    born = births(table)
+    kind = np.asarray(table.column("kind"))
+    pids_all = np.asarray(table.column("pid").to_numpy(zero_copy_only=False), dtype=object)
+    codes_all = np.asarray(table.column("code").to_numpy(zero_copy_only=False), dtype=object)
+    static: dict[str, list[int]] = {}
+    for p, c in zip(pids_all[kind == KIND_STATIC], codes_all[kind == KIND_STATIC], strict=True):
+        static.setdefault(p, []).append(vocab.id(c))
+    ev = np.flatnonzero(kind == KIND_EVENT)
+    pid = pids_all[ev]
+    t = np.asarray(table.column("t").fill_null(0))[ev]
+    code = codes_all[ev]
+    value = np.asarray(table.column("value").fill_null(np.nan))[ev]
+    adm = np.asarray(table.column("adm").to_numpy(zero_copy_only=False), dtype=object)[ev]
+    if spec.sample_per == "admission":
+        has = np.array([a is not None for a in adm], bool)
+        pid, t, code, value, adm = pid[has], t[has], code[has], value[has], adm[has]
+        order = np.lexsort((t, adm.astype(str), pid.astype(str)))
+        pid, t, code, value, adm = pid[order], t[order], code[order], value[order], adm[order]
+        group = np.array([f"{p}/{a}" for p, a in zip(pid, adm, strict=True)], dtype=object)
+    else:
+        group = pid
+    code_id = np.array([vocab.id(c) for c in code], np.int64)
+    bin_id = _bins(code, value, vocab)
+    new = np.r_[True, group[1:] != group[:-1]] if len(group) else np.zeros(0, bool)
+    gap = np.r_[0, np.diff(t)] if len(t) else np.zeros(0, np.int64)
+    gap[new] = 0
+    att = interval_token(gap) if spec.time_tokens else np.full(len(t), -1)
+    att_id = np.where(att >= 0, len(SPECIAL) + att, -1)  # interval tokens follow the specials
+    mat = np.stack([att_id, code_id, bin_id], axis=1)
+    types = np.tile([TYPE_INTERVAL, TYPE_CODE, TYPE_VALUE], (len(t), 1))
+    keep = mat >= 0
+    tok, typ = mat[keep], types[keep]
+    ev_of_tok = np.repeat(np.arange(len(t)), 3).reshape(-1, 3)[keep]
+    starts = np.flatnonzero(new)
+    ends = np.r_[starts[1:], len(t)]
+    tok_bounds = np.searchsorted(ev_of_tok, np.r_[starts, len(t)])
+    for a, b, ta, tb in zip(starts, ends, tok_bounds[:-1], tok_bounds[1:], strict=True):
+        yield _sequence(pid[a], adm[a] if spec.sample_per == "admission" else None,
+                        tok[ta:tb], typ[ta:tb], t[ev_of_tok[ta:tb]], t[a:b],
+                        static.get(pid[a], []), born.get(pid[a]), vocab, spec)  # fmt: skip
+    if spec.sample_per == "patient":  # known patients without events still get a sequence
+        empty = np.zeros(0, np.int64)
+        for p in sorted((set(static) | set(born)) - set(pid.tolist())):
+            yield _sequence(p, None, empty, empty, empty, empty, static.get(p, []),
+                            born.get(p), vocab, spec)  # fmt: skip
+
+
+def _bins(code: np.ndarray, value: np.ndarray, vocab: Vocabulary) -> np.ndarray:
+    out = np.full(len(code), -1, np.int64)
+    has = np.flatnonzero(np.isfinite(value))
+    if not len(has):
+        return out
+    by_code: dict[str, list[int]] = {}
+    for i in has:
+        by_code.setdefault(code[i], []).append(i)
+    for c, idx in by_code.items():
+        edges = vocab.edge_arrays.get(c)
+        if edges is None:
+            continue
+        idx = np.asarray(idx)
+        k = np.searchsorted(edges, value[idx], side="right")
+        out[idx] = [vocab.bin_token(int(x)) for x in k]
+    return out
+
+
+def _sequence(pid, adm, tok, typ, tok_t, ev_t, static_ids, birth, vocab, spec) -> Sequence:
+    t0 = int(ev_t[0]) if len(ev_t) else 0
+    truncated = 0
+    prefix = [vocab.id("[CLS]")] + static_ids
+    if spec.max_tokens and len(prefix) + len(tok) > spec.max_tokens:
+        keep = max(spec.max_tokens - len(prefix), 0)
+        truncated = len(tok) - keep
+        tok, typ, tok_t = tok[len(tok) - keep :], typ[len(typ) - keep :], tok_t[len(tok_t) - keep :]
+    tokens = np.r_[prefix, tok].astype(np.int32)
+    types = np.r_[[TYPE_SPECIAL], [TYPE_STATIC] * len(static_ids), typ].astype(np.uint8)
+    times = np.r_[[t0] * len(prefix), tok_t].astype(np.int64)
+    delta = np.r_[0, np.diff(times)] / 3600.0
+    if birth is None or not len(ev_t):
+        age = np.full(len(times), -1.0)
+    else:
+        age = (times - birth) / YEAR_S
+        age = np.where(age > spec.age_cap - 1, spec.age_cap, np.maximum(age, 0.0))
+    return Sequence(
+        pid,
+        adm,
+        tokens,
+        age.astype(np.float32),
+        ((times - t0) / 3600.0).astype(np.float32),
+        delta.astype(np.float32),
+        types,
+        t0,
+        int(ev_t[-1]) if len(ev_t) else t0,
+        len(ev_t),
+        truncated,
+    )
+
+
+def merge_statistics(
+    parts: list[dict[str, Any]], spec: EHRSpec
+) -> tuple[Counter, np.ndarray, np.ndarray]:
+    counts: Counter = Counter()
+    codes, values, prio = [], [], []
+    for p in parts:
+        counts.update(p["counts"])
+        codes += p["values"]["codes"]
+        values += p["values"]["values"]
+        prio += p["values"]["prio"]
+    c, v, _ = bottom_k(np.asarray(codes, dtype=str), np.asarray(values, float),
+                       np.asarray(prio, float), spec.bin_sample)  # fmt: skip
+    return counts, c, v

@@ -1,0 +1,243 @@
+"""Shared image preprocessing: canonical orientation, resampling, label checks, intensity.
+
+Volumes stay SimpleITK images until the end, so geometry is never re-derived by hand; arrays
+are converted to the shard layout (I, J, K) = ITK index order only when the Sample is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from medfm.shards import Geometry, Sample
+
+from .registry import LabelMismatch, ReadContext
+
+# CT statistics histogram: 1 HU bins over the range scanners store.
+HU_MIN, HU_MAX = -1024, 3072
+GEOMETRY_TOL_MM = 1e-3
+
+
+def geometry_of(img: sitk.Image) -> Geometry:
+    return Geometry(
+        spacing=tuple(float(s) for s in img.GetSpacing()),
+        origin=tuple(float(o) for o in img.GetOrigin()),
+        direction=tuple(float(d) for d in img.GetDirection()),
+    )
+
+
+def check_label(img: sitk.Image, label: sitk.Image) -> None:
+    """Same grid in physical space (size, spacing, origin, direction), else LabelMismatch."""
+    if img.GetSize() != label.GetSize():
+        raise LabelMismatch(f"label map size {label.GetSize()} != image size {img.GetSize()}")
+    for what, a, b in (
+        ("spacing", img.GetSpacing(), label.GetSpacing()),
+        ("origin", img.GetOrigin(), label.GetOrigin()),
+        ("direction", img.GetDirection(), label.GetDirection()),
+    ):
+        if not np.allclose(a, b, atol=GEOMETRY_TOL_MM * (1 if what != "direction" else 1e-3)):
+            raise LabelMismatch(f"label map {what} differs from the image's")
+
+
+def canonical_direction(orientation: str) -> np.ndarray:
+    """3x3 direction matrix (columns = axis directions) of an ITK orientation code."""
+    d = sitk.DICOMOrientImageFilter.GetDirectionCosinesFromOrientation(orientation)
+    return np.array(d).reshape(3, 3)
+
+
+@dataclass(frozen=True)
+class Grid:
+    size: tuple[int, int, int]
+    origin: tuple[float, float, float]
+    spacing: tuple[float, float, float]
+    direction: tuple[float, ...]
+
+
+def target_grid(img: sitk.Image, orientation: str, spacing: list[float]) -> Grid:
+    """The canonical-axis grid at `spacing` covering the image's voxel-edge bounding box.
+
+    Reorientation and resampling then happen in one interpolation pass over the original
+    voxels (no permuted full-resolution copy first).
+    """
+    d_out = canonical_direction(orientation)
+    d_in = np.array(img.GetDirection()).reshape(3, 3)
+    sp_in, size_in = np.array(img.GetSpacing()), np.array(img.GetSize())
+    edges = [(-0.5, n - 0.5) for n in size_in]  # voxel-edge index range per axis
+    corners = np.array([[a, b, c] for a in edges[0] for b in edges[1] for c in edges[2]])
+    world = np.array(img.GetOrigin()) + (corners * sp_in) @ d_in.T
+    local = world @ d_out  # coordinates along the canonical axes
+    lo, hi = local.min(axis=0), local.max(axis=0)
+    sp = np.array(spacing, float)
+    size = np.maximum(1, np.round((hi - lo) / sp - 1e-6)).astype(int)
+    origin = d_out @ (lo + sp / 2)
+    return Grid(tuple(int(s) for s in size), tuple(float(o) for o in origin),
+                tuple(float(s) for s in sp), tuple(float(v) for v in d_out.ravel()))  # fmt: skip
+
+
+def resample_to(img: sitk.Image, grid: Grid, interp: str, label: bool) -> sitk.Image:
+    """Resample onto `grid`; nearest for labels, linear/B-spline for images."""
+    if label:
+        method = sitk.sitkNearestNeighbor
+    else:
+        method = sitk.sitkBSpline if interp == "bspline" else sitk.sitkLinear
+    fill = 0.0 if label else float(sitk.GetArrayViewFromImage(img).min())  # air for CT
+    return sitk.Resample(img, list(grid.size), sitk.Transform(), method, grid.origin,
+                         grid.spacing, grid.direction, fill, img.GetPixelID())  # fmt: skip
+
+
+def to_ijk(img: sitk.Image) -> np.ndarray:
+    """SimpleITK arrays are (K, J, I); the shard layout is (I, J, K)."""
+    return sitk.GetArrayFromImage(img).transpose(2, 1, 0)
+
+
+def ct_hu(arr: np.ndarray) -> np.ndarray:
+    """HU as int16 when the values are integral (the raw storage default)."""
+    if arr.dtype == np.int16:
+        return arr
+    if np.issubdtype(arr.dtype, np.integer) or np.all(np.mod(arr, 1) == 0):
+        return np.clip(arr, -32768, 32767).astype(np.int16)
+    return arr.astype(np.float32)
+
+
+def ct_histogram(arr: np.ndarray, label: np.ndarray | None, fg_hu: float) -> np.ndarray:
+    """1-HU histogram of foreground voxels (label > 0 if given, else HU > fg_hu)."""
+    arr = arr.ravel(order="K")  # memory order: no copy of the transposed (I, J, K) view
+    if label is not None:
+        label = label.ravel(order="K")
+    fg = arr[label > 0] if label is not None and label.any() else arr[arr > fg_hu]
+    idx = (
+        fg.astype(np.int32) if np.issubdtype(fg.dtype, np.integer) else np.rint(fg).astype(np.int32)
+    )
+    np.clip(idx, HU_MIN, HU_MAX - 1, out=idx)
+    idx -= HU_MIN
+    return np.bincount(idx, minlength=HU_MAX - HU_MIN)
+
+
+def hist_stats(hist: np.ndarray, percentiles: list[float]) -> dict[str, float]:
+    """Percentiles of a HU histogram, and mean/std of the values clipped to them."""
+    n = int(hist.sum())
+    if n == 0:
+        return {}
+    values = np.arange(HU_MIN, HU_MAX, dtype=np.float64)
+    cdf = np.cumsum(hist) / n
+    lo = float(values[np.searchsorted(cdf, percentiles[0] / 100.0)])
+    hi = float(values[min(np.searchsorted(cdf, percentiles[1] / 100.0), len(values) - 1)])
+    clipped = np.clip(values, lo, hi)
+    mean = float((clipped * hist).sum() / n)
+    std = float(np.sqrt(((clipped - mean) ** 2 * hist).sum() / n))
+    return {"clip_low": lo, "clip_high": hi, "mean": mean, "std": max(std, 1e-6), "voxels": n}
+
+
+def zscore_image(arr: np.ndarray, percentiles: list[float]) -> tuple[np.ndarray, dict[str, float]]:
+    """Per-image percentile clip + z-score over non-zero voxels (MR convention)."""
+    a = arr.astype(np.float32)
+    fg = a[a != 0] if np.any(a != 0) else a.ravel()
+    lo, hi = (float(v) for v in np.percentile(fg, percentiles))
+    a = np.clip(a, lo, hi)
+    fgc = np.clip(fg, lo, hi)
+    mean, std = float(fgc.mean()), float(max(fgc.std(), 1e-6))
+    return (a - mean) / std, {"clip_low": lo, "clip_high": hi, "mean": mean, "std": std}
+
+
+def intensity(
+    arr: np.ndarray, modality: str, ctx: ReadContext
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Apply the spec's intensity rule for this modality; returns (array, what was done)."""
+    spec = ctx.spec.intensity
+    if modality == "CT":
+        hu = ct_hu(arr)
+        if spec.ct == "raw":
+            return hu, {"mode": "raw", "unit": "HU"}
+        st = ctx.stats.get(ctx.source.name, {}).get("ct")
+        if not st:
+            return hu, {"mode": "raw", "unit": "HU", "note": "no foreground statistics"}
+        out = (np.clip(hu, st["clip_low"], st["clip_high"]) - st["mean"]) / st["std"]
+        return out.astype(np.float32), {"mode": "zscore", "source": "dataset", **st}
+    mode = spec.mr if modality == "MR" else spec.other
+    if mode == "raw":
+        return arr, {"mode": "raw"}
+    out, st = zscore_image(arr, spec.percentiles)
+    return out, {"mode": "zscore", "source": "image", **st}
+
+
+def volume_sample(
+    ctx: ReadContext,
+    img: sitk.Image,
+    label: sitk.Image | None,
+    *,
+    key: str,
+    modality: str,
+    patient_id: str,
+    study_id: str = "",
+    series_id: str = "",
+    meta: dict[str, Any] | None = None,
+) -> Sample:
+    """Reorient + resample (image and label together), apply intensity, build the Sample."""
+    if label is not None:
+        check_label(img, label)
+    vspec = ctx.spec.volume
+    if vspec.spacing is None:  # permute/flip only: no interpolation at all
+        img = sitk.DICOMOrient(img, vspec.orientation)
+        label = sitk.DICOMOrient(label, vspec.orientation) if label is not None else None
+    else:
+        grid = target_grid(img, vspec.orientation, vspec.spacing)
+        img = resample_to(img, grid, vspec.interpolation, label=False)
+        label = resample_to(label, grid, "nearest", label=True) if label is not None else None
+    lab_arr = _label_dtype(to_ijk(label)) if label is not None else None
+    data, how = intensity(to_ijk(img), modality, ctx)
+    meta = dict(meta or {})
+    meta["intensity"] = how
+    return Sample(
+        key=key,
+        kind="volume3d",
+        modality=modality,
+        dataset=ctx.source.name,
+        patient_id=patient_id,
+        split=ctx.split(patient_id),
+        data=data,
+        study_id=study_id,
+        series_id=series_id,
+        label_map=lab_arr,
+        geometry=geometry_of(img),
+        licence=ctx.source.licence,
+        meta=meta,
+    )
+
+
+def _label_dtype(a: np.ndarray) -> np.ndarray:
+    if a.size and (a.min() < 0 or a.max() > 65535):
+        return a.astype(np.int32)
+    return a.astype(np.uint8 if (not a.size or a.max() < 256) else np.uint16)
+
+
+def fit_2d(arr: np.ndarray, size: list[int] | None, mode: str, label: bool = False) -> np.ndarray:
+    """Resize (aspect kept) and/or centre-pad a 2D image to `size` = [H, W]."""
+    if not size:
+        return arr
+    h, w = arr.shape[:2]
+    th, tw = size
+    if mode == "resize" and (h, w) != (th, tw):
+        scale = min(th / h, tw / w)
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        img = sitk.GetImageFromArray(arr, isVector=arr.ndim == 3)
+        img.SetSpacing((1.0, 1.0))
+        out = sitk.Resample(
+            img,
+            [nw, nh],
+            sitk.Transform(),
+            sitk.sitkNearestNeighbor if label else sitk.sitkLinear,
+            (0.0, 0.0),
+            (w / nw, h / nh),
+        )
+        arr = sitk.GetArrayFromImage(out).astype(arr.dtype)
+        h, w = arr.shape[:2]
+    if h > th or w > tw:  # pad mode never shrinks by resampling: centre-crop instead
+        top, left = (h - th) // 2 if h > th else 0, (w - tw) // 2 if w > tw else 0
+        arr = arr[top : top + min(h, th), left : left + min(w, tw)]
+        h, w = arr.shape[:2]
+    pad = [((th - h) // 2, th - h - (th - h) // 2), ((tw - w) // 2, tw - w - (tw - w) // 2)]
+    pad += [(0, 0)] * (arr.ndim - 2)
+    return np.pad(arr, pad) if any(p for pair in pad for p in pair) else arr

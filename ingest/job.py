@@ -1,0 +1,454 @@
+"""The ingest driver: discover, scan, (stats pass), convert on Ray, dedupe, write the manifest.
+
+    run_ingest(load_spec("spec.yaml"), "out/", address=None, workers=None, resume=False)
+
+Without `address` a local Ray runtime starts with the machine's cores (or `workers`); with it
+the same tasks run on an existing cluster (workers need medfm installed and read access to the
+sources). An already-initialised Ray (tests, notebooks) is used as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from medfm.shards import write_manifest
+from medfm.shards.storage import get_fs, remove_temporaries, sha256_file
+from medfm.shards.tarshard import ShardFile
+
+from .bookkeeping import DRIVER_FILE, REPORT_FILE, STATS_FILE, Bookkeeper
+from .dicom_deid import METHOD, METHOD_CODES
+from .imaging import HU_MAX, HU_MIN, hist_stats
+from .privacy import Keyring
+from .progress import Progress
+from .registry import (
+    PrepareContext,
+    Quarantine,
+    Reader,
+    SourceFile,
+    SourceItem,
+    create_reader,
+    is_companion,
+    reader_for,
+)
+from .sources import list_files, pair_labels
+from .spec import IngestSpec
+from .tasks import Task, convert_task, scan_files, shown_path, stats_task
+
+SCAN_BATCH = 256
+DRIVER_GRACE_S = 2.0
+HEAD_BYTES = 132
+
+
+@dataclass
+class Summary:
+    """What the job did; printed at the end and saved in ingest_report.json."""
+
+    files_in: int = 0
+    items: int = 0
+    written: int = 0
+    quarantined: int = 0
+    duplicates: int = 0
+    near_duplicates: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    tasks_run: int = 0
+    tasks_reused: int = 0
+    wall_s: float = 0.0
+    by_split: dict[str, int] = field(default_factory=dict)
+
+    def line(self) -> str:
+        return (
+            f"[ingest] done: {self.files_in} files in, {self.written} samples written, "
+            f"{self.quarantined} quarantined, {self.duplicates} duplicates dropped, "
+            f"{self.near_duplicates} near-duplicate pairs across splits, "
+            f"{self.bytes_in / 1e6:.1f} MB read, {self.bytes_out / 1e6:.1f} MB written, "
+            f"{self.wall_s:.1f} s ({self.tasks_run} tasks run, {self.tasks_reused} reused)"
+        )
+
+
+@contextmanager
+def ray_runtime(address: str | None, workers: int | None):
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=workers or os.cpu_count(), include_dashboard=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def _head(fs, path: str) -> bytes:
+    with fs.open(path, "rb") as f:
+        return f.read(HEAD_BYTES)
+
+
+def discover(spec: IngestSpec, keyring: Keyring, ray) -> tuple[list[SourceItem], list, int]:
+    """(items, quarantine records, files seen) over every source."""
+    items: list[SourceItem] = []
+    bad: list[dict[str, str]] = []
+    n_files = 0
+    for src in spec.sources:
+        fs, files, _hidden = list_files(src)
+        images, labels = pair_labels(src, files, fs)
+        n_files += len(files)
+        by_format: dict[str, list[SourceFile]] = defaultdict(list)
+        for f in images:
+            fmt = src.format if src.format != "auto" else reader_for(f.rel)
+            if fmt is None and not is_companion(f.rel):
+                fmt = reader_for(f.rel, _head(fs, f.path))
+            if fmt is None:
+                if not is_companion(f.rel):
+                    q = Quarantine(f.rel, "unrecognised file format", src.name, "UnsupportedInput")
+                    bad.append(_record(spec, keyring, q))
+                continue
+            by_format[fmt].append(f)
+        for fmt, group in sorted(by_format.items()):
+            reader = create_reader(fmt, **src.options)
+            scans = _scan(spec, keyring, src.name, fmt, group, reader, ray)
+            for out in reader.group(group, scans, src):
+                if isinstance(out, Quarantine):
+                    out.source = src.name
+                    bad.append(_record(spec, keyring, out))
+                else:
+                    if len(out.files) == 1 and out.files[0].rel in labels:
+                        out.label = labels[out.files[0].rel]
+                    items.append(out)
+    items.sort(key=lambda it: (it.source, it.rel, it.item_id))
+    return items, bad, n_files
+
+
+def _record(spec: IngestSpec, keyring: Keyring, q: Quarantine) -> dict[str, str]:
+    q.rel = shown_path(spec, keyring, q.rel)
+    return q.to_dict()
+
+
+def _scan(spec, keyring, source, fmt, files, reader, ray) -> dict[str, Any]:
+    """Run the reader's header scan as Ray tasks, if it has one."""
+    if type(reader).scan is Reader.scan:
+        return {}
+    remote = ray.remote(num_cpus=1)(scan_files)
+    refs = [
+        remote.remote(spec, keyring, source, fmt, files[i : i + SCAN_BATCH])
+        for i in range(0, len(files), SCAN_BATCH)
+    ]
+    out: dict[str, Any] = {}
+    for part in ray.get(refs):
+        out.update(part)
+    return out
+
+
+def plan_tasks(items: list[SourceItem], spec: IngestSpec) -> list[Task]:
+    """Deterministic batches (same inputs -> same tasks -> same shard prefixes on resume)."""
+    tasks, cur, cur_bytes = [], [], 0
+    for it in items:
+        if cur and (
+            len(cur) >= spec.shards.task_items or cur_bytes + it.nbytes > spec.shards.task_bytes
+        ):
+            tasks.append(cur)
+            cur, cur_bytes = [], 0
+        cur.append(it)
+        cur_bytes += it.nbytes
+    if cur:
+        tasks.append(cur)
+    out = []
+    for batch in tasks:
+        digest = hashlib.sha256("\0".join(i.item_id for i in batch).encode()).hexdigest()
+        out.append(Task(f"t{digest[:20]}", batch, sum(i.nbytes for i in batch)))
+    return out
+
+
+def needs_stats_pass(spec: IngestSpec) -> bool:
+    return spec.intensity.ct == "zscore"
+
+
+def merge_hists(hists: list[dict[str, dict[str, int]]]) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for h in hists:
+        for ds, bins in h.items():
+            acc = out.setdefault(ds, np.zeros(HU_MAX - HU_MIN, np.int64))
+            for hu, n in bins.items():
+                acc[int(hu) - HU_MIN] += n
+    return out
+
+
+def ct_stats(spec: IngestSpec, hists: list[dict]) -> dict[str, dict[str, Any]]:
+    merged = merge_hists(hists)
+    return {ds: {"ct": hist_stats(h, spec.intensity.percentiles)} for ds, h in merged.items()}
+
+
+def run_stats_pass(spec, keyring, tasks, book: Bookkeeper, ray) -> dict[str, Any]:
+    cached = book.read_json(STATS_FILE)
+    if cached is not None:
+        return cached
+    remote = ray.remote(num_cpus=1, max_retries=3)(stats_task)
+    hists = ray.get([remote.remote(t, spec, keyring) for t in tasks])
+    stats = ct_stats(spec, hists)
+    book.write_json(STATS_FILE, stats)
+    return stats
+
+
+PREPARE_FILE = "_ingest/prepare.json"
+
+
+def run_prepare(spec, keyring, items, dest, book: Bookkeeper, ray) -> dict[str, Any]:
+    """Readers' driver-side passes (EHR vocabulary); cached so that a resume reuses them."""
+    cached = book.read_json(PREPARE_FILE)
+    if cached is not None:
+        return cached
+    out: dict[str, Any] = {}
+    for source, fmt in sorted({(i.source, i.format) for i in items}):
+        src = spec.source(source)
+        reader = create_reader(fmt, **src.options)
+        if type(reader).prepare is Reader.prepare:
+            continue
+        fs, _ = get_fs(src.root, **src.storage_options)
+        work = book.path(f"_ingest/prepare/{source}")
+        ctx = PrepareContext(spec, src, keyring, fs, dest, work, ray)
+        mine = [i for i in items if i.source == source and i.format == fmt]
+        out[source] = reader.prepare(mine, ctx)
+    book.write_json(PREPARE_FILE, out)
+    return out
+
+
+def run_conversion(spec, keyring, tasks, stats, dest, book, ray, workers, progress) -> tuple:
+    """Submit unfinished tasks (at most `workers` x 2 in flight); returns (parts, run, reused)."""
+    parts = book.finished_parts()
+    todo = [t for t in tasks if t.task_id not in parts]
+    reused = len(tasks) - len(todo)
+    done_bytes = sum(t.nbytes for t in tasks if t.task_id in parts)
+    progress.update(reused, sum(len(p["rows"]) for p in parts.values()), done_bytes, 0)
+    remote = ray.remote(num_cpus=1, max_retries=3)(convert_task)
+    # An explicit `workers` caps the tasks running at once; otherwise keep every CPU busy with
+    # one task queued behind each.
+    limit = workers or max(1, int(ray.cluster_resources().get("CPU", 1)) * 2)
+    stats_ref = ray.put(stats)
+    pending: dict[Any, Task] = {}
+    queue = list(todo)
+    while queue or pending:
+        while queue and len(pending) < limit:
+            t = queue.pop(0)
+            pending[remote.remote(t, spec, keyring, stats_ref, dest)] = t
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=progress.every)
+        for ref in ready:
+            t = pending.pop(ref)
+            part = ray.get(ref)
+            parts[t.task_id] = part
+            progress.update(1, len(part["rows"]), t.nbytes, part["bytes_out"])
+        if not ready:
+            progress.show()
+    return parts, len(todo), reused
+
+
+def dedupe(rows: list[dict[str, Any]]) -> tuple[list, list]:
+    """Keep the first row (by key) of each decoded-pixel hash; returns (kept, dropped pairs)."""
+    seen: dict[str, str] = {}
+    kept, dropped = [], []
+    for row in sorted(rows, key=lambda r: r["key"]):
+        if row["kind"] == "ehr":  # equal token sequences of two patients are not duplicates
+            kept.append(row)
+            continue
+        h = row["sha256"]
+        if h in seen:
+            dropped.append({"kept": seen[h], "dropped": row["key"], "sha256": h})
+        else:
+            seen[h] = row["key"]
+            kept.append(row)
+    return kept, dropped
+
+
+def near_duplicates(rows: list[dict], phash: dict[str, str], max_dist: int) -> list[dict]:
+    """Pairs in different splits whose thumbnails' 64-bit pHashes differ in <= max_dist bits.
+
+    Pigeonhole: two hashes within d bits agree exactly on at least one of d+1 blocks, so only
+    pairs sharing a block are compared (no all-pairs scan).
+    """
+    split = {r["key"]: r["split"] for r in rows}
+    hashes = {k: int(h, 16) for k, h in phash.items() if h and k in split}
+    nblocks = max_dist + 1
+    width = 64 // nblocks
+    buckets: dict[tuple[int, int], list[str]] = defaultdict(list)
+    for k, h in sorted(hashes.items()):
+        for b in range(nblocks):
+            buckets[(b, (h >> (b * width)) & ((1 << width) - 1))].append(k)
+    found: dict[tuple[str, str], int] = {}
+    for keys in buckets.values():
+        for i, a in enumerate(keys):
+            for bkey in keys[i + 1 :]:
+                if split[a] == split[bkey] or (a, bkey) in found:
+                    continue
+                d = bin(hashes[a] ^ hashes[bkey]).count("1")
+                if d <= max_dist:
+                    found[(a, bkey)] = d
+    return [
+        {"a": a, "b": b, "splits": [split[a], split[b]], "hamming": d}
+        for (a, b), d in sorted(found.items())
+    ]
+
+
+def _dataset_records(spec, rows, stats, hists) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    raw_stats = ct_stats(spec, hists)
+    for src in spec.sources:
+        mine = [r for r in rows if r["dataset"] == src.name]
+        rec: dict[str, Any] = {
+            "samples": len(mine),
+            "splits": {s: sum(r["split"] == s for r in mine) for s in ("train", "val", "test")},
+            "modalities": sorted({r["modality"] for r in mine}),
+            "licence": src.licence,
+        }
+        rec.update((stats.get(src.name) or {}).get("dataset", {}))
+        ct = (stats.get(src.name) or raw_stats.get(src.name) or {}).get("ct")
+        if ct:
+            rec["intensity"] = {
+                "CT": {
+                    "method": "nnU-Net CT: clip to foreground percentiles, z-score",
+                    "applied": spec.intensity.ct == "zscore",
+                    "percentiles": spec.intensity.percentiles,
+                    "foreground": f"HU > {spec.intensity.ct_foreground_hu} (label > 0 if given)",
+                    **ct,
+                }
+            }
+        out[src.name] = rec
+    return out
+
+
+def _attributes(spec: IngestSpec, keyring: Keyring) -> dict[str, Any]:
+    return {
+        "deidentification": {
+            "PatientIdentityRemoved": "YES",
+            "DeidentificationMethod": METHOD,
+            "DeidentificationMethodCodeSequence": [
+                {"CodeValue": v, "CodingSchemeDesignator": "DCM", "CodeMeaning": m}
+                for v, m in METHOD_CODES
+            ],
+            "key_id": keyring.key_id,
+            "private_tags": "kept" if spec.deid.keep_private_tags else "removed",
+            "burned_in_annotation": "accepted" if spec.deid.allow_burned_in else "quarantined",
+            "paths": "keyed-hash" if spec.deid.hash_paths else "relative",
+        },
+        "ingest": {
+            "spec_sha256": spec.fingerprint(),
+            "split": dataclasses.asdict(spec.split),
+            "settings": spec.settings(),
+        },
+    }
+
+
+def finish(spec, keyring, dest, book, parts, bad, stats, summary) -> None:
+    """Dedupe, write quarantine/report, then the manifest (the commit point) last."""
+    rows = [r for p in parts.values() for r in p["rows"]]
+    files = {f["path"]: f for p in parts.values() for f in p["files"]}
+    rows, dropped = dedupe(rows) if spec.dedup.exact else (rows, [])
+    for d in dropped:  # a dropped volume's Zarr group goes; tar members stay, unlisted
+        prefix = f"volumes.zarr/{d['dropped']}/"
+        for path in [p for p in files if p.startswith(prefix)]:
+            del files[path]
+        if book.fs.exists(book.path(prefix)):
+            book.fs.rm(book.path(prefix), recursive=True)
+    phash = {k: v for p in parts.values() for k, v in p["phash"].items()}
+    near = near_duplicates(rows, phash, spec.dedup.near_hamming)
+    for prep in stats.values():  # files written by Reader.prepare (EHR vocabularies)
+        for rel in prep.get("artifacts", []):
+            digest, size = sha256_file(book.fs, book.path(rel))
+            files[rel] = {"path": rel, "sha256": digest, "bytes": size}
+    quarantine = bad + [q for p in parts.values() for q in p["quarantine"]]
+    quarantine += [q for prep in stats.values() for q in prep.get("quarantine", [])]
+    book.write_quarantine(quarantine)
+    summary.written, summary.quarantined = len(rows), len(quarantine)
+    summary.duplicates, summary.near_duplicates = len(dropped), len(near)
+    summary.bytes_out = sum(f["bytes"] for f in files.values())
+    summary.by_split = {s: sum(r["split"] == s for r in rows) for s in ("train", "val", "test")}
+    hists = [p["hist"] for p in parts.values()]
+    report = {"duplicates": dropped, "near_duplicates_across_splits": near}
+    book.write_json(REPORT_FILE, {**report, "summary": dataclasses.asdict(summary)})
+    write_manifest(
+        dest,
+        rows,
+        [
+            ShardFile(f["path"], f["sha256"], f["bytes"], f.get("samples", 0))
+            for f in files.values()
+        ],
+        datasets=_dataset_records(spec, rows, stats, hists),
+        attributes=_attributes(spec, keyring),
+    )
+
+
+def register_driver(book: Bookkeeper, ray, wait_for_previous: bool, timeout: float = 120.0):
+    """Record this driver's Ray job. On resume, tasks of a SIGKILLed driver on the same cluster
+    can outlive it for a moment and race the re-run tasks writing the same shards: wait until
+    Ray has declared that job dead."""
+    ctx = ray.get_runtime_context()
+    me = {"job_id": ctx.get_job_id(), "gcs": ctx.gcs_address}
+    prev = book.read_json(DRIVER_FILE)
+    book.write_json(DRIVER_FILE, me)
+    if (
+        not wait_for_previous
+        or not prev
+        or prev.get("gcs") != me["gcs"]
+        or prev.get("job_id") == me["job_id"]
+    ):
+        return
+    try:
+        from ray._private import state
+    except ImportError:  # private API moved: fall back to a grace period
+        time.sleep(DRIVER_GRACE_S)
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        jobs = {j["JobID"]: j["IsDead"] for j in state.jobs()}
+        if jobs.get(prev["job_id"], True):
+            break
+        time.sleep(0.5)
+    if prev["job_id"] in jobs:
+        time.sleep(DRIVER_GRACE_S)  # its workers are killed right after the job is marked dead
+
+
+def run_ingest(
+    spec: IngestSpec,
+    dest: str,
+    *,
+    address: str | None = None,
+    workers: int | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    keyring: Keyring | None = None,
+) -> Summary:
+    """Run (or resume) an ingest job; returns its summary."""
+    t0 = time.monotonic()
+    keyring = keyring or Keyring.load(spec.deid.key_file or None)
+    book = Bookkeeper(dest)
+    book.start({"spec": spec.fingerprint(), "key_id": keyring.key_id}, resume)
+    remove_temporaries(book.fs, book.root)
+    summary = Summary()
+    with ray_runtime(address, workers) as ray:
+        register_driver(book, ray, wait_for_previous=resume)
+        items, bad, summary.files_in = discover(spec, keyring, ray)
+        tasks = plan_tasks(items, spec)
+        summary.items = len(items)
+        summary.bytes_in = sum(t.nbytes for t in tasks)
+        stats = run_stats_pass(spec, keyring, tasks, book, ray) if needs_stats_pass(spec) else {}
+        for source, prep in run_prepare(spec, keyring, items, dest, book, ray).items():
+            stats[source] = {**stats.get(source, {}), **prep}
+        prog = Progress(summary.bytes_in, len(tasks), enabled=progress)
+        parts, summary.tasks_run, summary.tasks_reused = run_conversion(
+            spec, keyring, tasks, stats, dest, book, ray, workers, prog
+        )
+    parts = {t.task_id: parts[t.task_id] for t in tasks}  # only this job's tasks, in order
+    summary.wall_s = round(time.monotonic() - t0, 3)
+    finish(spec, keyring, dest, book, parts, bad, stats, summary)
+    return summary

@@ -1,0 +1,399 @@
+"""DICOM: series grouping, slice ordering, geometry checks, pixel decoding, de-identification.
+
+Files are scanned (header only, no `force=True`: a non-DICOM file fails on the 132-byte
+preamble check, in bounded time and memory), grouped by SeriesInstanceUID across folders, and
+each series is ordered by ImagePositionPatient projected on the slice normal. Single-frame
+projection modalities (CR, DX, MG, US, SC, ...) become image2d samples; multi-frame and
+enhanced objects become volumes from their per-frame functional groups.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from medfm.shards import Sample
+
+from ..dicom_deid import deidentify, safe_meta
+from ..imaging import fit_2d, volume_sample
+from ..registry import (
+    GeometryError,
+    PrivacyError,
+    Quarantine,
+    ReadContext,
+    Reader,
+    SourceFile,
+    SourceItem,
+    UnreadableInput,
+    UnsupportedInput,
+    list_readers,
+    register_reader,
+)
+from ..sources import identity
+
+PROJECTION_MODALITIES = {"CR", "DX", "MG", "US", "SC", "OT", "XA", "RF", "IO", "PX", "ES",
+                         "XC", "OP", "SM", "GM", "BMD"}  # fmt: skip
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+HEADER_DEFER = "2 KB"  # large header values stay on disk while scanning
+TILT_TOL = np.tan(np.deg2rad(0.5))
+SPACING_RTOL = 0.05
+
+
+def _read(path_or_file: Any, **kw: Any) -> Dataset:
+    try:
+        return pydicom.dcmread(path_or_file, **kw)
+    except InvalidDicomError:
+        raise UnreadableInput("not a DICOM file (no DICM preamble/prefix)") from None
+    except (EOFError, OSError, ValueError, TypeError, AttributeError, KeyError) as e:
+        raise UnreadableInput(f"cannot parse DICOM header ({type(e).__name__})") from None
+
+
+@dataclass
+class Frame:
+    """One 2D plane of a volume: its position, orientation, pixel spacing and pixels."""
+
+    position: np.ndarray
+    orientation: np.ndarray
+    spacing_rc: tuple[float, float]
+    pixels: np.ndarray
+
+
+def _floats(v: Any, n: int, what: str) -> np.ndarray:
+    try:
+        a = np.array([float(x) for x in v], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise GeometryError(f"{what} is missing or not numeric") from None
+    if a.shape != (n,):
+        raise GeometryError(f"{what} must have {n} values")
+    return a
+
+
+def _rescale(arr: np.ndarray, slope: Any, intercept: Any) -> np.ndarray:
+    slope = float(slope) if slope not in (None, "") else 1.0
+    intercept = float(intercept) if intercept not in (None, "") else 0.0
+    if slope == 1.0 and intercept == 0.0:
+        return arr
+    out = arr.astype(np.float64) * slope + intercept
+    if slope == int(slope) and intercept == int(intercept):
+        lo, hi = out.min(initial=0), out.max(initial=0)
+        if -32768 <= lo and hi <= 32767:
+            return out.astype(np.int16)
+        return out.astype(np.int32)
+    return out.astype(np.float32)
+
+
+def _invert_monochrome1(ds: Dataset, arr: np.ndarray) -> np.ndarray:
+    """MONOCHROME1 shows low values white; store the MONOCHROME2 convention."""
+    if str(ds.get("PhotometricInterpretation", "")).upper() != "MONOCHROME1":
+        return arr
+    if np.issubdtype(arr.dtype, np.unsignedinteger):
+        top = (1 << int(ds.get("BitsStored", arr.dtype.itemsize * 8))) - 1
+        return (top - np.minimum(arr, top)).astype(arr.dtype)
+    return (arr.max() + arr.min() - arr).astype(arr.dtype)
+
+
+def _pixels(ds: Dataset) -> np.ndarray:
+    try:
+        return ds.pixel_array
+    except Exception as e:  # noqa: BLE001 - every decoder has its own exception types
+        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = ts.name if ts is not None else "unknown transfer syntax"
+        raise UnreadableInput(f"cannot decode pixel data ({name}: {type(e).__name__})") from None
+
+
+def _check_burned_in(ds: Dataset, ctx: ReadContext) -> None:
+    if ctx.spec.deid.allow_burned_in:
+        return
+    value = str(ds.get("BurnedInAnnotation", "")).upper()
+    if value == "YES":
+        raise PrivacyError("BurnedInAnnotation is YES (set deid.allow_burned_in to accept)")
+    risky = ds.get("Modality") in ("US", "SC", "OT") or ds.get("SOPClassUID", "").startswith(
+        SECONDARY_CAPTURE
+    )
+    if not value and risky:
+        raise PrivacyError(
+            f"BurnedInAnnotation missing on a {ds.get('Modality', '?')} / secondary-capture "
+            "image (set deid.allow_burned_in to accept)"
+        )
+
+
+def _frame_group(ds: Dataset, i: int, name: str) -> Dataset | None:
+    """A functional group item of frame i: per-frame first, then shared."""
+    for seq_name in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
+        seq = ds.get(seq_name)
+        if not seq:
+            continue
+        item = seq[i] if seq_name.startswith("PerFrame") and len(seq) > i else seq[0]
+        if name in item and item[name].value:
+            return item[name].value[0]
+    return None
+
+
+def multiframe_frames(ds: Dataset) -> list[Frame]:
+    """Frames of an enhanced (functional groups) or legacy (GridFrameOffsetVector) object."""
+    pixels = _pixels(ds)
+    n = int(ds.get("NumberOfFrames", 1))
+    if pixels.ndim == 2:
+        pixels = pixels[None]
+    frames = []
+    if "PerFrameFunctionalGroupsSequence" in ds:
+        for i in range(n):
+            pos, ori = (
+                _frame_group(ds, i, "PlanePositionSequence"),
+                _frame_group(ds, i, "PlaneOrientationSequence"),
+            )
+            meas = _frame_group(ds, i, "PixelMeasuresSequence")
+            if pos is None or ori is None or meas is None:
+                raise UnsupportedInput("multi-frame object without per-frame plane geometry")
+            pvt = _frame_group(ds, i, "PixelValueTransformationSequence")
+            px = pixels[i]
+            if pvt is not None:
+                px = _rescale(px, pvt.get("RescaleSlope"), pvt.get("RescaleIntercept"))
+            frames.append(
+                Frame(
+                    _floats(pos.ImagePositionPatient, 3, "ImagePositionPatient"),
+                    _floats(ori.ImageOrientationPatient, 6, "ImageOrientationPatient"),
+                    tuple(_floats(meas.PixelSpacing, 2, "PixelSpacing")),
+                    px,
+                )
+            )
+        return frames
+    offsets = ds.get("GridFrameOffsetVector")
+    if offsets is None or "ImagePositionPatient" not in ds:
+        raise UnsupportedInput("multi-frame object without plane positions (cine) is not converted")
+    ori = _floats(ds.ImageOrientationPatient, 6, "ImageOrientationPatient")
+    normal = np.cross(ori[:3], ori[3:])
+    origin = _floats(ds.ImagePositionPatient, 3, "ImagePositionPatient")
+    scaled = _rescale(pixels, ds.get("RescaleSlope"), ds.get("RescaleIntercept"))
+    spacing = tuple(_floats(ds.PixelSpacing, 2, "PixelSpacing"))
+    return [
+        Frame(origin + float(off) * normal, ori, spacing, scaled[i])
+        for i, off in enumerate(offsets)
+    ]
+
+
+def stack_frames(frames: list[Frame], thickness: float | None) -> sitk.Image:
+    """Order frames along the slice normal, check the geometry, return a 3D image."""
+    ori = frames[0].orientation
+    for f in frames[1:]:
+        if not np.allclose(f.orientation, ori, atol=1e-4):
+            raise GeometryError("mixed orientations within the series")
+        if f.pixels.shape != frames[0].pixels.shape or not np.allclose(
+            f.spacing_rc, frames[0].spacing_rc, rtol=1e-4
+        ):
+            raise GeometryError("inconsistent in-plane size or pixel spacing within the series")
+    row, col = ori[:3], ori[3:]
+    normal = np.cross(row, col)
+    if abs(np.linalg.norm(normal) - 1) > 1e-3 or abs(row @ col) > 1e-3:
+        raise GeometryError("ImageOrientationPatient is not two orthonormal vectors")
+    frames = sorted(frames, key=lambda f: float(f.position @ normal))
+    proj = np.array([f.position @ normal for f in frames])
+    if len(frames) > 1:
+        gaps = np.diff(proj)
+        if np.any(gaps < 1e-3):
+            raise GeometryError(
+                "duplicate slice positions (several stacks or echoes in one series)"
+            )
+        span = frames[-1].position - frames[0].position
+        lateral = span - (span @ normal) * normal
+        if np.linalg.norm(lateral) > TILT_TOL * abs(span @ normal):
+            deg = np.degrees(np.arctan2(np.linalg.norm(lateral), abs(span @ normal)))
+            raise GeometryError(f"gantry tilt or sheared stack ({deg:.1f} degrees)")
+        step = float(np.median(gaps))
+        if gaps.max() > 1.5 * step:
+            missing = int(round(gaps.max() / step)) - 1
+            raise GeometryError(
+                f"missing slice(s): a gap of {gaps.max():.2f} mm where the spacing is "
+                f"{step:.2f} mm (about {missing} slice(s) missing)"
+            )
+        if np.abs(gaps - step).max() > SPACING_RTOL * step:
+            raise GeometryError(
+                f"inconsistent slice spacing ({gaps.min():.2f} to {gaps.max():.2f} mm)"
+            )
+    else:
+        step = float(thickness or 1.0)
+    arr = np.stack([f.pixels for f in frames])
+    if arr.ndim != 3:
+        raise UnsupportedInput("colour volumes are not supported")
+    img = sitk.GetImageFromArray(arr)
+    ps_row, ps_col = frames[0].spacing_rc  # PixelSpacing = (row spacing, column spacing)
+    img.SetSpacing((float(ps_col), float(ps_row), step))
+    img.SetOrigin(tuple(float(x) for x in frames[0].position))
+    img.SetDirection(tuple(float(x) for x in np.stack([row, col, normal], axis=1).ravel()))
+    return img
+
+
+def unique_instances(datasets: list[Dataset], frames: list[Frame]) -> list[Frame]:
+    """One frame per SOPInstanceUID: identical copies of an instance (the same file stored
+    twice, or in another transfer syntax) collapse; differing copies are an error."""
+    by_uid: dict[str, Frame] = {}
+    out = []
+    for ds, f in zip(datasets, frames, strict=True):
+        uid = str(ds.get("SOPInstanceUID", "")) or str(id(ds))
+        if uid not in by_uid:
+            by_uid[uid] = f
+            out.append(f)
+        elif not np.array_equal(by_uid[uid].pixels, f.pixels):
+            raise GeometryError("two copies of one SOP instance hold different pixels")
+    return out
+
+
+def _dtype_for_volume(frames: list[Frame]) -> None:
+    """Slices rescaled differently can come out int16 and float32: make them agree."""
+    kinds = {f.pixels.dtype for f in frames}
+    if len(kinds) > 1:
+        dtype = np.result_type(*kinds)
+        for f in frames:
+            f.pixels = f.pixels.astype(dtype)
+
+
+@register_reader("dicom", extensions=(".dcm", ".dicom", ".ima"))
+class DicomReader(Reader):
+    """DICOM files (any name): series -> volume3d, single-frame projections -> image2d."""
+
+    @classmethod
+    def sniff(cls, head: bytes) -> bool:
+        return len(head) >= 132 and head[128:132] == b"DICM"
+
+    def scan(self, f: SourceFile, ctx: ReadContext) -> dict[str, Any]:
+        try:
+            with ctx.fs.open(f.path, "rb") as fh:
+                ds = _read(fh, stop_before_pixels=True, defer_size=HEADER_DEFER)
+        except UnreadableInput as e:
+            return {"error": str(e)}
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        kind = "series"
+        if "WaveformSequence" in ds:
+            kind = "waveform"
+        elif "Rows" not in ds:  # stop_before_pixels hides PixelData itself; Rows marks images
+            kind = "nopixels"
+        elif frames > 1:
+            kind = "multiframe"
+        elif ds.get("Modality") in PROJECTION_MODALITIES or "ImagePositionPatient" not in ds:
+            kind = "image2d"
+        return {"kind": kind, "series": str(ds.get("SeriesInstanceUID", "")),
+                "sop_class": str(ds.get("SOPClassUID", ""))}  # fmt: skip
+
+    def group(
+        self, files: list[SourceFile], scans: dict[str, Any], source: Any
+    ) -> Iterable[SourceItem | Quarantine]:
+        series: dict[str, list[SourceFile]] = defaultdict(list)
+        for f in files:
+            s = scans.get(f.rel) or {"error": "header scan missing"}
+            if "error" in s:
+                yield Quarantine(f.rel, s["error"], source.name, "UnreadableInput")
+            elif s["kind"] == "waveform":
+                if "dicom_waveform" in list_readers():
+                    yield SourceItem(source.name, "dicom_waveform", (f,))
+                else:
+                    yield Quarantine(f.rel, "DICOM waveform: no waveform reader", source.name)
+            elif s["kind"] == "nopixels":
+                yield Quarantine(
+                    f.rel, f"DICOM object without pixel data (SOP class {s['sop_class']})",
+                    source.name, "UnsupportedInput",
+                )  # fmt: skip
+            elif s["kind"] == "series" and s["series"]:
+                series[s["series"]].append(f)
+            else:
+                yield SourceItem(source.name, self.name, (f,), info={"kind": s["kind"]})
+        for _, members in sorted(series.items(), key=lambda kv: kv[1][0].rel):
+            yield SourceItem(source.name, self.name, tuple(members), info={"kind": "series"})
+
+    def read(self, item: SourceItem, ctx: ReadContext) -> Iterator[Sample | Quarantine]:
+        kind = item.info.get("kind", "series")
+        datasets = []
+        for f in item.files:
+            with ctx.fs.open(f.path, "rb") as fh:
+                datasets.append(_read(fh))
+        first = datasets[0]
+        _check_burned_in(first, ctx)
+        if kind == "image2d":
+            yield self._image2d(item, first, ctx)
+            return
+        if kind == "multiframe":
+            frames = multiframe_frames(first)
+        else:
+            frames = unique_instances(datasets, [self._slice(ds) for ds in datasets])
+        _dtype_for_volume(frames)
+        thickness = first.get("SpacingBetweenSlices") or first.get("SliceThickness")
+        if kind == "multiframe" and thickness is None:
+            meas = _frame_group(first, 0, "PixelMeasuresSequence")
+            thickness = meas.get("SliceThickness") if meas is not None else None
+        img = stack_frames(frames, float(thickness) if thickness else None)
+        raw_pid, pid, study, labels = identity(
+            ctx, item, str(first.get("PatientID", "")), str(first.get("StudyInstanceUID", ""))
+        )
+        modality = ctx.source.modality or str(first.get("Modality", "OT")) or "OT"
+        series_uid = str(first.get("SeriesInstanceUID", "")) or item.rel
+        uid = series_uid if kind == "series" else str(first.get("SOPInstanceUID", item.rel))
+        sample = volume_sample(
+            ctx,
+            img,
+            None,
+            key=ctx.sample_key("dicom", uid),
+            modality=modality,
+            patient_id=pid,
+            study_id=study,
+            series_id=ctx.uid(series_uid, "series")[:20],
+            meta={"dicom": self._meta(first, raw_pid, ctx), "slices": len(frames)},
+        )
+        sample.labels = labels
+        yield sample
+
+    def _slice(self, ds: Dataset) -> Frame:
+        if "ImageOrientationPatient" not in ds or "ImagePositionPatient" not in ds:
+            raise GeometryError("slice without ImagePositionPatient/ImageOrientationPatient")
+        px = _rescale(_pixels(ds), ds.get("RescaleSlope"), ds.get("RescaleIntercept"))
+        return Frame(
+            _floats(ds.ImagePositionPatient, 3, "ImagePositionPatient"),
+            _floats(ds.ImageOrientationPatient, 6, "ImageOrientationPatient"),
+            tuple(_floats(ds.get("PixelSpacing", [1, 1]), 2, "PixelSpacing")),
+            _invert_monochrome1(ds, px),
+        )
+
+    def _image2d(self, item: SourceItem, ds: Dataset, ctx: ReadContext) -> Sample:
+        arr = _pixels(ds)
+        if arr.ndim == 3 and arr.shape[-1] not in (3, 4):
+            raise UnsupportedInput("multi-frame projection image (cine) is not converted")
+        arr = _rescale(arr, ds.get("RescaleSlope"), ds.get("RescaleIntercept"))
+        arr = _invert_monochrome1(ds, arr)
+        spec = ctx.spec.image2d
+        arr = fit_2d(arr, spec.size, spec.mode)
+        raw_pid, pid, study, labels = identity(
+            ctx, item, str(ds.get("PatientID", "")), str(ds.get("StudyInstanceUID", ""))
+        )
+        spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+        sop = str(ds.get("SOPInstanceUID", "")) or item.rel
+        return Sample(
+            key=ctx.sample_key("dicom", sop),
+            kind="image2d",
+            modality=ctx.source.modality or str(ds.get("Modality", "OT")) or "OT",
+            dataset=ctx.source.name,
+            patient_id=pid,
+            split=ctx.split(pid),
+            data=arr,
+            study_id=study,
+            series_id=ctx.uid(str(ds.get("SeriesInstanceUID", sop)), "series")[:20],
+            spacing=tuple(float(s) for s in spacing) if spacing and not spec.size else None,
+            labels=labels,
+            licence=ctx.source.licence,
+            meta={"dicom": self._meta(ds, raw_pid, ctx)},
+        )
+
+    def _meta(self, ds: Dataset, raw_pid: str, ctx: ReadContext) -> dict[str, Any]:
+        clean = copy.deepcopy(ds)
+        if "PixelData" in clean:
+            del clean.PixelData
+        deidentify(clean, ctx.keyring, raw_pid, ctx.spec.deid.keep_private_tags)
+        meta = safe_meta(clean)
+        meta["PatientIdentityRemoved"] = str(clean.PatientIdentityRemoved)
+        return meta

@@ -1,0 +1,153 @@
+"""NIfTI, NRRD and MetaImage volumes through SimpleITK, which keeps the physical geometry
+(NIfTI's RAS affine becomes ITK's LPS origin/spacing/direction on read)."""
+
+from __future__ import annotations
+
+import io
+import os
+import zlib
+from collections.abc import Iterator
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+from isal import igzip, isal_zlib
+
+from medfm.shards import Geometry, Sample
+
+from ..imaging import volume_sample
+from ..registry import (
+    Quarantine,
+    ReadContext,
+    Reader,
+    SourceItem,
+    UnreadableInput,
+    UnsupportedInput,
+    register_reader,
+)
+from ..sources import identity
+
+
+def _nifti_bytes(path: str, what: str) -> bytes:
+    """The whole decompressed file. ITK zero-fills a truncated .nii.gz without complaint, so
+    NIfTI data is decoded here instead: ISA-L's gzip (about 3x zlib) fails on truncation."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+        return igzip.decompress(data) if path.lower().endswith(".gz") else data
+    except (EOFError, OSError, zlib.error, isal_zlib.error):
+        raise UnreadableInput(f"cannot read {what} (truncated or corrupt gzip stream)") from None
+
+
+def read_nifti(path: str, what: str) -> sitk.Image:
+    """Voxels via nibabel from one decompression; geometry from ITK's header reader, so the
+    RAS->LPS conversion and qform/sform choice are exactly ITK's."""
+    raw = _nifti_bytes(path, what)
+    cls = (
+        nib.Nifti2Header
+        if raw[:4] in (b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c")
+        else nib.Nifti1Header
+    )
+    try:
+        hdr = cls.from_fileobj(io.BytesIO(raw), check=True)
+    except Exception:  # noqa: BLE001 - nibabel raises many types for bad headers
+        raise UnreadableInput(f"cannot read {what} (corrupt NIfTI header)") from None
+    shape = hdr.get_data_shape()
+    need = int(hdr.get_data_offset()) + int(np.prod(hdr.get_data_shape())) * int(
+        hdr.get_data_dtype().itemsize
+    )
+    if len(raw) < need:
+        raise UnreadableInput(f"cannot read {what} (truncated: data shorter than its header says)")
+    try:
+        info = sitk.ImageFileReader()
+        info.SetFileName(path)
+        info.ReadImageInformation()
+    except RuntimeError:  # ITK has no NIfTI-2 reader: take the geometry from nibabel
+        info = None
+    if len(shape) != 3 or (
+        info and (info.GetDimension() != 3 or info.GetNumberOfComponents() != 1)
+    ):
+        return sitk.ReadImage(path)  # 2D/4D/vector: ITK's reader, the data is known complete
+    img = sitk.GetImageFromArray(_voxels(raw, hdr).T)  # nibabel (i, j, k) -> SimpleITK (k, j, i)
+    geo = Geometry.from_nifti_affine(hdr.get_best_affine()) if info is None else None
+    img.SetOrigin(info.GetOrigin() if info else geo.origin)
+    img.SetSpacing(info.GetSpacing() if info else geo.spacing)
+    img.SetDirection(info.GetDirection() if info else geo.direction)
+    return img
+
+
+def _voxels(raw: bytes, hdr) -> np.ndarray:
+    """Zero-copy view of the voxels (Fortran order, as NIfTI stores them), scaled if needed."""
+    dtype, shape = hdr.get_data_dtype(), hdr.get_data_shape()
+    arr = np.frombuffer(raw, dtype, int(np.prod(shape)), int(hdr.get_data_offset()))
+    arr = arr.reshape(shape, order="F")
+    if not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    slope, inter = hdr.get_slope_inter()
+    if slope not in (None, 1.0) or inter not in (None, 0.0):
+        arr = arr * np.float32(slope if slope is not None else 1.0) + np.float32(inter or 0.0)
+    return arr
+
+
+def read_image(ctx: ReadContext, f, what: str = "image") -> sitk.Image:
+    """Read the whole file (every voxel decoded now, so corrupt data fails here)."""
+    try:
+        with ctx.local_path(f) as path:
+            if not os.path.isfile(path) or not os.access(path, os.R_OK):
+                raise UnreadableInput(f"cannot open {what} (missing or unreadable file)")
+            if f.rel.lower().endswith((".nii", ".nii.gz")):
+                return read_nifti(path, what)
+            return sitk.ReadImage(path)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1][:160] if str(e).strip() else ""
+        cause = "truncated or corrupt" if "ITK" in str(e) or not first else first
+        raise UnreadableInput(f"cannot read {what} ({cause})") from None
+
+
+def volumes(img: sitk.Image) -> list[sitk.Image]:
+    """3D volumes of an image: 2D -> one 1-slice volume, 4D -> one per time point."""
+    dim = img.GetDimension()
+    if dim == 3:
+        return [img]
+    if dim == 2:
+        return [sitk.JoinSeries([img])]
+    if dim == 4:
+        size = list(img.GetSize())
+        return [sitk.Extract(img, size[:3] + [0], [0, 0, 0, t]) for t in range(size[3])]
+    raise UnsupportedInput(f"{dim}-D images are not supported")
+
+
+class ITKVolumeReader(Reader):
+    """One file -> one volume3d sample per 3D volume (4D files give one per time point)."""
+
+    def read(self, item: SourceItem, ctx: ReadContext) -> Iterator[Sample | Quarantine]:
+        img = read_image(ctx, item.files[0])
+        if img.GetNumberOfComponentsPerPixel() != 1:
+            raise UnsupportedInput("vector/RGB volumes are not supported")
+        label = read_image(ctx, item.label, "label map") if item.label else None
+        vols = volumes(img)
+        if label is not None and len(vols) != 1:
+            raise UnsupportedInput("label maps are supported for 3D images only")
+        raw_pid, pid, study, labels = identity(ctx, item)
+        modality = ctx.source.modality or "OT"
+        for t, vol in enumerate(vols):
+            lab = volumes(label)[0] if label is not None else None
+            suffix = f"t{t}" if len(vols) > 1 else ""
+            sample = volume_sample(
+                ctx,
+                vol,
+                lab,
+                key=ctx.sample_key(item.rel, suffix),
+                modality=modality,
+                patient_id=pid,
+                study_id=study,
+                series_id=ctx.uid(item.rel, "series")[:20],
+                meta={"time_index": t} if len(vols) > 1 else {},
+            )
+            sample.labels = labels
+            yield sample
+
+
+register_reader("nifti", extensions=(".nii", ".nii.gz"))(ITKVolumeReader)
+register_reader("nrrd", extensions=(".nrrd", ".nhdr"), companions=(".raw.gz",))(ITKVolumeReader)
+register_reader("mha", extensions=(".mha", ".mhd"), companions=(".raw", ".zraw"))(ITKVolumeReader)

@@ -1,0 +1,249 @@
+"""Signal preprocessing: canonical channels and units, polyphase resampling, fixed windows,
+per-channel normalization and quality checks (flat line, NaN, saturation).
+
+Quality is judged on the native-rate samples (a NaN or a clipped sample is a fact about the
+file, not about the resampled signal), and flat lines on the resampled window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import numpy as np
+from scipy.signal import resample_poly
+
+from .channels import GROUP_UNIT, canonical_name, channel_group, unit_factor
+from .record import SignalReadError, SignalRecord
+
+# Flat line = per-channel standard deviation below this, in the group's target unit
+# (1 µV for ECG in mV, 0.1 µV for EEG in µV).
+DEFAULT_FLAT_STD = {"ecg": 1e-3, "eeg": 0.1, "other": 1e-6}
+
+
+@dataclass
+class SignalConfig:
+    """Preprocessing settings (spec key `signal:`); defaults suit 12-lead ECG pretraining."""
+
+    target_rate: float | None = 500.0  # Hz; None keeps each record's own rate
+    window_s: float = 10.0
+    overlap: float = 0.0  # fraction of a window shared with the next, in [0, 1)
+    groups: list[str] = field(default_factory=lambda: ["ecg", "eeg", "other"])  # groups to keep
+    channels: list[str] = field(default_factory=list)  # canonical names, in order; empty = all
+    unknown_channel: str = "quarantine"  # or "drop": what an unrecognised channel name does
+    normalize: str = "window"  # "window" | "record" | "none"; stats kept in extras["norm"]
+    bad_window: str = "quarantine"  # "quarantine" | "mask" (zero the channel, extras["mask"])
+    flat_std: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_FLAT_STD))
+    max_saturated: float = 0.05  # fraction of samples at the ADC limits that marks saturation
+    max_nan: float = 0.005  # missing-sample fraction above which a channel is bad; fewer are
+    # linearly interpolated (and counted in meta["interpolated"])
+    keep_events: bool = True  # copy EDF+ annotation texts into labels (set False if free text)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.overlap < 1:
+            raise ValueError(f"signal.overlap must be in [0, 1), got {self.overlap}")
+        if self.window_s <= 0:
+            raise ValueError(f"signal.window_s must be positive, got {self.window_s}")
+        for name, value, allowed in (
+            ("unknown_channel", self.unknown_channel, ("quarantine", "drop")),
+            ("normalize", self.normalize, ("window", "record", "none")),
+            ("bad_window", self.bad_window, ("quarantine", "mask")),
+        ):
+            if value not in allowed:
+                raise ValueError(f"signal.{name} must be one of {allowed}, got {value!r}")
+
+
+@dataclass
+class Window:
+    """One fixed-length window ready to become a `signal` sample."""
+
+    index: int
+    start: int  # first sample, at the output rate
+    data: np.ndarray  # (C, T) float32
+    labels: dict
+    extras: dict[str, np.ndarray]
+    bad: dict[str, str]  # channel -> reason (flat, nan, saturated)
+    interpolated: int  # missing samples filled by interpolation (native rate)
+
+
+@dataclass
+class Prepared:
+    """A record after channel mapping, unit conversion and resampling."""
+
+    signal: np.ndarray  # (C, T) float64 at `fs`
+    fs: float
+    channels: list[str]
+    units: list[str]
+    nan: np.ndarray  # (C, T_native) bool
+    saturated: np.ndarray  # (C, T_native) bool
+    native_fs: float
+    dropped: list[str]
+
+
+def map_channels(rec: SignalRecord, cfg: SignalConfig) -> tuple[list[int], list[str], list[str]]:
+    """(indices, canonical names, dropped raw names) of the channels to keep."""
+    keep, names, dropped = [], [], []
+    for i, raw in enumerate(rec.channels):
+        name = canonical_name(raw)
+        if name is None:
+            if cfg.unknown_channel == "quarantine":
+                raise SignalReadError(f"unknown channel name {raw.strip()!r} (not in vocabulary)")
+            dropped.append(raw.strip())
+            continue
+        if channel_group(name) not in cfg.groups or (cfg.channels and name not in cfg.channels):
+            dropped.append(name)
+            continue
+        if name in names:
+            raise SignalReadError(f"channel {name} appears twice")
+        keep.append(i)
+        names.append(name)
+    if cfg.channels:
+        missing = [c for c in cfg.channels if c not in names]
+        if missing:
+            raise SignalReadError(f"required channel(s) {missing} missing")
+        order = [names.index(c) for c in cfg.channels]
+        keep, names = [keep[j] for j in order], [names[j] for j in order]
+    if not keep:
+        raise SignalReadError("no channel left after channel selection")
+    return keep, names, dropped
+
+
+def prepare(rec: SignalRecord, cfg: SignalConfig) -> Prepared:
+    """Select and rename channels, convert to mV/µV, flag NaN/saturation, resample."""
+    idx, names, dropped = map_channels(rec, cfg)
+    x = rec.signal[idx].astype(np.float64)
+    units = []
+    for row, (name, i) in enumerate(zip(names, idx, strict=True)):
+        target = GROUP_UNIT.get(channel_group(name))
+        unit = rec.units[i] or ""
+        factor = unit_factor(unit, target) if target else 1.0
+        if factor is None:
+            raise SignalReadError(f"channel {name}: unit {unit!r} is not a voltage")
+        x[row] *= factor
+        units.append(target or unit)
+    nan = ~np.isfinite(x)
+    saturated = np.zeros_like(nan)
+    if rec.phys_range is not None:
+        for row, i in enumerate(idx):
+            lo, hi = rec.phys_range[i]
+            lo, hi = sorted(
+                (lo * _factor(units[row], rec.units[i]), hi * _factor(units[row], rec.units[i]))
+            )
+            tol = 1e-3 * (hi - lo)
+            saturated[row] = (x[row] <= lo + tol) | (x[row] >= hi - tol)
+    x = fill_gaps(x, nan)  # resample_poly would smear a NaN over the whole filter length
+    fs = float(cfg.target_rate or rec.fs)
+    if fs != rec.fs:
+        ratio = Fraction(fs / rec.fs).limit_denominator(10000)
+        x = resample_poly(x, ratio.numerator, ratio.denominator, axis=1)
+    return Prepared(x, fs, names, units, nan, saturated, rec.fs, dropped)
+
+
+def fill_gaps(x: np.ndarray, nan: np.ndarray) -> np.ndarray:
+    """Linearly interpolate missing samples per channel (all-missing channels become 0)."""
+    for row in np.flatnonzero(nan.any(axis=1)):
+        good = ~nan[row]
+        if good.any():
+            x[row, ~good] = np.interp(np.flatnonzero(~good), np.flatnonzero(good), x[row, good])
+        else:
+            x[row] = 0.0
+    return x
+
+
+def _factor(target_unit: str, unit: str) -> float:
+    return unit_factor(unit or "", target_unit) or 1.0
+
+
+def window_starts(n: int, fs: float, cfg: SignalConfig) -> list[int]:
+    size = int(round(cfg.window_s * fs))
+    step = max(1, int(round(size * (1 - cfg.overlap))))
+    return list(range(0, n - size + 1, step)) if n >= size else []
+
+
+def quality(p: Prepared, start: int, size: int, cfg: SignalConfig) -> tuple[dict[str, str], int]:
+    """(channel -> reason for every bad channel, interpolated samples) of [start, start+size)."""
+    scale = p.native_fs / p.fs
+    a, b = int(start * scale), max(int(start * scale) + 1, int(round((start + size) * scale)))
+    bad, filled = {}, 0
+    for row, name in enumerate(p.channels):
+        missing = int(p.nan[row, a:b].sum())
+        if missing > cfg.max_nan * (b - a):
+            bad[name] = "nan"
+            continue
+        filled += missing
+        if p.saturated[row, a:b].mean() > cfg.max_saturated:
+            bad[name] = "saturated"
+        else:
+            flat = cfg.flat_std.get(channel_group(name), DEFAULT_FLAT_STD["other"])
+            if p.signal[row, start : start + size].std() < flat:
+                bad[name] = "flat"
+    return bad, filled
+
+
+def windows(rec: SignalRecord, p: Prepared, cfg: SignalConfig) -> list[Window]:
+    """Cut, quality-check, normalize and label every full window of a prepared record."""
+    size = int(round(cfg.window_s * p.fs))
+    scale = p.fs / rec.fs
+    beats = np.round(rec.beats * scale).astype(np.int64)
+    rec_mean, rec_std = _stats(p.signal) if cfg.normalize == "record" else (None, None)
+    out = []
+    for i, s in enumerate(window_starts(p.signal.shape[1], p.fs, cfg)):
+        x = p.signal[:, s : s + size].copy()
+        bad, filled = quality(p, s, size, cfg)
+        mask = np.array([c in bad for c in p.channels], bool)
+        x[mask] = 0.0
+        extras: dict[str, np.ndarray] = {}
+        if cfg.normalize != "none":
+            mean, std = _stats(x) if cfg.normalize == "window" else (rec_mean, rec_std)
+            mean, std = np.where(mask, 0.0, mean), np.where(mask, 1.0, std)
+            x = (x - mean[:, None]) / std[:, None]
+            extras["norm"] = np.stack([mean, std]).astype(np.float32)
+        if bad:
+            extras["mask"] = mask.astype(np.uint8)
+        labels, label_extras = window_labels(rec, beats, scale, s, size, p.fs, cfg)
+        extras.update(label_extras)
+        out.append(Window(i, s, x.astype(np.float32), labels, extras, bad, filled))
+    return out
+
+
+def _stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean = x.mean(axis=1)
+    std = x.std(axis=1)
+    return mean, np.where(std > 1e-12, std, 1.0)
+
+
+def window_labels(
+    rec: SignalRecord,
+    beats: np.ndarray,
+    scale: float,
+    start: int,
+    size: int,
+    fs: float,
+    cfg: SignalConfig,
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """Beat labels, rhythm episodes and EDF+ events that fall in the window, window-relative."""
+    labels: dict = {}
+    extras: dict[str, np.ndarray] = {}
+    end = start + size
+    if len(rec.beat_symbols):
+        sel = np.flatnonzero((beats >= start) & (beats < end))
+        symbols = [rec.beat_symbols[j] for j in sel]
+        labels["beats"] = symbols
+        labels["beat_counts"] = {s: symbols.count(s) for s in sorted(set(symbols))}
+        extras["beat_idx"] = (beats[sel] - start).astype(np.int32)
+    if rec.rhythms:
+        episodes = []
+        for a, b, label in rec.rhythms:
+            a, b = int(round(a * scale)), int(round(b * scale))
+            if a < end and b > start:
+                episodes.append([max(a, start) - start, min(b, end) - start, label])
+        labels["rhythm"] = episodes
+        labels["rhythms"] = sorted({e[2] for e in episodes})
+    if rec.events and cfg.keep_events:
+        t0, t1 = start / fs, end / fs
+        labels["events"] = [
+            [round(o - t0, 6), round(d, 6), text]
+            for o, d, text in rec.events
+            if o < t1 and o + d >= t0
+        ]
+    return labels, extras
