@@ -1,0 +1,261 @@
+"""Pretraining configs: small @dataclasses, loaded from YAML plus `key=value` overrides.
+
+Validation is strict and happens before any data is read: an unknown key or a value of the wrong
+type fails with its dotted path (`train.lr: expected float, got 'fast'`). Encoder and objective
+parameters are validated against the config dataclass their registry entry owns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the offending key."""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """`value` checked against type hint `tp` (ints are accepted as floats, lists as tuples)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(
+            errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {tp}"
+        )
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: expected one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item = args[0] if args else Any
+        out = [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        vt = args[1] if args else Any
+        return {str(k): _coerce(vt, v, f"{where}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str) and FLOAT_RE.match(value):
+        return float(value)  # PyYAML reads `1e-4` (no dot) as a string
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, refusing unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            raise ConfigError(f"{path}: unknown key (allowed: {sorted(fields)})")
+        kwargs[key] = _coerce(hints[key], value, path)
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{where or 'config'}: missing required key(s) {missing}")
+    return cls(**kwargs)
+
+
+@dataclass
+class SyntheticConfig:
+    """Synthetic shards mixed in so that they make up `ratio` of the samples drawn."""
+
+    shards: str
+    ratio: float = 0.3
+
+
+@dataclass
+class PairConfig:
+    """The second modality of cross-modal training: rows joined to the primary on `join`."""
+
+    shards: str
+    kinds: list[str] | None = None
+    modalities: list[str] | None = None
+    join: Literal["patient_id", "study_id"] = "patient_id"
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""
+    mix: dict[str, float] = field(default_factory=dict)  # {shard root: weight}, else `shards`
+    synthetic: SyntheticConfig | None = None
+    pair: PairConfig | None = None
+    split: str = "train"
+    kinds: list[str] | None = None
+    modalities: list[str] | None = None
+    datasets: list[str] | None = None
+    batch_size: int = 32
+    num_workers: int = 2
+    # Preprocessing contract, recorded in the export sidecar.
+    intensity: Literal["auto", "unit", "zscore", "window"] = "auto"
+    window: tuple[float, float] | None = None  # HU (or value) range for intensity=window
+    patches_per_volume: int = 8  # 3D: random patches drawn per volume per epoch
+    signal_length: int = 0  # samples per signal crop; 0 = the whole signal
+    max_tokens: int = 256  # EHR sequence crop
+    mix_mode: Literal["resample", "exhaust"] = "resample"
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    lr: float = 1.5e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    layer_decay: float = 1.0  # <1: earlier encoder blocks get lower learning rates
+    warmup_steps: int = 100
+    grad_accum: int = 1
+    clip_grad: float = 0.0
+    ema_decay: float = 0.0  # 0 = no EMA
+    compile: bool = False
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    activation_checkpointing: bool = False
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    num_nodes: int = 1
+    precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
+    checkpoint_every: int = 500
+    log_every: int = 10
+    on_nan: Literal["stop", "skip"] = "stop"
+    seed: int = 0
+    plots: bool = True
+    ledger: bool = False  # record the sample keys each rank trains on (data lineage)
+    loggers: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])
+
+
+@dataclass
+class PretrainConfig:
+    name: str
+    out_dir: str
+    data: DataConfig
+    objectives: list[dict[str, Any]]  # [{name: mae, weight: 1.0, ...objective params}]
+    model: dict[str, Any] | None = None  # {name: vit2d, size: tiny, ...}; None: objectives own
+    pair_model: dict[str, Any] | None = None  # second encoder, for cross-modal objectives
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes what is trained (not logging or loader workers)."""
+        d = self.to_dict()
+        d.pop("out_dir")
+        d["data"].pop("num_workers")
+        for k in ("log_every", "checkpoint_every", "plots", "loggers", "compile", "ledger"):
+            d["train"].pop(k)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def apply_override(tree: dict[str, Any], item: str) -> None:
+    """Apply one `a.b.c=value` override in place; `value` is parsed as YAML (1e-3, [1,2], null)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    node: Any = tree
+    for i, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"{where}: no list item {part!r}")
+            node = node[int(part)]
+        else:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"{where}: is a value, not a section")
+    last = parts[-1]
+    value = yaml.safe_load(raw)
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"{key}: no list item {last!r}")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None):
+    """Read YAML (or take `base`), apply overrides, validate everything, return PretrainConfig."""
+    if path is not None:
+        try:
+            tree = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file {path} does not exist") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+    else:
+        tree = json.loads(json.dumps(base or {}))
+    for item in overrides:
+        apply_override(tree, item)
+    cfg = from_dict(PretrainConfig, tree)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: PretrainConfig) -> None:
+    """Resolve encoder and objective parameters through their registries (fails early)."""
+    from .models import ENCODERS
+    from .objectives import OBJECTIVES
+
+    if not cfg.data.shards and not cfg.data.mix:
+        raise ConfigError("data.shards: set a shard set root (or data.mix)")
+    for key, spec in (("model", cfg.model), ("pair_model", cfg.pair_model)):
+        if spec is not None:
+            params = dict(spec)
+            ENCODERS.config(params.pop("name", ""), params, key)
+    if not cfg.objectives:
+        raise ConfigError("objectives: at least one objective is required")
+    for i, spec in enumerate(cfg.objectives):
+        params = dict(spec)
+        params.pop("weight", None)
+        OBJECTIVES.config(params.pop("name", ""), params, f"objectives[{i}]")
+    t = cfg.train
+    for name in ("max_steps", "grad_accum", "checkpoint_every", "log_every"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"train.{name}: must be >= 1, got {getattr(t, name)}")
+    if cfg.data.batch_size < 1:
+        raise ConfigError(f"data.batch_size: must be >= 1, got {cfg.data.batch_size}")

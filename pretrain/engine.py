@@ -1,0 +1,200 @@
+"""The LightningModule: encoders + weighted objectives, AdamW with layer-wise decay, cosine
+schedule with warmup, optional EMA, resume-exact randomness, NaN policy."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from .config import PretrainConfig
+from .models import Encoder, build_encoder
+from .objectives import OBJECTIVES, Context
+
+STEP_SALT = 0x57E9
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised (train.on_nan=stop) when the loss is NaN/inf; the last good checkpoint is kept."""
+
+
+def cosine_with_warmup(warmup: int, total: int, floor: float):
+    """LR multiplier: linear warmup to 1, then cosine down to `floor` at `total` steps."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class PretrainModule(L.LightningModule):
+    def __init__(self, cfg: PretrainConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder: Encoder | None = build_encoder(cfg.model) if cfg.model else None
+        self.pair_encoder = build_encoder(cfg.pair_model, "pair_model") if cfg.pair_model else None
+        self.ctx = Context(self.encoder, self.pair_encoder)
+        self.objectives = nn.ModuleDict()
+        self.weights: dict[str, float] = {}
+        for i, spec in enumerate(cfg.objectives):
+            params = dict(spec)
+            name, weight = params.pop("name"), float(params.pop("weight", 1.0))
+            key = name if name not in self.objectives else f"{name}_{i}"
+            self.objectives[key] = OBJECTIVES.build(
+                name, params, self.ctx, where=f"objectives[{i}]"
+            )
+            self.weights[key] = weight
+        self.ema = None
+        if cfg.train.ema_decay > 0 and self.encoder is not None:
+            # EMA of the encoder only: that is what gets exported and fine-tuned.
+            self.ema = AveragedModel(
+                self.encoder,
+                multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay),
+                use_buffers=True,
+            )
+        self.skipped_steps = 0
+        self.shapes_checked = False
+        self.history: list[tuple[int, float]] = []  # (step, loss) for the loss-curve PNG
+        self.preview_batch: dict[str, Any] | None = None
+
+    def check_data(self, kind: str, pair_kind: str | None) -> None:
+        """Refuse an encoder/objective that does not match the shards, before any step."""
+        if self.encoder is not None:
+            self.encoder.check_kind(kind)  # raises, naming both kinds
+        if self.pair_encoder is not None:
+            self.pair_encoder.check_kind(pair_kind)
+        for obj in self.objectives.values():
+            obj.check(kind)
+            if obj.needs_pair and pair_kind is None:
+                raise ValueError(f"objective {obj.name!r} needs paired data: set data.pair")
+
+    def configure_model(self) -> None:
+        if self.cfg.train.compile and self.encoder is not None:
+            self.encoder.compile()  # in place: state_dict keys stay the same
+
+    def step_seed(self, used: int) -> int:
+        """Seed for this micro-batch's masks/views: from (seed, rank, samples used before it)."""
+        seq = np.random.SeedSequence([self.cfg.train.seed, STEP_SALT, self.global_rank, used])
+        return int(seq.generate_state(1)[0])
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if not self.shapes_checked:  # the first batch: shapes the encoder cannot take fail here
+            if self.encoder is not None:
+                self.encoder.check_input(batch["data"], None)
+            if self.pair_encoder is not None:
+                self.pair_encoder.check_input(batch["pair"]["data"], None)
+            self.shapes_checked = True
+        dm = self.trainer.datamodule
+        self.ctx.seed = self.step_seed(dm.used)
+        # Counted at batch start: the checkpoint callback runs before module batch-end hooks.
+        dm.count(len(batch["data"]))
+        if self.cfg.train.ledger:
+            self.write_ledger(batch.get("key", []))
+
+    def write_ledger(self, keys: list[str]) -> None:
+        """Append this step's sample keys to ledger/rank<r>.txt (which data each rank saw)."""
+        path = Path(self.cfg.out_dir) / "ledger" / f"rank{self.global_rank}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write("".join(f"{self.global_step}\t{k}\n" for k in keys))
+
+    def objective_losses(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        total, logs = 0.0, {}
+        for key, obj in self.objectives.items():
+            out = obj.loss(batch)
+            total = total + self.weights[key] * out["loss"]
+            logs.update({f"train/{key}/{k}": v.detach() for k, v in out.items()})
+        return total, logs
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        if self.preview_batch is None or batch_idx % 50 == 0:
+            self.preview_batch = {k: v[:8] for k, v in batch.items() if k in ("data",)}
+        loss, logs = self.objective_losses(batch)
+        finite = torch.isfinite(loss.detach()).float()
+        if self.trainer.world_size > 1:  # every rank must take the same branch
+            finite = self.all_gather(finite).min()
+        if finite < 1:
+            return self.non_finite(loss)
+        logs["train/loss"] = loss.detach()
+        if "synthetic" in batch:
+            logs["data/synthetic_fraction"] = batch["synthetic"].float().mean()
+        self.log_dict(logs, on_step=True, prog_bar=False, batch_size=len(batch["data"]))
+        if self.global_rank == 0:
+            self.history.append((self.global_step, float(loss.detach())))
+        return loss
+
+    def non_finite(self, loss: torch.Tensor) -> None:
+        step = self.global_step
+        if self.cfg.train.on_nan == "stop":
+            raise NonFiniteLossError(
+                f"loss became {float(loss)} at step {step}; stopping (train.on_nan=stop). "
+                f"The last good checkpoint is kept in {self.cfg.out_dir}/checkpoints"
+            )
+        self.skipped_steps += 1
+        self.print(f"step {step}: non-finite loss {float(loss)}; batch skipped (train.on_nan=skip)")
+        return None
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
+            self.ema.update_parameters(self.encoder)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """No decay on norms/biases/tokens; layer-wise LR decay over the encoder's blocks."""
+        t = self.cfg.train
+        depth = len(self.encoder.blocks) if self.encoder is not None else 0
+        groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+        for name, p in self.named_parameters():
+            if not p.requires_grad or name.startswith("ema."):
+                continue
+            decay = 0.0 if p.ndim < 2 or "token" in name or "pos" in name else t.weight_decay
+            scale = 1.0
+            if name.startswith("encoder.") and t.layer_decay < 1.0:
+                layer = self.encoder.layer_id(name[len("encoder.") :])
+                scale = t.layer_decay ** (depth + 1 - layer)
+            groups.setdefault((decay, scale), []).append(p)
+        return [
+            {"params": ps, "weight_decay": d, "lr": t.lr * s, "lr_scale": s}
+            for (d, s), ps in sorted(groups.items())
+        ]
+
+    def configure_optimizers(self):
+        t = self.cfg.train
+        opt = torch.optim.AdamW(self.param_groups(), lr=t.lr, betas=t.betas)
+        floor = t.min_lr / t.lr if t.lr > 0 else 0.0
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, cosine_with_warmup(t.warmup_steps, t.max_steps, floor)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def flops_per_sample(self) -> float:
+        return sum(o.flops_per_sample() for o in self.objectives.values())
+
+    def export_encoder(self) -> Encoder | None:
+        """The encoder to export: its EMA when one is kept."""
+        if self.ema is not None:
+            return self.ema.module
+        return self.encoder
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Plain JSON-able data only, so the checkpoint loads with torch.load(weights_only=True).
+        checkpoint["medfm"] = {
+            "config": self.cfg.to_dict(),
+            "fingerprint": self.cfg.fingerprint(),
+            "skipped_steps": self.skipped_steps,
+            "history": [list(h) for h in self.history[-10000:]],
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get("medfm", {})
+        self.skipped_steps = int(meta.get("skipped_steps", 0))
+        self.history = [(int(s), float(v)) for s, v in meta.get("history", [])]

@@ -1,0 +1,122 @@
+"""Encoder export: weights as safetensors plus a JSON sidecar (architecture, preprocessing
+contract, data manifest hashes, training record). Loading needs only these two files, and no
+pickle: the sidecar rebuilds the module through the encoder registry."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .models import ENCODERS, Encoder
+
+FORMAT = "medfm-encoder"
+FORMAT_VERSION = 1
+
+
+class ExportError(ValueError):
+    """An export that cannot be loaded: missing file, wrong format, hash or key mismatch."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def save_module(module: nn.Module, path: Path) -> str:
+    """Save a state dict as safetensors (shared tensors cloned); returns its sha256."""
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={"format": FORMAT})
+    os.replace(tmp, path)
+    return _sha256(path)
+
+
+def export_encoder(
+    encoder: Encoder,
+    out_dir: str | Path,
+    *,
+    name: str = "encoder",
+    preprocessing: dict[str, Any],
+    data: dict[str, Any],
+    training: dict[str, Any],
+) -> Path:
+    """Write `<name>.safetensors` and `<name>.json` into out_dir; returns the sidecar path."""
+    from medfm import __version__
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = out / f"{name}.safetensors"
+    digest = save_module(encoder, weights)
+    sidecar = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "medfm_version": __version__,
+        "architecture": encoder.describe(),
+        "embed_dim": encoder.embed_dim,
+        "preprocessing": preprocessing,
+        "data": data,
+        "training": training,
+        "weights": {"file": weights.name, "sha256": digest},
+    }
+    path = out / f"{name}.json"
+    _atomic_write(path, json.dumps(sidecar, indent=1, sort_keys=True).encode())
+    return path
+
+
+def read_sidecar(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        sidecar = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise ExportError(f"{path}: sidecar not found") from e
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{path}: sidecar is not JSON ({e})") from e
+    if sidecar.get("format") != FORMAT:
+        raise ExportError(f"{path}: not a {FORMAT} sidecar (format={sidecar.get('format')!r})")
+    if sidecar.get("format_version", 0) > FORMAT_VERSION:
+        raise ExportError(
+            f"{path}: format_version {sidecar['format_version']} is newer than this medfm "
+            f"supports ({FORMAT_VERSION})"
+        )
+    return sidecar
+
+
+def load_encoder(path: str | Path, map_location: str = "cpu") -> tuple[Encoder, dict[str, Any]]:
+    """Rebuild an exported encoder from its sidecar (`.json`) and safetensors weights."""
+    path = Path(path)
+    sidecar = read_sidecar(path)
+    weights = path.parent / sidecar["weights"]["file"]
+    if not weights.exists():
+        raise ExportError(f"{weights}: weights file named by {path.name} is missing")
+    if _sha256(weights) != sidecar["weights"]["sha256"]:
+        raise ExportError(f"{weights}: sha256 does not match {path.name} (corrupt or replaced)")
+    arch = sidecar["architecture"]
+    encoder = ENCODERS.build(arch["name"], arch["params"], where=f"{path.name}:architecture")
+    state = load_file(str(weights), device=map_location)
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ExportError(
+            f"{weights}: weights do not fit {arch['name']} (missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]})"
+        )
+    return encoder.eval(), sidecar
+
+
+def load_into(module: nn.Module, weights: str | Path) -> None:
+    """Load safetensors weights into an existing module (objective extras such as a UNet)."""
+    module.load_state_dict(load_file(str(weights)), strict=True)

@@ -1,0 +1,221 @@
+"""Export and load diffusion models as safetensors plus a JSON sidecar (never a pickle).
+
+The sidecar says `"kind": "diffusion"`, the UNet config, the noise schedule, the class list
+and the preprocessing contract of the training data; `medfm synth generate` needs nothing else.
+The checkpoint hash recorded in synthetic shards is the sha256 of the weights file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load, load_file, save_file
+
+from .diffusion import DiffusionConfig, DiffusionObjective
+
+KIND = "diffusion"
+SIDECAR_FORMAT = "medfm-diffusion"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+ENGINE_SUFFIX = "_unet.safetensors"  # how the pretrain engine saves objective modules
+
+
+class CheckpointKindError(ValueError):
+    """The file is not a diffusion model export (an encoder, a pickle, something else)."""
+
+
+@dataclass
+class LoadedDiffusion:
+    objective: DiffusionObjective
+    sidecar: dict[str, Any]
+    sha256: str
+    weights_path: str
+
+    @property
+    def classes(self) -> list[Any]:
+        return list(self.sidecar.get("classes", []))
+
+    @property
+    def contract(self) -> dict[str, Any]:
+        return self.sidecar["preprocessing"]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def export_diffusion(
+    objective: DiffusionObjective,
+    out_dir: str | Path,
+    *,
+    preprocessing: dict[str, Any],
+    classes: list[Any],
+    class_key: str = "",
+    data_manifests: list[dict[str, Any]] | None = None,
+    step: int | None = None,
+    name: str = "model",
+) -> Path:
+    """Write `<name>.safetensors` and `<name>.json` into out_dir; returns the weights path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = out / f"{name}.safetensors"
+    state = {k: v.detach().cpu().contiguous() for k, v in objective.unet.state_dict().items()}
+    _atomic_write(weights, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    sidecar = {
+        "format": SIDECAR_FORMAT,
+        "kind": KIND,
+        "architecture": objective.describe(),
+        "scheduler": dict(objective.scheduler.config),
+        "classes": list(classes),
+        "class_key": class_key,
+        "preprocessing": preprocessing,
+        "data_manifests": data_manifests or [],
+        "step": step,
+        "weights": {"path": weights.name, "sha256": _sha256(weights)},
+    }
+    text = json.dumps(sidecar, indent=1, sort_keys=True, default=str)
+    _atomic_write(out / f"{name}.json", lambda p: p.write_text(text))
+    return weights
+
+
+def resolve(path: str | Path) -> tuple[Path, Path | dict[str, Any]]:
+    """(weights, sidecar path) for a folder, a .safetensors file or a .json sidecar; for the
+    export folder of a `medfm pretrain` run, (weights, sidecar dict) rebuilt from its config."""
+    p = Path(path)
+    if p.suffix in PICKLE_SUFFIXES:
+        raise CheckpointKindError(
+            f"{p}: {p.suffix} checkpoints are pickles and are never loaded; pass the exported "
+            "diffusion model (folder, .safetensors or .json sidecar)"
+        )
+    if p.is_dir() and list(p.glob(f"*{ENGINE_SUFFIX}")):
+        return engine_export(p)
+    if p.is_dir():
+        sidecars = sorted(q for q in p.glob("*.json") if q.with_suffix(".safetensors").exists())
+        if len(sidecars) != 1:
+            raise CheckpointKindError(
+                f"{p}: expected one <name>.safetensors + <name>.json export, found "
+                f"{[q.name for q in sidecars] or 'none'}"
+            )
+        p = sidecars[0]
+    sidecar, weights = p.with_suffix(".json"), p.with_suffix(".safetensors")
+    for q in (sidecar, weights):
+        if not q.exists():
+            raise CheckpointKindError(f"{p}: {q.name} is missing; an export is both files")
+    return weights, sidecar
+
+
+def engine_export(folder: Path) -> tuple[Path, dict[str, Any]]:
+    """A diffusion sidecar for the export folder of a `medfm pretrain` run.
+
+    The engine saves objective modules as `<objective>_unet.safetensors` beside the encoder
+    export; the run's config.json (one level up) holds the objective's parameters and the data
+    section, from which the preprocessing contract is rebuilt against the training manifest.
+    """
+    from medfm.shards import Manifest
+
+    from .diffusion_data import build_contract, engine_window
+
+    config_path = folder.parent / "config.json"
+    if not config_path.exists():
+        raise CheckpointKindError(f"{folder}: no {config_path.name} beside the export folder")
+    cfg = json.loads(config_path.read_text())
+    specs = [(i, o) for i, o in enumerate(cfg["objectives"]) if o.get("name") == "diffusion"]
+    if not specs:
+        raise CheckpointKindError(f"{folder}: the run trained no diffusion objective")
+    i, spec = specs[0]
+    names = [o.get("name") for o in cfg["objectives"]]
+    key = "diffusion" if names.index("diffusion") == i else f"diffusion_{i}"
+    weights = folder / f"{key}{ENGINE_SUFFIX}"
+    params = {k: v for k, v in spec.items() if k not in ("name", "weight")}
+    objective = DiffusionObjective(DiffusionConfig(**params))  # validates the parameters
+    data = cfg["data"]
+    shards = Manifest.open(data["shards"])
+    kinds = tuple(data.get("kinds") or ("image2d", "volume3d"))
+    rows = [r for r in shards.rows() if r["split"] == data["split"] and r["kind"] in kinds]
+    window = engine_window(data, rows, data["shards"])
+    contract = build_contract(
+        data["shards"], rows, shards.header, objective.cfg.sample_size, window
+    )
+    sidecar = {
+        "format": SIDECAR_FORMAT,
+        "kind": KIND,
+        "architecture": objective.describe(),
+        "scheduler": dict(objective.scheduler.config),
+        "classes": [],
+        "class_key": "",
+        "preprocessing": contract,
+        "data_manifests": [{"root": data["shards"], "sha256": shards.header["manifest"]["sha256"]}],
+        "step": cfg["train"]["max_steps"],
+        "weights": {"path": weights.name, "sha256": _sha256(weights)},
+    }
+    return weights, sidecar
+
+
+def read_sidecar(path: Path | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(path, dict):
+        return path
+    try:
+        sidecar = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointKindError(f"{path}: sidecar is not valid JSON ({e})") from e
+    if isinstance(sidecar, dict) and sidecar.get("format") == "medfm-encoder":
+        sidecar.setdefault("kind", "encoder")
+    if not isinstance(sidecar, dict) or sidecar.get("kind") != KIND:
+        found = sidecar.get("kind", "unknown") if isinstance(sidecar, dict) else "unknown"
+        arch = sidecar.get("architecture", {}) if isinstance(sidecar, dict) else {}
+        name = arch.get("name", "?") if isinstance(arch, dict) else "?"
+        raise CheckpointKindError(
+            f"{path}: this is a {found} checkpoint (architecture {name!r}), not a diffusion "
+            "model; `medfm synth generate` needs a model exported by a diffusion objective"
+        )
+    return sidecar
+
+
+def build_loaded(
+    sidecar: dict[str, Any], state: dict[str, torch.Tensor], digest: str, where: str
+) -> LoadedDiffusion:
+    """Rebuild the objective from a (checked) sidecar and load its weights."""
+    params = dict(sidecar["architecture"]["params"])
+    for key in ("sample_size", "channels", "attention_levels"):
+        params[key] = tuple(params[key])
+    objective = DiffusionObjective(DiffusionConfig(**params))
+    try:
+        objective.unet.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointKindError(f"{where}: weights do not fit the sidecar's UNet ({e})") from e
+    return LoadedDiffusion(objective.eval(), sidecar, digest, where)
+
+
+def load_diffusion(path: str | Path, device: str | torch.device = "cpu") -> LoadedDiffusion:
+    """Load an export (folder, .safetensors or .json); verifies the weights hash."""
+    weights, sidecar_path = resolve(path)
+    sidecar = read_sidecar(sidecar_path)
+    digest = _sha256(weights)
+    if digest != sidecar["weights"]["sha256"]:
+        raise CheckpointKindError(f"{weights}: sha256 differs from its sidecar")
+    loaded = build_loaded(sidecar, load_file(str(weights)), digest, str(weights))
+    loaded.objective.to(device)
+    return loaded
+
+
+def from_bytes(weights: bytes, sidecar: dict[str, Any]) -> LoadedDiffusion:
+    """Rebuild from the weights' bytes (how Ray tasks receive a model); hash checked."""
+    digest = hashlib.sha256(weights).hexdigest()
+    if digest != sidecar["weights"]["sha256"]:
+        raise CheckpointKindError("model bytes do not match the sidecar's sha256")
+    return build_loaded(sidecar, load(weights), digest, sidecar["weights"]["path"])

@@ -1,0 +1,204 @@
+"""`run(cfg)`: data module, model, Trainer (strategy, precision, loggers, checkpoints), fit,
+export. The CLI and the bench call this; so can a Python user."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from .checkpoint import LAST, SafeCheckpointIO, checkpoint_dir, resume_path
+from .config import PretrainConfig
+from .data import PretrainDataModule
+from .engine import PretrainModule
+from .export import export_encoder, save_module
+from .models import Encoder
+from .plots import PlotCallback
+from .preprocess import Contract
+from .throughput import ThroughputMonitor
+
+log = logging.getLogger("medfm.pretrain")
+
+
+def contract_for(encoder: Encoder | None, cfg: PretrainConfig, kind: str | None = None) -> Contract:
+    """The preprocessing contract an encoder implies (input sizes come from its config)."""
+    d = cfg.data
+    if encoder is None:  # the data module fills in the kind from the shards
+        return Contract(kind=kind or "", intensity=d.intensity, window=d.window)
+    p = encoder.config
+    return Contract(
+        kind=encoder.kind,
+        intensity=d.intensity,
+        window=d.window,
+        channels=getattr(p, "in_chans", getattr(p, "num_leads", 1)),
+        image_size=getattr(p, "img_size", 0) if encoder.kind == "image2d" else 0,
+        patch_size=tuple(p.img_size) if encoder.kind == "volume3d" else (),
+        signal_length=getattr(p, "length", 0),
+        max_tokens=getattr(p, "max_tokens", 0),
+    )
+
+
+def build_strategy(cfg: PretrainConfig, module: PretrainModule) -> Any:
+    t = cfg.train
+    if t.strategy == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(checkpoint_io=SafeCheckpointIO())
+    if t.strategy == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        blocks = set()
+        for enc in (module.encoder, module.pair_encoder):
+            if enc is not None:
+                blocks |= enc.block_types()
+        return FSDPStrategy(
+            auto_wrap_policy=blocks,
+            activation_checkpointing_policy=blocks if t.activation_checkpointing else None,
+            state_dict_type="full",
+        )
+    return "auto"
+
+
+def build_loggers(cfg: PretrainConfig) -> list[Any]:
+    from lightning.pytorch import loggers
+
+    out = []
+    for name in cfg.train.loggers:
+        if name == "csv":
+            out.append(loggers.CSVLogger(cfg.out_dir, name="logs", version=0))
+        elif name == "tensorboard":
+            out.append(loggers.TensorBoardLogger(cfg.out_dir, name="tensorboard", version=0))
+        elif name == "wandb":  # optional extra: pip install medfm[wandb]
+            out.append(loggers.WandbLogger(project="medfm", name=cfg.name, save_dir=cfg.out_dir))
+        elif name == "mlflow":  # optional extra: pip install medfm[mlflow]
+            out.append(loggers.MLFlowLogger(experiment_name=cfg.name))
+        else:
+            from .config import ConfigError
+
+            raise ConfigError(
+                f"train.loggers: unknown logger {name!r} (csv, tensorboard, wandb, mlflow)"
+            )
+    return out
+
+
+def precision_for(cfg: PretrainConfig) -> str:
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    gpu = torch.cuda.is_available() and cfg.train.accelerator in ("auto", "gpu", "cuda")
+    return "bf16-mixed" if gpu else "32-true"
+
+
+def build(cfg: PretrainConfig) -> tuple[PretrainModule, PretrainDataModule]:
+    """Model and data, checked against each other before any training step."""
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    module = PretrainModule(cfg)
+    contract = contract_for(module.encoder, cfg)
+    pair_contract = contract_for(module.pair_encoder, cfg) if module.pair_encoder else None
+    dm = PretrainDataModule(cfg.data, contract, cfg.train.seed, pair_contract)
+    module.check_data(dm.kind, dm.pair_kind)
+    return module, dm
+
+
+def run(cfg: PretrainConfig, *, resume: bool = False, force_resume: bool = False) -> dict:
+    """Train (or continue) the run described by `cfg`; returns a summary dict."""
+    ckpt = resume_path(cfg, force_resume) if resume else None
+    module, dm = build(cfg)
+    t = cfg.train
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    throughput = ThroughputMonitor(module.flops_per_sample(), t.log_every, cfg.out_dir)
+    callbacks: list[Any] = [
+        L.pytorch.callbacks.ModelCheckpoint(
+            dirpath=checkpoint_dir(cfg),
+            filename="step{step:07d}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=t.checkpoint_every,
+            save_top_k=1,
+            save_last=True,
+        ),
+        throughput,
+        L.pytorch.callbacks.LearningRateMonitor(logging_interval="step"),
+    ]
+    if t.plots:
+        callbacks.append(PlotCallback(cfg.out_dir))
+    strategy = build_strategy(cfg, module)
+    trainer = L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=strategy,
+        precision=precision_for(cfg),
+        max_steps=t.max_steps,
+        max_epochs=-1,
+        accumulate_grad_batches=t.grad_accum,
+        gradient_clip_val=t.clip_grad or None,
+        callbacks=callbacks,
+        logger=build_loggers(cfg),
+        log_every_n_steps=t.log_every,
+        plugins=[SafeCheckpointIO()] if strategy == "auto" else None,
+        use_distributed_sampler=False,  # medfm.shards splits data by rank itself
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,  # ThroughputMonitor prints rate and ETA lines instead
+        enable_model_summary=False,
+        default_root_dir=cfg.out_dir,
+    )
+    if trainer.is_global_zero:
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
+    trainer.save_checkpoint(checkpoint_dir(cfg) / LAST, weights_only=False)  # end state, always
+    summary = {"steps": trainer.global_step, "throughput": throughput.summary}
+    if trainer.is_global_zero:
+        summary["export"] = str(export_all(cfg, module, dm, trainer.global_step))
+    return summary
+
+
+def export_all(cfg: PretrainConfig, module: PretrainModule, dm: PretrainDataModule, step: int):
+    """Encoders (EMA when kept) and objective extras into out_dir/export."""
+    dest = Path(cfg.out_dir) / "export"
+    dest.mkdir(parents=True, exist_ok=True)
+    training = {
+        "config_fingerprint": cfg.fingerprint(),
+        "steps": step,
+        "objectives": cfg.objectives,
+        "ema_decay": cfg.train.ema_decay,
+        "run": cfg.name,
+    }
+    data = dm.describe()
+    path = None
+    if module.encoder is not None:
+        path = export_encoder(
+            module.export_encoder(),
+            dest,
+            preprocessing=dm.contract.describe() | {"source": source_fields(dm)},
+            data=data,
+            training=training,
+        )
+    if module.pair_encoder is not None:
+        export_encoder(
+            module.pair_encoder,
+            dest,
+            name="pair_encoder",
+            preprocessing=dm.pairing.contract.describe(),
+            data=data,
+            training=training,
+        )
+    for key, obj in module.objectives.items():
+        for name, sub in obj.export_modules().items():
+            save_module(sub, dest / f"{key}_{name}.safetensors")
+    return path or dest
+
+
+def source_fields(dm: PretrainDataModule) -> dict[str, Any]:
+    """Channels, spacing and modality of the training rows (what the contract was fitted to)."""
+    row = next(iter(dm.datasets.values())).row(0)
+    return {
+        "modality": row["modality"],
+        "channels": list(row["channels"] or []),
+        "spacing": list(row["spacing"] or []),
+        "sampling_rate": row["sampling_rate"],
+    }

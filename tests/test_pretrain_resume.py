@@ -1,0 +1,148 @@
+"""Checkpoints in real processes: kill -9 and --resume reach the uninterrupted run's weights;
+NaN stops with the step and keeps the last good checkpoint; a changed config is refused;
+exports load from safetensors + sidecar alone; 2-process DDP (gloo) sees disjoint data."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from pretrain_helpers import DECODER, TINY, base_config, pneumonia_shards, run_cli, write_yaml
+from safetensors.torch import load_file
+
+from medfm.pretrain.checkpoint import ResumeError
+from medfm.pretrain.config import load_config
+from medfm.pretrain.engine import NonFiniteLossError
+from medfm.pretrain.train import run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def mae_config(tmp: Path, shards: Path, name: str, **train) -> Path:
+    model = {"name": "vit2d", "img_size": 28, "patch_size": 4, **TINY}
+    tree = base_config(tmp, shards, model, [{"name": "mae", **DECODER}], **train)
+    tree["out_dir"] = str(tmp / name)
+    tree["data"]["num_workers"] = 2  # resume must be exact with worker processes too
+    return write_yaml(tree, tmp / f"{name}.yaml")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, sample_data):
+    return pneumonia_shards(sample_data, tmp_path_factory.mktemp("pm") / "pm", n=128)
+
+
+def test_kill9_then_resume_matches_uninterrupted(tmp_path, shards):
+    # 128 samples / 16 per batch = 8 steps an epoch: the run crosses epoch boundaries and is
+    # killed mid-epoch.
+    train = {"max_steps": 60, "checkpoint_every": 5}
+    run(load_config(mae_config(tmp_path, shards, "ref", **train)))  # in-process, 1 thread
+    cfg = mae_config(tmp_path, shards, "cut", **train)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    exe = Path(sys.executable).parent / "medfm"
+    proc = subprocess.Popen([str(exe), "pretrain", "--config", str(cfg)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    ckpts = tmp_path / "cut" / "checkpoints"
+    deadline = time.time() + 120
+    while not list(ckpts.glob("step0000015.ckpt")) and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "cut" / "export").exists(), "run finished before the kill"
+    saved = torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"]
+    assert 10 <= saved < 60  # last.ckpt is written just after the step file
+    res = run_cli(["--config", str(cfg), "--resume"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    a = load_file(tmp_path / "ref" / "export" / "encoder.safetensors")
+    b = load_file(tmp_path / "cut" / "export" / "encoder.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    # the same checkpoint under a changed config is refused, naming the change, unless forced
+    with pytest.raises(ResumeError, match=r"different config.*train\.lr"):
+        run(load_config(cfg, ["train.lr=0.5"]), resume=True)
+    run(load_config(cfg, ["train.max_steps=62"]), resume=True, force_resume=True)
+    last = torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"]
+    assert last == 62
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path, shards):
+    cfg = mae_config(tmp_path, shards, "nan", max_steps=8, checkpoint_every=1, lr=1e30,
+                     warmup_steps=1)  # fmt: skip
+    with pytest.raises(NonFiniteLossError, match="train.on_nan=stop") as err:
+        run(load_config(cfg))
+    ck = torch.load(tmp_path / "nan/checkpoints/last.ckpt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ck["state_dict"].values() if v.is_floating_point())
+    stopped = int(re.search(r"loss became \S+ at step (\d+)", str(err.value)).group(1))
+    assert ck["global_step"] == stopped
+    # skip instead of stop: the run carries on past the bad batches
+    skip = load_config(cfg, ["train.on_nan=skip", f"out_dir={tmp_path / 'skip'}"])
+    run(skip)
+    ck = torch.load(tmp_path / "skip/checkpoints/last.ckpt", weights_only=True)
+    assert ck["medfm"]["skipped_steps"] > 0
+
+
+def test_export_loads_from_safetensors_and_sidecar_alone(tmp_path, shards):
+    from medfm.pretrain.export import ExportError, load_encoder
+    from medfm.pretrain.train import build
+
+    cfg_path = mae_config(tmp_path, shards, "exp", max_steps=3, ema_decay=0.5)
+    run(load_config(cfg_path))
+    export = tmp_path / "exp" / "export"
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    for f in ("encoder.json", "encoder.safetensors"):
+        (moved / f).write_bytes((export / f).read_bytes())
+    encoder, sidecar = load_encoder(moved / "encoder.json")
+    assert sidecar["architecture"]["name"] == "vit2d"
+    assert sidecar["preprocessing"]["image_size"] == 28
+    assert sidecar["preprocessing"]["source"]["modality"] == "DX"
+    assert list(sidecar["data"]["manifests"].values())[0]  # manifest hash recorded
+    assert sidecar["training"]["ema_decay"] == 0.5
+    # the exported weights are the EMA weights of the checkpointed module
+    module, _ = build(load_config(cfg_path))
+    state = torch.load(tmp_path / "exp/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    module.load_state_dict(state)
+    x = torch.rand(2, 1, 28, 28)
+    torch.testing.assert_close(encoder(x), module.export_encoder().eval()(x))
+    # a corrupted weights file is refused, by hash, before any tensor is used
+    blob = bytearray((moved / "encoder.safetensors").read_bytes())
+    blob[-1] ^= 0xFF
+    (moved / "encoder.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(ExportError, match="sha256 does not match"):
+        load_encoder(moved / "encoder.json")
+    side = json.loads((moved / "encoder.json").read_text())
+    side["format"] = "something-else"
+    (moved / "encoder.json").write_text(json.dumps(side))
+    with pytest.raises(ExportError, match="not a medfm-encoder sidecar"):
+        load_encoder(moved / "encoder.json")
+
+
+def test_ddp_two_processes_gloo_disjoint_data(tmp_path, shards):
+    cfg = mae_config(tmp_path, shards, "ddp", max_steps=4)
+    res = run_cli(["--config", str(cfg), "train.strategy=ddp", "train.devices=2",
+                   "train.accelerator=cpu", "train.ledger=true", "data.num_workers=0"])  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    ledger = tmp_path / "ddp" / "ledger"
+    seen = [
+        [line.split("\t")[1] for line in (ledger / f"rank{r}.txt").read_text().splitlines()]
+        for r in (0, 1)
+    ]
+    assert len(seen[0]) == len(seen[1]) == 4 * 16
+    assert not set(seen[0]) & set(seen[1]), "ranks trained on the same samples"
+    assert (tmp_path / "ddp" / "export" / "encoder.safetensors").exists()
