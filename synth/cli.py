@@ -1,5 +1,105 @@
-"""`medfm synth`."""
+"""`medfm synth generate` and `medfm synth audit`."""
 
-from medfm.shards.stub import stub_app
+from __future__ import annotations
 
-app = stub_app("synth", "Generate and audit synthetic data")
+import json
+import logging
+
+import typer
+
+app = typer.Typer(
+    help="Generate synthetic data with diffusion models and audit it.", no_args_is_help=True
+)
+
+
+def _fail(e: Exception) -> None:
+    typer.echo(f"error: {e}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command("generate")
+def generate_cmd(
+    model: str = typer.Option(
+        ..., "--model", help="Exported diffusion model (folder, .safetensors or .json)."
+    ),
+    n: int = typer.Option(..., "--n", help="Number of samples to generate."),
+    classes: list[str] = typer.Option(
+        [], "--class", help="Class to generate (repeatable); default: all in turn."
+    ),
+    out: str = typer.Option(..., "--out", help="Destination shard set (folder or fsspec URL)."),
+    address: str = typer.Option(
+        None, "--address", help="Ray cluster address (auto, ray://..., local)."
+    ),
+    tasks: int = typer.Option(0, help="Ray tasks (0: one per GPU, else per 2 CPUs)."),
+    sampler: str = typer.Option("ddim", help="ddim or dpm (DPM-Solver++)."),
+    steps: int = typer.Option(50, help="Sampler steps."),
+    eta: float = typer.Option(0.0, help="DDIM eta (0 = deterministic)."),
+    batch_size: int = typer.Option(64),
+    seed: int = typer.Option(0, help="Base seed: sample i uses seed + i."),
+    device: str = typer.Option("auto"),
+    overwrite: bool = typer.Option(False, help="Replace an existing shard set at --out."),
+    audit: bool = typer.Option(False, "--audit", help="Audit and withhold flagged samples."),
+    real: str = typer.Option(None, help="Real training shards for --audit (default: the model's)."),
+    audit_config: str = typer.Option(None, help="Audit YAML (default: synth/configs/audit.yaml)."),
+):
+    """Sample a diffusion model into a shard set (rows marked synthetic, with provenance)."""
+    from medfm.pretrain.objectives.diffusion_sampling import SamplerSettings
+
+    from .audit import load_audit_config
+    from .generate import GenerateOptions, generate
+    from .withhold import generate_audited
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    opts = GenerateOptions(
+        n=n,
+        classes=list(classes),
+        sampler=SamplerSettings(sampler, steps, eta),
+        batch_size=batch_size,
+        seed=seed,
+        address=address,
+        tasks=tasks,
+        device=device,
+        overwrite=overwrite,
+    )
+    try:
+        if audit:
+            header, report = generate_audited(
+                model, out, opts, real, load_audit_config(audit_config)
+            )
+            typer.echo(
+                f"audit {report['verdict']}: withheld {report['memorization']['flagged']} "
+                f"flagged samples; report in {out}/audit"
+            )
+        else:
+            header = generate(model, out, opts)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        _fail(e)
+    typer.echo(f"{out}: {header['num_samples']} synthetic samples written")
+
+
+@app.command("audit")
+def audit_cmd(
+    synthetic: str = typer.Option(..., "--synthetic", help="Synthetic shard set."),
+    real: str = typer.Option(..., "--real", help="Real training shard set (with held-out splits)."),
+    out: str = typer.Option(None, help="Report folder (default: <synthetic>/audit)."),
+    config: str = typer.Option(None, help="Audit YAML (default: synth/configs/audit.yaml)."),
+    encoder: str = typer.Option(None, help="Exported medfm encoder for the feature space."),
+    as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
+):
+    """Fidelity, diversity and memorization report with a pass/fail verdict (exit 1 on fail)."""
+    from .audit import audit, load_audit_config
+
+    try:
+        cfg = load_audit_config(config, {"encoder": encoder} if encoder else None)
+        report = audit(synthetic, real, out or f"{synthetic.rstrip('/')}/audit", cfg)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
+    if as_json:
+        typer.echo(json.dumps(report, indent=1, default=float))
+    else:
+        for c in report["checks"]:
+            typer.echo(f"{'ok  ' if c['pass'] else 'FAIL'} {c['name']}: {c['value']:.4g}")
+        mem = report["memorization"]
+        typer.echo(f"memorization: {mem['flagged']} of {report['counts']['synthetic']} flagged")
+        typer.echo(f"verdict: {report['verdict']}")
+    raise typer.Exit(0 if report["verdict"] == "pass" else 1)

@@ -1,0 +1,262 @@
+"""`medfm synth generate`: sample a diffusion model into a normal shard set.
+
+Work is planned as (index, seed, class) jobs and split into chunks; each chunk runs locally or as
+a Ray task, writes its own tar shards through a `SampleWriter` with a unique prefix, and returns
+rows + files; the driver commits the manifest once. Samples carry `synthetic=true`, the
+checkpoint hash, seed, class and sampler settings, and are stored in the dtype and shape of the
+training data (the preprocessing contract inverted), so readers treat them like real samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medfm.pretrain.objectives.diffusion_data import intensity_of
+from medfm.pretrain.objectives.diffusion_export import LoadedDiffusion, load_diffusion
+from medfm.pretrain.objectives.diffusion_sampling import SamplerSettings, sample
+from medfm.shards import Geometry, Sample, SampleWriter, ShardFile, write_manifest
+from medfm.shards.manifest import HEADER_NAME
+from medfm.shards.storage import get_fs, remove_temporaries
+
+log = logging.getLogger("medfm.synth")
+
+
+class UnknownClassError(ValueError):
+    """A requested class is not one the model was trained on."""
+
+
+@dataclass
+class Job:
+    index: int
+    seed: int
+    label: Any  # class value as stored in labels; None for unconditional models
+
+
+@dataclass
+class GenerateOptions:
+    n: int
+    classes: list[Any] = field(default_factory=list)  # empty: all classes in turn
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    batch_size: int = 64
+    seed: int = 0
+    address: str | None = None  # Ray cluster address ("auto", "ray://...", "local")
+    tasks: int = 0  # Ray tasks; 0 = one per available GPU, else per 2 CPUs
+    device: str = "auto"
+    overwrite: bool = False
+
+
+def plan_jobs(loaded: LoadedDiffusion, opts: GenerateOptions) -> list[Job]:
+    """One job per sample: seed = base seed + index; classes cycle through the request."""
+    if opts.n < 1:
+        raise ValueError(f"--n must be at least 1, got {opts.n}")
+    known = loaded.classes
+    if not known:
+        if opts.classes:
+            raise UnknownClassError(
+                f"{loaded.weights_path}: the model is unconditional; --class {opts.classes} "
+                "cannot be honoured"
+            )
+        return [Job(i, opts.seed + i, None) for i in range(opts.n)]
+    by_name = {str(k): k for k in known}  # the CLI passes strings; labels may be ints
+    unknown = [c for c in opts.classes if str(c) not in by_name]
+    if unknown:
+        raise UnknownClassError(
+            f"unknown class {unknown}; the model was trained on {[str(k) for k in known]}"
+        )
+    wanted = [by_name[str(c)] for c in opts.classes] if opts.classes else known
+    return [Job(i, opts.seed + i, wanted[i % len(wanted)]) for i in range(opts.n)]
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def to_sample(x: np.ndarray, job: Job, loaded: LoadedDiffusion, settings: SamplerSettings):
+    """A model output in [0, 1] (C, *spatial) -> a Sample stored like the training data."""
+    c = loaded.contract
+    stored = intensity_of(c).inverse(x, c["dtype"])
+    stored = stored[0] if stored.shape[0] == 1 else np.moveaxis(stored, 0, -1)
+    labels = {loaded.sidecar["class_key"]: job.label} if job.label is not None else {}
+    record = {"seed": job.seed, "class": job.label, "sampler": settings.to_dict()}
+    common = dict(
+        key=f"synth-{loaded.sha256[:12]}-{job.index:07d}",
+        kind=c["kind"],
+        modality=c["modality"],
+        dataset=f"{c['dataset']}-synthetic",
+        patient_id=f"synthetic-{job.index:07d}",  # no real patient behind it
+        split="train",
+        data=stored,
+        labels=labels,
+        channels=list(c.get("channels", [])),
+        synthetic=True,
+        generator=loaded.sha256,
+        provenance={"generator_sha256": loaded.sha256, "model_step": loaded.sidecar.get("step")}
+        | record,
+        meta=record,
+    )
+    if c["kind"] == "volume3d":
+        spacing = tuple(c["spacing"]) if c.get("spacing") else (1.0, 1.0, 1.0)
+        return Sample(geometry=Geometry(spacing=spacing), **common)
+    return Sample(spacing=tuple(c["spacing"]) if c.get("spacing") else None, **common)
+
+
+def run_chunk(
+    loaded: LoadedDiffusion,
+    jobs: list[Job],
+    out: str,
+    prefix: str,
+    settings: SamplerSettings,
+    batch_size: int,
+    device: torch.device,
+    progress: bool = True,
+) -> tuple[list[dict[str, Any]], list[ShardFile]]:
+    """Sample `jobs` in batches and store them under `prefix`; returns (rows, files)."""
+    objective = loaded.objective.to(device).eval()
+    classes = loaded.classes
+    writer = SampleWriter(out, prefix)
+    t0 = time.perf_counter()
+    try:
+        for start in range(0, len(jobs), batch_size):
+            batch = jobs[start : start + batch_size]
+            labels = [classes.index(j.label) for j in batch] if classes else None
+            x = sample(objective, [j.seed for j in batch], settings, labels, device)
+            for job, arr in zip(batch, x.float().cpu().numpy(), strict=True):
+                writer.write(to_sample(arr, job, loaded, settings))
+            if progress:
+                done = start + len(batch)
+                rate = done / (time.perf_counter() - t0)
+                eta = (len(jobs) - done) / rate
+                log.info(
+                    "%s: %d/%d samples, %.1f samples/s, ETA %.0f s",
+                    prefix,
+                    done,
+                    len(jobs),
+                    rate,
+                    eta,
+                )
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()
+
+
+def _ray_chunk(model_bytes: bytes, sidecar: dict, jobs, out, prefix, settings, batch_size):
+    """Ray task body: the model travels as bytes, so workers need no access to its path."""
+    from medfm.pretrain.objectives.diffusion_export import from_bytes
+
+    loaded = from_bytes(model_bytes, sidecar)
+    return run_chunk(loaded, jobs, out, prefix, settings, batch_size, pick_device("auto"), False)
+
+
+def run_ray(loaded: LoadedDiffusion, jobs: list[Job], out: str, opts: GenerateOptions):
+    """Chunks as Ray tasks (one per GPU, else per 2 CPUs, or opts.tasks); (rows, files) each."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=opts.address, include_dashboard=False, log_to_driver=False)
+    try:
+        res = ray.cluster_resources()
+        gpus = res.get("GPU", 0)
+        chunks = split_chunks(jobs, opts.tasks or max(1, int(gpus) or int(res.get("CPU", 2)) // 2))
+        task = (
+            ray.remote(num_gpus=1, num_cpus=1)(_ray_chunk)
+            if gpus
+            else ray.remote(num_cpus=1)(_ray_chunk)
+        )
+        weights = ray.put(Path(loaded.weights_path).read_bytes())
+        run = uuid.uuid4().hex[:6]
+        pending = {
+            task.remote(
+                weights,
+                loaded.sidecar,
+                c,
+                out,
+                f"synth-{run}-{i:04d}",
+                opts.sampler,
+                opts.batch_size,
+            ): len(c)
+            for i, c in enumerate(chunks)
+        }
+        results, done, t0 = [], 0, time.perf_counter()
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            done += pending.pop(ready[0])
+            results.append(ray.get(ready[0]))
+            rate = done / (time.perf_counter() - t0)
+            log.info("ray: %d/%d samples, %.1f samples/s", done, opts.n, rate)
+        return results
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def split_chunks(jobs: list[Job], parts: int) -> list[list[Job]]:
+    size = math.ceil(len(jobs) / max(1, parts))
+    return [jobs[i : i + size] for i in range(0, len(jobs), size)]
+
+
+def prepare_out(out: str, overwrite: bool) -> None:
+    fs, path = get_fs(out)
+    if fs.exists(f"{path}/{HEADER_NAME}"):
+        if not overwrite:
+            raise FileExistsError(f"{out} already holds a shard set (pass --overwrite)")
+        fs.rm(path, recursive=True)
+    remove_temporaries(fs, path)
+
+
+def generate_samples(
+    model: str, out: str, opts: GenerateOptions
+) -> tuple[LoadedDiffusion, list[dict[str, Any]], list[ShardFile]]:
+    """Sample into `out` without committing a manifest (generate() and the audit do that)."""
+    loaded = load_diffusion(model)
+    jobs = plan_jobs(loaded, opts)
+    opts.sampler.check()
+    prepare_out(out, opts.overwrite)
+    if opts.address:
+        results = run_ray(loaded, jobs, out, opts)
+    else:
+        device = pick_device(opts.device)
+        prefix = f"synth-{uuid.uuid4().hex[:6]}-0000"
+        results = [run_chunk(loaded, jobs, out, prefix, opts.sampler, opts.batch_size, device)]
+    rows = [r for rs, _ in results for r in rs]
+    files = [f for _, fs in results for f in fs]
+    return loaded, rows, files
+
+
+def synthetic_attributes(loaded: LoadedDiffusion, opts: GenerateOptions) -> dict[str, Any]:
+    """Header attributes: the inherited contract plus how the set was generated."""
+    return {
+        "preprocessing": loaded.contract.get("declared", {}),
+        "synthetic": {
+            "generator_sha256": loaded.sha256,
+            "model_step": loaded.sidecar.get("step"),
+            "contract": loaded.contract,
+            "sampler": opts.sampler.to_dict(),
+            "base_seed": opts.seed,
+            "requested": opts.n,
+            "classes": opts.classes or loaded.classes,
+            "training_manifests": [m.get("sha256") for m in loaded.sidecar["data_manifests"]],
+        },
+    }
+
+
+def generate(model: str, out: str, opts: GenerateOptions) -> dict[str, Any]:
+    """Sample n images/volumes into a committed shard set at `out`; returns its header."""
+    loaded, rows, files = generate_samples(model, out, opts)
+    c = loaded.contract
+    datasets = {f"{c['dataset']}-synthetic": {"synthetic": True, "generator": loaded.sha256}}
+    return write_manifest(
+        out, rows, files, datasets=datasets, attributes=synthetic_attributes(loaded, opts)
+    )
