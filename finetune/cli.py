@@ -1,5 +1,49 @@
-"""`medfm finetune`."""
+"""`medfm finetune --config CONFIG.yaml` and `medfm finetune export RUN --out DIR`."""
 
-from medfm.shards.stub import stub_app
+from __future__ import annotations
 
-app = stub_app("finetune", "Fine-tune adapters and heads, evaluate and export")
+import typer
+
+app = typer.Typer(help="Fine-tune adapters and heads, evaluate and export")
+
+
+@app.callback(invoke_without_command=True)
+def finetune(
+    ctx: typer.Context,
+    config: str = typer.Option(None, "--config", "-c", help="Fine-tuning config YAML."),
+    override: list[str] = typer.Option([], "--set", help="key=value overrides (repeatable)."),
+):
+    """Fine-tune an encoder on a labeled shard set; writes metrics.json and a checkpoint."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if config is None:
+        typer.echo(ctx.get_help())
+        raise typer.Exit(2)
+    from medfm.finetune.config import load_config
+    from medfm.finetune.train import run
+    from medfm.pretrain.config import ConfigError
+
+    try:
+        cfg = load_config(config, override)
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
+    out = run(cfg)
+    typer.echo(f"run written to {out}")
+
+
+@app.command("export")
+def export_cmd(
+    run_dir: str = typer.Argument(..., help="A finished `medfm finetune` run folder."),
+    out: str = typer.Option(..., "--out", help="Export folder to write."),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+):
+    """Export adapter (PEFT format), head, medfm.json and a model card."""
+    from medfm.finetune.export import ExportError, export
+
+    try:
+        path = export(run_dir, out, overwrite)
+    except ExportError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from e
+    typer.echo(f"exported to {path}")

@@ -1,0 +1,146 @@
+"""Fine-tuning configs: small @dataclasses read from YAML, validated before any data is read.
+
+Validation reuses the pretraining config machinery (unknown keys and wrong types fail with their
+dotted path), so both stages read configs the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from medfm.pretrain.config import ConfigError, apply_override, from_dict
+
+
+@dataclass
+class SyntheticConfig:
+    """Synthetic shards mixed into train so that they make up `ratio` of the samples drawn."""
+
+    shards: str
+    ratio: float = 0.3
+
+
+@dataclass
+class DataConfig:
+    shards: str
+    synthetic: SyntheticConfig | None = None
+    datasets: list[str] | None = None
+    modalities: list[str] | None = None
+    batch_size: int = 32
+    num_workers: int = 0
+    # Preprocessing: the encoder's own contract (its sidecar) unless overridden here.
+    intensity: Literal["auto", "unit", "zscore", "window"] | None = None
+    window: tuple[float, float] | None = None
+
+
+@dataclass
+class TaskConfig:
+    type: Literal["binary", "multiclass", "multilabel", "regression", "segmentation"]
+    label_key: str = "label"  # key of Sample.labels holding the target (not for segmentation)
+    # The labels table: index -> name. Classification and segmentation need it.
+    label_names: list[str] = field(default_factory=list)
+    # Segmentation: the label-map value of each class in label_names (others -> class 0).
+    label_values: list[int] | None = None
+    patch_size: tuple[int, ...] | None = None  # segmentation training patch; default: encoder's
+    overlap: float = 0.25  # sliding-window overlap at inference
+    pool: Literal["mean", "cls"] = "mean"  # embedding for classification/regression heads
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # Linear layers of every transformer block: timm's fused qkv, attention out, MLP (PEFT #691).
+    targets: list[str] = field(
+        default_factory=lambda: ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
+    )
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    layer_decay: float = 0.75  # full fine-tuning: block i gets lr * decay^(depth - i)
+    warmup_epochs: float = 0.5
+    few_shot_k: int = 0  # > 0: k train samples per class, drawn by `seed`
+    seed: int = 0
+    device: str = "auto"  # auto: cuda when available
+    patches_per_volume: int = 8  # segmentation: random training patches per volume per epoch
+
+
+@dataclass
+class EvalConfig:
+    bootstrap: int = 1000  # patient-level bootstrap replicates for the 95% CIs
+    ci: float = 0.95
+    nsd_tolerance_mm: float = 2.0
+    plots: bool = True
+
+
+@dataclass
+class FinetuneConfig:
+    name: str
+    out_dir: str
+    encoder: str  # exported encoder folder, or hub://REPO@REV
+    data: DataConfig
+    task: TaskConfig
+    mode: Literal["linear_probe", "lora", "full"] = "lora"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def load_config(
+    path: str | Path | None, overrides: list[str] = (), base: dict | None = None
+) -> FinetuneConfig:
+    """Read YAML (or take `base`), apply `key=value` overrides, validate, return the config."""
+    if path is not None:
+        try:
+            tree = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file {path} does not exist") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+    else:
+        tree = json.loads(json.dumps(base or {}))
+    for item in overrides:
+        apply_override(tree, item)
+    cfg = from_dict(FinetuneConfig, tree)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: FinetuneConfig) -> None:
+    t = cfg.task
+    if t.type in ("binary", "multiclass", "multilabel", "segmentation") and not t.label_names:
+        raise ConfigError(f"task.label_names: a {t.type} task needs its labels table")
+    if t.type == "binary" and len(t.label_names) != 2:
+        raise ConfigError(f"task.label_names: binary tasks have 2 names, got {t.label_names}")
+    if t.type == "segmentation":
+        if t.label_values is not None and len(t.label_values) != len(t.label_names):
+            raise ConfigError("task.label_values: one label-map value per entry of label_names")
+    if len(set(t.label_names)) != len(t.label_names):
+        raise ConfigError(f"task.label_names: duplicate names in {t.label_names}")
+    if cfg.train.few_shot_k and t.type not in ("binary", "multiclass", "multilabel"):
+        raise ConfigError("train.few_shot_k: few-shot sampling needs a classification task")
+    if cfg.data.synthetic and not 0 <= cfg.data.synthetic.ratio < 1:
+        raise ConfigError(
+            f"data.synthetic.ratio: must be in [0, 1), got {cfg.data.synthetic.ratio}"
+        )
+    if cfg.data.intensity == "window" and cfg.data.window is None:
+        raise ConfigError("data.window: intensity=window needs [low, high]")
+    for name in ("epochs", "bootstrap"):
+        section = cfg.train if name == "epochs" else cfg.eval
+        if getattr(section, name) < 1:
+            raise ConfigError(f"{name}: must be >= 1")
+    if not 0 < cfg.eval.ci < 1:
+        raise ConfigError(f"eval.ci: must be in (0, 1), got {cfg.eval.ci}")
