@@ -136,6 +136,9 @@ class DataConfig:
     signal_length: int = 0  # samples per signal crop; 0 = the whole signal
     max_tokens: int = 256  # EHR sequence crop
     mix_mode: Literal["resample", "exhaust"] = "resample"
+    # labels[class_key] becomes batch["class_index"] (an index into the sorted classes of the
+    # training rows) for class-conditional objectives; "" = no class labels in batches.
+    class_key: str = ""
 
 
 @dataclass

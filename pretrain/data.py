@@ -22,7 +22,7 @@ from medfm.shards.patches import PatchSampler
 from medfm.shards.transforms import ItemTransform
 
 from .config import ConfigError, DataConfig, PairConfig
-from .preprocess import Contract
+from .preprocess import Contract, sorted_classes
 
 PAIR_PREFIX = "pair_"  # partner fields are flattened (pair_data, ...) so default collation works
 
@@ -56,19 +56,32 @@ class Pairing:
 
 
 class ContractTransform(ItemTransform):
-    """Applies the contract (and attaches a partner) with the per-sample seed medfm.shards sets."""
+    """Applies the contract (and attaches a partner) with the per-sample seed medfm.shards sets;
+    with a class key, adds the sample's class_index for class-conditional objectives."""
 
-    def __init__(self, contract: Contract, pairing: Pairing | None = None):
+    def __init__(self, contract: Contract, pairing: Pairing | None = None, class_key: str = ""):
         super().__init__(lambda x: x)
-        self.contract, self.pairing = contract, pairing
+        self.contract, self.pairing, self.class_key = contract, pairing, class_key
+        self.classes: list[Any] = []  # set by the data module once the rows are selected
 
     def _apply(self, item: dict[str, Any]) -> dict[str, Any]:
         out = self.contract.apply(item)
         if "source" in item:
             out["source"] = item["source"]
+        if self.class_key:
+            out["class_index"] = self.class_index(item)
         if self.pairing is not None:
             out.update(self.pairing.partner(item["meta"]))
         return out
+
+    def class_index(self, item: dict[str, Any]) -> int:
+        value = item["meta"]["labels"].get(self.class_key)
+        if value not in self.classes:  # e.g. a synthetic sample of a class train lacks
+            raise ValueError(
+                f"sample {item['key']}: labels[{self.class_key!r}]={value!r} is not one of the "
+                f"training classes {self.classes}"
+            )
+        return self.classes.index(value)
 
 
 def unpack_pair(batch: dict[str, Any]) -> dict[str, Any]:
@@ -91,13 +104,15 @@ class PretrainDataModule(L.LightningDataModule):
         super().__init__()
         self.config, self.contract, self.seed = dc, contract, seed
         self.pairing = Pairing(dc.pair, dc.split, pair_contract) if dc.pair else None
-        transform = ContractTransform(contract, self.pairing)
+        transform = ContractTransform(contract, self.pairing, dc.class_key)
         self.sources = self._sources(dc)
         self.kind = self._single_kind(dc, [root for root, _, _ in self.sources])
         contract.kind = contract.kind or self.kind  # objectives without an encoder: the data's
         self.datasets = {
             root: self._dataset(root, split, transform) for root, split, _ in self.sources
         }
+        self.classes = self._classes(dc)
+        transform.classes = self.classes
         self.pair_kind = self.pairing.kind if self.pairing else None
         self.used = 0  # samples that reached the training step, ever (seeds the objectives)
         self._loader: ShardDataLoader | None = None
@@ -129,6 +144,20 @@ class PretrainDataModule(L.LightningDataModule):
         if len(kinds) != 1:
             raise ConfigError(f"data: the shards hold kinds {sorted(kinds)}; set data.kinds to one")
         return kinds.pop()
+
+    def _classes(self, dc: DataConfig) -> list[Any]:
+        """The classes of the real training rows (synthetic rows must reuse them)."""
+        if not dc.class_key:
+            return []
+        synthetic = dc.synthetic.shards if dc.synthetic else None
+        values: set[Any] = set()
+        for root, ds in self.datasets.items():
+            if root != synthetic:
+                try:
+                    values |= ds.label_values(dc.class_key)
+                except ValueError as e:
+                    raise ConfigError(f"data.class_key: {e}") from e
+        return sorted_classes(values)
 
     def _dataset(self, root: str, split: str | None, transform: ContractTransform) -> ShardDataset:
         dc = self.config
@@ -177,6 +206,8 @@ class PretrainDataModule(L.LightningDataModule):
             "sources": [{"root": r, "split": s, "weight": w} for r, s, w in self.sources],
             "manifests": self.manifest_hashes(),
             "kind": self.kind,
+            "class_key": self.config.class_key,
+            "classes": self.classes,
         }
 
     # --- Lightning ----------------------------------------------------------------------

@@ -54,10 +54,11 @@ class PretrainModule(L.LightningModule):
             )
             self.weights[key] = weight
         self.ema = None
-        if cfg.train.ema_decay > 0 and self.encoder is not None:
-            # EMA of the encoder only: that is what gets exported and fine-tuned.
+        if cfg.train.ema_decay > 0:
+            # EMA of what gets exported: the encoder, or (no encoder, e.g. diffusion) the
+            # objectives that own their networks.
             self.ema = AveragedModel(
-                self.encoder,
+                self.ema_target(),
                 multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay),
                 use_buffers=True,
             )
@@ -66,7 +67,10 @@ class PretrainModule(L.LightningModule):
         self.history: list[tuple[int, float]] = []  # (step, loss) for the loss-curve PNG
         self.preview_batch: dict[str, Any] | None = None
 
-    def check_data(self, kind: str, pair_kind: str | None) -> None:
+    def ema_target(self) -> nn.Module:
+        return self.encoder if self.encoder is not None else self.objectives
+
+    def check_data(self, kind: str, pair_kind: str | None, classes: list[Any] = ()) -> None:
         """Refuse an encoder/objective that does not match the shards, before any step."""
         if self.encoder is not None:
             self.encoder.check_kind(kind)  # raises, naming both kinds
@@ -74,6 +78,7 @@ class PretrainModule(L.LightningModule):
             self.pair_encoder.check_kind(pair_kind)
         for obj in self.objectives.values():
             obj.check(kind)
+            obj.check_classes(list(classes))
             if obj.needs_pair and pair_kind is None:
                 raise ValueError(f"objective {obj.name!r} needs paired data: set data.pair")
 
@@ -146,7 +151,7 @@ class PretrainModule(L.LightningModule):
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
-            self.ema.update_parameters(self.encoder)
+            self.ema.update_parameters(self.ema_target())
 
     def param_groups(self) -> list[dict[str, Any]]:
         """No decay on norms/biases/tokens; layer-wise LR decay over the encoder's blocks."""
@@ -181,9 +186,15 @@ class PretrainModule(L.LightningModule):
 
     def export_encoder(self) -> Encoder | None:
         """The encoder to export: its EMA when one is kept."""
-        if self.ema is not None:
+        if self.ema is not None and self.encoder is not None:
             return self.ema.module
         return self.encoder
+
+    def export_objectives(self) -> nn.ModuleDict:
+        """The objectives whose modules get exported: their EMA when no encoder is kept."""
+        if self.ema is not None and self.encoder is None:
+            return self.ema.module
+        return self.objectives
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Plain JSON-able data only, so the checkpoint loads with torch.load(weights_only=True).

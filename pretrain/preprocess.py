@@ -102,6 +102,11 @@ class Contract:
         return out
 
 
+def sorted_classes(values: set[Any]) -> list[Any]:
+    """Class values in a stable order (ints before strings): the index order of class_index."""
+    return sorted(values, key=lambda v: (isinstance(v, str), v))
+
+
 def random_window(length: int, want: int) -> tuple[int, int]:
     """(start, stop) of a random crop from torch's RNG; everything when shorter than `want`."""
     if length <= want:

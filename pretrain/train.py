@@ -24,11 +24,15 @@ from .throughput import ThroughputMonitor
 log = logging.getLogger("medfm.pretrain")
 
 
-def contract_for(encoder: Encoder | None, cfg: PretrainConfig, kind: str | None = None) -> Contract:
-    """The preprocessing contract an encoder implies (input sizes come from its config)."""
+def contract_for(
+    encoder: Encoder | None, cfg: PretrainConfig, hints: dict[str, Any] | None = None
+) -> Contract:
+    """The preprocessing contract an encoder implies (input sizes come from its config); without
+    one, the objectives' hints (a diffusion UNet's patch size). The data module fills in the
+    kind from the shards when no encoder fixes it."""
     d = cfg.data
-    if encoder is None:  # the data module fills in the kind from the shards
-        return Contract(kind=kind or "", intensity=d.intensity, window=d.window)
+    if encoder is None:
+        return Contract(kind="", intensity=d.intensity, window=d.window, **(hints or {}))
     p = encoder.config
     return Contract(
         kind=encoder.kind,
@@ -96,10 +100,11 @@ def build(cfg: PretrainConfig) -> tuple[PretrainModule, PretrainDataModule]:
     """Model and data, checked against each other before any training step."""
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     module = PretrainModule(cfg)
-    contract = contract_for(module.encoder, cfg)
+    hints = {k: v for obj in module.objectives.values() for k, v in obj.contract_hints().items()}
+    contract = contract_for(module.encoder, cfg, hints)
     pair_contract = contract_for(module.pair_encoder, cfg) if module.pair_encoder else None
     dm = PretrainDataModule(cfg.data, contract, cfg.train.seed, pair_contract)
-    module.check_data(dm.kind, dm.pair_kind)
+    module.check_data(dm.kind, dm.pair_kind, dm.classes)
     return module, dm
 
 
@@ -187,7 +192,7 @@ def export_all(cfg: PretrainConfig, module: PretrainModule, dm: PretrainDataModu
             data=data,
             training=training,
         )
-    for key, obj in module.objectives.items():
+    for key, obj in module.export_objectives().items():
         for name, sub in obj.export_modules().items():
             save_module(sub, dest / f"{key}_{name}.safetensors")
     return path or dest

@@ -206,6 +206,17 @@ class ShardDataset(PlannedDataset):
         )
         return rows[i - block * ROW_BLOCK]
 
+    def label_values(self, key: str) -> set[Any]:
+        """The distinct labels[key] of the selected rows; a row without it is an error."""
+        values = set()
+        keys, labels_col = self._table["key"].to_pylist(), self._table["labels"].to_pylist()
+        for k, labels in zip(keys, labels_col, strict=True):
+            parsed = json.loads(labels)
+            if key not in parsed:
+                raise ValueError(f"{self.name}: sample {k} has no labels[{key!r}]")
+            values.add(parsed[key])
+        return values
+
     # --- PlannedDataset -------------------------------------------------------------------
     def num_units(self) -> int:
         return len(self._unit_row)

@@ -13,7 +13,7 @@ from pretrain_helpers import base_config, ct_shards, losses, pneumonia_shards
 from medfm.pretrain.config import ConfigError, load_config
 from medfm.pretrain.objectives import OBJECTIVES, Context
 from medfm.pretrain.objectives.diffusion import DiffusionObjective
-from medfm.pretrain.objectives.diffusion_export import CheckpointKindError, load_diffusion
+from medfm.pretrain.objectives.diffusion_export import load_diffusion
 from medfm.pretrain.objectives.diffusion_sampling import SamplerSettings, sample
 from medfm.shards import Manifest, ShardSet, verify
 from medfm.synth.generate import GenerateOptions, generate
@@ -65,21 +65,11 @@ def test_engine_trains_diffusion_and_synth_generates_from_its_export(sample_data
     from medfm.pretrain.train import run
 
     shards = pneumonia_shards(sample_data, tmp_path / "pm", n=256)
-    # The engine derives the input contract from an encoder; a 1-block ViT stands in (unused).
-    encoder = {
-        "name": "vit2d",
-        "size": "tiny",
-        "img_size": 28,
-        "patch_size": 7,
-        "in_chans": 1,
-        "embed_dim": 32,
-        "depth": 1,
-        "num_heads": 2,
-    }
+    # No encoder: the UNet is the model. EMA and checkpoint PNGs come from the same engine.
     objective = {"name": "diffusion", "sample_size": [28, 28], **TINY_UNET}
-    cfg = load_config(
-        None, base=base_config(tmp_path, shards, encoder, [objective], max_steps=40, lr=3e-3)
-    )
+    base = base_config(tmp_path, shards, None, [objective], max_steps=40, lr=3e-3)
+    base["train"] |= {"ema_decay": 0.9, "plots": True, "checkpoint_every": 20}
+    cfg = load_config(None, base=base)
     run(cfg)
     values = losses(cfg.out_dir, "train/diffusion/loss")
     assert np.mean(values[-2:]) < 0.6 * np.mean(values[:2]), values
@@ -89,9 +79,35 @@ def test_engine_trains_diffusion_and_synth_generates_from_its_export(sample_data
     assert verify(str(out)).ok
     rows = list(Manifest.open(str(out)).rows())
     assert rows[0]["shape"] == [28, 28] and rows[0]["dtype"] == "|u1" and rows[0]["synthetic"]
-    # The same run's encoder export is the wrong kind of checkpoint for generation.
-    with pytest.raises(CheckpointKindError, match="encoder checkpoint .*not a diffusion model"):
-        load_diffusion(export / "encoder.json")
+    assert (tmp_path / "run" / "plots" / "diffusion_step0000040.png").stat().st_size > 1000
+    # The export holds the EMA weights, not the last step's.
+    state = torch.load(
+        tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu"
+    )["state_dict"]
+    key = next(k for k in state if k.startswith("objectives.diffusion.unet."))
+    ema_key = "ema.module." + key.removeprefix("objectives.")
+    exported = load_diffusion(export).objective.unet.state_dict()[key.split(".unet.", 1)[1]]
+    torch.testing.assert_close(exported, state[ema_key])
+    assert not torch.equal(exported, state[key])
+
+
+@pytest.mark.slow
+def test_class_conditional_diffusion_trains_through_the_engine(sample_data, tmp_path):
+    from medfm.pretrain.train import run
+
+    shards = pneumonia_shards(sample_data, tmp_path / "pm", n=128)
+    objective = {"name": "diffusion", "sample_size": [28, 28], "num_classes": 2, **TINY_UNET}
+    base = base_config(tmp_path, shards, None, [objective], max_steps=6, lr=3e-3)
+    with pytest.raises(ConfigError, match="num_classes.*data.class_key"):
+        run(load_config(None, base=base))  # refused before any step: no class labels
+    base["data"]["class_key"] = "class"
+    run(load_config(None, base=base))
+    loaded = load_diffusion(tmp_path / "run" / "export")
+    assert loaded.classes == [0, 1] and loaded.sidecar["class_key"] == "class"
+    out = tmp_path / "synthetic"
+    opts = GenerateOptions(n=4, classes=["1"], sampler=SamplerSettings("ddim", 3))
+    generate(str(tmp_path / "run" / "export"), str(out), opts)
+    assert {r["labels"]["class"] for r in Manifest.open(str(out)).rows(decode_json=True)} == {1}
 
 
 @pytest.mark.slow
@@ -99,16 +115,6 @@ def test_tiny_3d_diffusion_trains_and_samples_on_real_ct(sample_data, tmp_path):
     from medfm.pretrain.train import run
 
     shards = ct_shards(sample_data, tmp_path / "ct")
-    # A 1-block 3D ViT stands in for the encoder the engine takes the patch size from.
-    encoder = {
-        "name": "vit3d",
-        "size": "tiny",
-        "img_size": [16, 16, 8],
-        "patch_size": [8, 8, 4],
-        "embed_dim": 32,
-        "depth": 1,
-        "num_heads": 2,
-    }
     objective = {
         "name": "diffusion",
         "spatial_dims": 3,
@@ -116,7 +122,7 @@ def test_tiny_3d_diffusion_trains_and_samples_on_real_ct(sample_data, tmp_path):
         "channels": [8, 16],
         "attention_levels": [False, False],
     }
-    base = base_config(tmp_path, shards, encoder, [objective], max_steps=30, lr=3e-3)
+    base = base_config(tmp_path, shards, None, [objective], max_steps=30, lr=3e-3)
     base["data"] |= {"batch_size": 4, "intensity": "window", "window": [-1000, 1000]}
     cfg = load_config(None, base=base)
     run(cfg)

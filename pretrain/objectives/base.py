@@ -82,6 +82,13 @@ class Objective(nn.Module):
                 f"but the shards hold {kind} samples"
             )
 
+    def check_classes(self, classes: list[Any]) -> None:
+        """Refuse class labels (data.class_key) that a class-conditional objective cannot use."""
+
+    def contract_hints(self) -> dict[str, Any]:
+        """Input-contract fields (channels, patch_size) for runs without an encoder."""
+        return {}
+
     def loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 

@@ -22,6 +22,7 @@ from .base import OBJECTIVES, Context, Objective
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREVIEW_SAMPLES, PREVIEW_STEPS = 8, 20  # the PNG grid at checkpoints: cheap, still recognisable
 
 
 @dataclass
@@ -121,8 +122,8 @@ class DiffusionObjective(Objective):
 
     The batch holds `data`: (B, C, *sample_size) in [0, 1] (the engine's `unit`/`window`
     intensity contract), mapped here to the [-1, 1] range DDPM assumes; class-conditional models
-    also need `class_index`: (B,) integers. Noise and timesteps come from the engine's per-step
-    generator, so a resumed run draws the same ones.
+    also need `class_index`: (B,) integers, which the engine adds with `data.class_key`. Noise
+    and timesteps come from the engine's per-step generator, so a resumed run draws the same ones.
     """
 
     kinds = ("image2d", "volume3d")
@@ -150,6 +151,23 @@ class DiffusionObjective(Objective):
             return self.unet(x, t, class_labels=labels).sample
         return self.unet(x, timesteps=t, class_labels=labels)
 
+    def check_classes(self, classes: list[Any]) -> None:
+        from ..config import ConfigError
+
+        if self.conditional and len(classes) != self.cfg.num_classes:
+            found = f"{len(classes)} classes {classes}" if classes else "no classes"
+            raise ConfigError(
+                f"num_classes: the objective is {self.cfg.num_classes}-class conditional but the "
+                f"data give {found}; set data.class_key to the labels key to condition on"
+            )
+
+    def contract_hints(self) -> dict[str, Any]:
+        """3D trains on patches of the UNet's sample size; 2D images keep their stored size."""
+        hints: dict[str, Any] = {"channels": self.cfg.in_channels}
+        if self.cfg.spatial_dims == 3:
+            hints["patch_size"] = tuple(self.cfg.sample_size)
+        return hints
+
     def check_batch(self, x: torch.Tensor) -> None:
         want = (self.cfg.in_channels, *self.cfg.sample_size)
         if tuple(x.shape[1:]) != want:
@@ -172,6 +190,20 @@ class DiffusionObjective(Objective):
             target = self.scheduler.get_velocity(x0, noise, t)
         pred = self.denoise(xt, t, batch.get("class_index"))
         return {"loss": F.mse_loss(pred.float(), target.float())}
+
+    def preview(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Training images beside fresh samples (a few DDIM steps; classes in turn)."""
+        from .diffusion_sampling import SamplerSettings, sample
+
+        real = batch["data"][:PREVIEW_SAMPLES]
+        n = len(real)
+        labels = [i % self.cfg.num_classes for i in range(n)] if self.conditional else None
+        was_training = self.training
+        self.eval()
+        settings = SamplerSettings("ddim", PREVIEW_STEPS)
+        x = sample(self, list(range(n)), settings, labels, real.device)
+        self.train(was_training)
+        return {"training data": real, "samples": x.clamp(0, 1)}
 
     def export_modules(self) -> dict[str, nn.Module]:
         return {"unet": self.unet}

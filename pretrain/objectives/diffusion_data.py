@@ -14,10 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
-
-from medfm.shards import ShardSet
 
 DTYPE_RANGES = {"|u1": (0.0, 255.0), "<u2": (0.0, 65535.0)}
 
@@ -126,57 +122,3 @@ def build_contract(
         "intensity": {"mode": "window", "low": intensity.low, "high": intensity.high},
         "declared": header.get("attributes", {}).get("preprocessing", {}),
     }
-
-
-def select_rows(shards: ShardSet, split: str, kinds: tuple[str, ...]) -> list[dict[str, Any]]:
-    return [r for r in shards.rows() if r["split"] == split and r["kind"] in kinds]
-
-
-def class_of(row_labels: dict[str, Any], class_key: str, where: str) -> Any:
-    """The row's class value (an int or a string, as stored in its labels)."""
-    if class_key not in row_labels:
-        raise ValueError(f"{where}: labels lack {class_key!r} (has {sorted(row_labels)})")
-    return row_labels[class_key]
-
-
-def sorted_classes(values: set[Any]) -> list[Any]:
-    return sorted(values, key=lambda v: (isinstance(v, str), v))
-
-
-class ImageShardDataset(Dataset):
-    """image2d samples of one split as {'data': (C, H, W) in [0, 1], 'class_index'}."""
-
-    def __init__(
-        self,
-        root: str,
-        split: str = "train",
-        class_key: str = "",
-        window: tuple[float, float] | None = None,
-    ):
-        self.shards = ShardSet(root)
-        self.rows = select_rows(self.shards, split, ("image2d",))
-        header = self.shards.manifest.header
-        shape = unique(self.rows, "shape", root) if self.rows else []
-        self.contract = build_contract(root, self.rows, header, tuple(shape[:2]), window)
-        self.intensity = intensity_of(self.contract)
-        self.class_key = class_key
-        self.classes = (
-            sorted_classes(
-                {class_of(json.loads(r["labels"]), class_key, r["key"]) for r in self.rows}
-            )
-            if class_key
-            else []
-        )
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        row = self.rows[i]
-        data = self.shards.read_sample(row).data
-        data = data[None] if data.ndim == 2 else np.moveaxis(data, -1, 0)
-        item: dict[str, Any] = {"data": torch.from_numpy(self.intensity.forward(data))}
-        if self.class_key:
-            label = class_of(json.loads(row["labels"]), self.class_key, row["key"])
-            item["class_index"] = self.classes.index(label)
-        return item

@@ -128,6 +128,7 @@ def engine_export(folder: Path) -> tuple[Path, dict[str, Any]]:
     """
     from medfm.shards import Manifest
 
+    from ..preprocess import sorted_classes
     from .diffusion_data import build_contract, engine_window
 
     config_path = folder.parent / "config.json"
@@ -151,13 +152,17 @@ def engine_export(folder: Path) -> tuple[Path, dict[str, Any]]:
     contract = build_contract(
         data["shards"], rows, shards.header, objective.cfg.sample_size, window
     )
+    class_key = data.get("class_key", "")
+    classes = []
+    if class_key:
+        classes = sorted_classes({json.loads(r["labels"])[class_key] for r in rows})
     sidecar = {
         "format": SIDECAR_FORMAT,
         "kind": KIND,
         "architecture": objective.describe(),
         "scheduler": dict(objective.scheduler.config),
-        "classes": [],
-        "class_key": "",
+        "classes": classes,
+        "class_key": class_key,
         "preprocessing": contract,
         "data_manifests": [{"root": data["shards"], "sha256": shards.header["manifest"]["sha256"]}],
         "step": cfg["train"]["max_steps"],
