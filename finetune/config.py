@@ -70,6 +70,10 @@ class TrainConfig:
     layer_decay: float = 0.75  # full fine-tuning: block i gets lr * decay^(depth - i)
     warmup_epochs: float = 0.5
     few_shot_k: int = 0  # > 0: k train samples per class, drawn by `seed`
+    # 2D lora/full: random shift (pixels, edge-padded) and zoom (max relative scale change)
+    # of each training image; 0 = off. Small images overfit fast without it.
+    augment_shift: int = 0
+    augment_scale: float = 0.0
     seed: int = 0
     device: str = "auto"  # auto: cuda when available
     patches_per_volume: int = 8  # segmentation: random training patches per volume per epoch
@@ -81,6 +85,10 @@ class EvalConfig:
     ci: float = 0.95
     nsd_tolerance_mm: float = 2.0
     plots: bool = True
+    # Binary decision threshold on the probability for accuracy, sensitivity, ...: 0.5, or
+    # chosen on val with the best weights ("val_youden": max sensitivity + specificity,
+    # independent of prevalence; "val_accuracy": max val accuracy). Test never picks it.
+    threshold: float | Literal["val_youden", "val_accuracy"] = 0.5
 
 
 @dataclass

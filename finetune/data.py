@@ -131,20 +131,24 @@ def contract_for(encoder_contract: dict[str, Any], encoder: Any, cfg: FinetuneCo
 
 
 class Collate:
-    """Items from ShardDataset -> (inputs, targets, patient ids), preprocessed per contract."""
+    """Items from ShardDataset -> (inputs, targets, patient ids, synthetic flags), preprocessed
+    per contract. The flags let a run log the synthetic share it actually trained on."""
 
     def __init__(self, contract: Contract, task: TaskConfig, lut: np.ndarray | None = None):
         self.contract, self.task, self.lut = contract, task, lut
 
-    def __call__(self, items: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    def __call__(
+        self, items: list[dict[str, Any]]
+    ) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor]:
         patients = [f"{it['meta']['dataset']}/{it['meta']['patient_id']}" for it in items]
+        synthetic = torch.tensor([bool(it["meta"]["synthetic"]) for it in items])
         x = torch.stack([self.input(it) for it in items])
         if self.task.type == "segmentation":
             y = torch.stack([self.label_map(it, resize=True) for it in items])
         else:
             targets = [encode_target(it["meta"]["labels"], self.task, it["key"]) for it in items]
             y = torch.as_tensor(np.stack(targets))
-        return x, y, patients
+        return x, y, patients, synthetic
 
     def input(self, item: dict[str, Any]) -> torch.Tensor:
         return self.contract.apply(item)["data"]

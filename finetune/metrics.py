@@ -18,17 +18,19 @@ import torchmetrics.functional.classification as tmc
 MetricFns = dict[str, Callable[[torch.Tensor, torch.Tensor], float]]
 
 
-def _binary() -> MetricFns:
+def _binary(threshold: float = 0.5) -> MetricFns:
+    t = {"threshold": threshold}
+
     def balanced(p, y):
-        return 0.5 * (tmc.binary_recall(p, y) + tmc.binary_specificity(p, y))
+        return 0.5 * (tmc.binary_recall(p, y, **t) + tmc.binary_specificity(p, y, **t))
 
     return {
         "auroc": tmc.binary_auroc,
-        "accuracy": tmc.binary_accuracy,
+        "accuracy": lambda p, y: tmc.binary_accuracy(p, y, **t),
         "balanced_accuracy": balanced,
-        "f1": tmc.binary_f1_score,
-        "sensitivity": tmc.binary_recall,
-        "specificity": tmc.binary_specificity,
+        "f1": lambda p, y: tmc.binary_f1_score(p, y, **t),
+        "sensitivity": lambda p, y: tmc.binary_recall(p, y, **t),
+        "specificity": lambda p, y: tmc.binary_specificity(p, y, **t),
         "ece": lambda p, y: tmc.binary_calibration_error(p, y, n_bins=15),
         "brier": lambda p, y: ((p - y.float()) ** 2).mean(),
     }
@@ -79,9 +81,9 @@ def _regression() -> MetricFns:
     }
 
 
-def metric_fns(task_type: str, num_labels: int) -> MetricFns:
+def metric_fns(task_type: str, num_labels: int, threshold: float = 0.5) -> MetricFns:
     if task_type == "binary":
-        return _binary()
+        return _binary(threshold)
     if task_type == "multiclass":
         return _multiclass(num_labels)
     if task_type == "multilabel":
@@ -144,10 +146,26 @@ def evaluate_predictions(
     num_labels: int,
     n_boot: int,
     ci: float,
+    threshold: float = 0.5,
 ) -> dict[str, dict[str, float]]:
-    """Metrics with CIs from raw model outputs (logits or regression values)."""
+    """Metrics with CIs from raw model outputs (logits or regression values); `threshold` is
+    the binary decision threshold on the probability."""
     preds = probabilities(task_type, outputs)
-    return bootstrap(metric_fns(task_type, num_labels), preds, targets, patients, n_boot, ci)
+    fns = metric_fns(task_type, num_labels, threshold)
+    return bootstrap(fns, preds, targets, patients, n_boot, ci)
+
+
+def choose_threshold(outputs: torch.Tensor, targets: torch.Tensor, rule: str) -> float:
+    """Binary decision threshold on (val) outputs: the probability that maximises Youden's J
+    (sensitivity + specificity - 1) or accuracy; candidates are midpoints between scores."""
+    p = torch.sigmoid(outputs.reshape(-1).double()).numpy()
+    y = targets.reshape(-1).numpy().astype(bool)
+    s = np.unique(p)
+    cands = np.concatenate([[0.0], (s[1:] + s[:-1]) / 2, [1.0]]) if len(s) > 1 else np.array([0.5])
+    pos = p[None, :] >= cands[:, None]
+    sens, spec = (pos & y).sum(1) / max(y.sum(), 1), (~pos & ~y).sum(1) / max((~y).sum(), 1)
+    score = sens + spec if rule == "val_youden" else (pos == y).mean(1)
+    return float(cands[int(np.argmax(score))])
 
 
 def probabilities(task_type: str, outputs: torch.Tensor) -> torch.Tensor:

@@ -223,7 +223,7 @@ def run_segmentation(
         return v
 
     fit = fit_epochs(
-        model, model, lambda: ((x, y) for x, y, _ in dl), val_dice, cfg, device, len(dl)
+        model, model, lambda: ((x, y) for x, y, *_ in dl), val_dice, cfg, device, len(dl)
     )
     examples: list = []
     cases, patients = score_split(

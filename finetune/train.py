@@ -12,7 +12,7 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from medfm.finetune import hub
 from medfm.pretrain.preprocess import Contract
 from medfm.shards import Manifest
+from medfm.shards.mixing import RealizedRatio
 
 from .config import FinetuneConfig
 from .data import (
@@ -39,7 +40,7 @@ from .data import (
     with_synthetic,
 )
 from .encoder import BaseEncoder, load_base_encoder
-from .metrics import evaluate_predictions, plot_roc
+from .metrics import choose_threshold, evaluate_predictions, plot_roc
 from .model import FinetuneModel, apply_lora, build_head, param_groups
 
 RUN_RECORD = "run.json"
@@ -95,6 +96,18 @@ def reset_norm_stats(module: torch.nn.Module) -> None:
             m.reset_running_stats()
 
 
+def augment_2d(x: torch.Tensor, shift: int, scale: float) -> torch.Tensor:
+    """Random zoom (1 +- scale) and shift (+- shift pixels) per image, edge-padded: bilinear
+    resampling through one affine grid, so it costs little next to the encoder."""
+    b, _, h, w = x.shape
+    s = 1 + (torch.rand(b) * 2 - 1) * scale
+    t = torch.randint(-shift, shift + 1, (b, 2)).float() * 2 / torch.tensor([w, h])
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0], theta[:, 1, 1], theta[:, :, 2] = 1 / s, 1 / s, t
+    grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+
+
 def set_lr(opt: torch.optim.Optimizer, step: int, total: int, warmup: int, base_lr: float) -> None:
     """Linear warmup, then cosine decay to zero; each group keeps its layer-decay scale."""
     if step < warmup:
@@ -109,13 +122,28 @@ def set_lr(opt: torch.optim.Optimizer, step: int, total: int, warmup: int, base_
 def predict(
     fn: Callable, batches: Iterable, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """(outputs, targets, patient ids) over a loader yielding (x, y, patients)."""
+    """(outputs, targets, patient ids) over a loader yielding Collate's batches."""
     outs, ys, patients = [], [], []
-    for x, y, p in batches:
+    for x, y, p, *_ in batches:
         outs.append(fn(x.to(device)).float().cpu())
         ys.append(y)
         patients += p
     return torch.cat(outs), torch.cat(ys), patients
+
+
+class CountedBatches:
+    """A loader whose batches' synthetic flags are counted into a RealizedRatio as they pass."""
+
+    def __init__(self, batches: Any, share: RealizedRatio):
+        self.batches, self.share = batches, share
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.batches:
+            self.share.update(batch[3])
+            yield batch
 
 
 class Progress:
@@ -250,6 +278,10 @@ def run_classification(
         sources["synthetic"] = manifest_record(syn_root) | {"ratio": cfg.data.synthetic.ratio}
     collate = Collate(contract, task)
     dl = {"train": loader(train_src, collate, cfg)}
+    # Counted from every batch the model sees (features once for a probe, else each epoch).
+    share = RealizedRatio(cfg.data.synthetic.ratio) if cfg.data.synthetic else None
+    if share is not None:
+        dl["train"] = CountedBatches(dl["train"], share)
     for split in ("val", "test"):
         dl[split] = loader(split_dataset(root, split, cfg, shuffle=False), collate, cfg)
     n_labels = len(task.label_names)
@@ -282,18 +314,26 @@ def run_classification(
         )
         test_out, test_y, test_p = head_eval("test")
     else:
+        aug = t.augment_shift or t.augment_scale
         fit = fit_epochs(
             model,
             model,
-            lambda: ((x, y) for x, y, _ in dl["train"]),
+            lambda: (
+                (augment_2d(x, t.augment_shift, t.augment_scale) if aug and x.ndim == 4 else x, y)
+                for x, y, *_ in dl["train"]
+            ),
             lambda: val_score(task.type, *predict(model.eval(), dl["val"], device), n_labels),
             cfg,
             device,
             len(dl["train"]),
         )
         test_out, test_y, test_p = predict(model.eval(), dl["test"], device)
+    threshold = cfg.eval.threshold
+    if isinstance(threshold, str):  # chosen on val with the restored best weights
+        val = head_eval("val") if cfg.mode == "linear_probe" else predict(model, dl["val"], device)
+        threshold = choose_threshold(val[0], val[1], threshold)
     metrics = evaluate_predictions(
-        task.type, test_out, test_y, test_p, n_labels, cfg.eval.bootstrap, cfg.eval.ci
+        task.type, test_out, test_y, test_p, n_labels, cfg.eval.bootstrap, cfg.eval.ci, threshold
     )
     save_file({"outputs": test_out.contiguous()}, out / "test_outputs.safetensors")
     if cfg.eval.plots and task.type != "regression":
@@ -303,7 +343,15 @@ def run_classification(
         "test": len(test_p),
         "test_patients": len(set(test_p)),
     }
-    return metrics, fit | {"counts": counts}, sources
+    fit |= {"counts": counts, "threshold": threshold if task.type == "binary" else None}
+    if share is not None:
+        fit["synthetic"] = share.record()
+        print(
+            f"synthetic share of training samples: {share.ratio:.3f} (target {share.target}, "
+            f"+-{share.tolerance():.3f} at 4 s.e., {share.total} samples)",
+            flush=True,
+        )
+    return metrics, fit, sources
 
 
 def save_run(
@@ -368,6 +416,7 @@ def save_run(
         "split": "test",
         "ci": cfg.eval.ci,
         "resampling_unit": "patient",
+        "threshold": fit.get("threshold"),
         "metrics": metrics,
     }
     (out / "metrics.json").write_text(json.dumps(summary, indent=1))

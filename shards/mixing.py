@@ -14,7 +14,8 @@ which worker loads what, and the position of the whole mixture is again one numb
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -138,3 +139,38 @@ class MixedDataset(PlannedDataset):
         item = self.sources[s].load(int(self._source_order(s, e)[pos[unit]]), e)
         item["source"] = self.names[s]
         return item
+
+
+class RealizedRatio:
+    """The share of synthetic samples a run actually trained on, for its log: the mix is drawn
+    at random, so the realized share is checked against a binomial tolerance of the target."""
+
+    def __init__(self, target: float):
+        self.target, self.synthetic, self.total = target, 0, 0
+
+    def update(self, flags: Iterable[bool]) -> float:
+        """Count one batch by its samples' synthetic flags; returns the share so far."""
+        flags = [bool(f) for f in flags]
+        self.synthetic += sum(flags)
+        self.total += len(flags)
+        return self.ratio
+
+    @property
+    def ratio(self) -> float:
+        return self.synthetic / self.total if self.total else 0.0
+
+    def tolerance(self, z: float = 4.0) -> float:
+        """z binomial standard errors of the share at the draws seen so far."""
+        return z * math.sqrt(self.target * (1 - self.target) / max(self.total, 1))
+
+    def within_tolerance(self, z: float = 4.0) -> bool:
+        return abs(self.ratio - self.target) <= self.tolerance(z)
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "realized": self.ratio,
+            "samples": self.total,
+            "tolerance": self.tolerance(),
+            "within_tolerance": self.within_tolerance(),
+        }

@@ -268,6 +268,9 @@ def test_synthetic_ratio_mixes_through_mixed_dataset(work):
     record = json.loads((run(cfg) / "run.json").read_text())
     assert record["data"]["synthetic"]["ratio"] == 0.25
     assert len(record["data"]["synthetic"]["manifest_sha256"]) == 64
+    share = record["fit"]["synthetic"]  # logged from the batches the model actually saw
+    assert share["samples"] == n and share["within_tolerance"], share
+    assert abs(share["realized"] - 0.25) <= 4 * (0.25 * 0.75 / n) ** 0.5
 
 
 @needs_pneumonia

@@ -255,18 +255,18 @@ def test_synthetic_mix_realizes_the_ratio(world):
 
     from medfm.finetune.data import with_synthetic
     from medfm.shards.dataset import ShardDataset
-    from medfm.synth.mixing import RealizedRatio
+    from medfm.shards.mixing import RealizedRatio
 
     real = ShardDataset(world["real"], split="train", seed=3)
     mixed = with_synthetic(real, ShardDataset(world["synthetic"], synthetic=True), 0.3, seed=3)
     meter = RealizedRatio(0.3)
     for batch in DataLoader(
-        mixed, batch_size=50, collate_fn=lambda items: {"source": [i["source"] for i in items]}
+        mixed, batch_size=50, collate_fn=lambda items: [i["meta"]["synthetic"] for i in items]
     ):
         meter.update(batch)
     assert meter.total == round(600 / 0.7)
     assert meter.within_tolerance(), (meter.ratio, meter.tolerance())
-    assert float(meter.log()["data/synthetic_ratio"]) == pytest.approx(meter.ratio)
+    assert meter.record()["realized"] == pytest.approx(meter.ratio)
     flags = RealizedRatio(0.5)
-    flags.update({"synthetic": torch.tensor([True, False, False, False])})
+    flags.update(torch.tensor([True, False, False, False]))
     assert flags.ratio == 0.25 and not flags.within_tolerance(z=0.5)
