@@ -12,9 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from medfm.pretrain.config import ConfigError, apply_override, from_dict
+from medfm.pretrain.config import ConfigError, from_dict, read_tree
 
 
 @dataclass
@@ -111,18 +109,7 @@ def load_config(
     path: str | Path | None, overrides: list[str] = (), base: dict | None = None
 ) -> FinetuneConfig:
     """Read YAML (or take `base`), apply `key=value` overrides, validate, return the config."""
-    if path is not None:
-        try:
-            tree = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError as e:
-            raise ConfigError(f"config file {path} does not exist") from e
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
-    else:
-        tree = json.loads(json.dumps(base or {}))
-    for item in overrides:
-        apply_override(tree, item)
-    cfg = from_dict(FinetuneConfig, tree)
+    cfg = from_dict(FinetuneConfig, read_tree(path, overrides, base))
     validate(cfg)
     return cfg
 

@@ -221,8 +221,9 @@ def apply_override(tree: dict[str, Any], item: str) -> None:
         node[last] = value
 
 
-def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None):
-    """Read YAML (or take `base`), apply overrides, validate everything, return PretrainConfig."""
+def read_tree(path: str | Path | None, overrides: list[str] = (), base: dict | None = None):
+    """The raw config mapping: YAML from `path` (or a copy of `base`) with `key=value`
+    overrides applied. Shared by every stage config that loads this way."""
     if path is not None:
         try:
             tree = yaml.safe_load(Path(path).read_text()) or {}
@@ -234,7 +235,12 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
         tree = json.loads(json.dumps(base or {}))
     for item in overrides:
         apply_override(tree, item)
-    cfg = from_dict(PretrainConfig, tree)
+    return tree
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None):
+    """Read YAML (or take `base`), apply overrides, validate everything, return PretrainConfig."""
+    cfg = from_dict(PretrainConfig, read_tree(path, overrides, base))
     validate(cfg)
     return cfg
 
