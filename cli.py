@@ -35,11 +35,13 @@ app.add_typer(launch_app, name="launch")
 def demo(
     out: str = typer.Option("demo-out", help="Folder for everything the demo writes."),
     overwrite: bool = typer.Option(True, help="Replace an earlier demo's output."),
+    quick: bool = typer.Option(False, help="Tiny step counts and fewer images (the test's)."),
 ):
-    """Run the main job end to end on embedded defaults (local disk, pip-shipped real data)."""
+    """Run the main job end to end on embedded defaults (local Ray, local disk, a local hub) and
+    real data: pip-shipped files, plus MEDFM_SAMPLE_DATA when set."""
     from medfm.demo import run_demo
 
-    run_demo(out, overwrite=overwrite)
+    run_demo(out, overwrite=overwrite, quick=quick)
 
 
 @app.command()

@@ -1,127 +1,123 @@
-"""`medfm demo`: the main job end to end on embedded defaults and real pip-shipped data.
+"""`medfm demo`: the main job end to end, on embedded defaults (local Ray, local disk, a local hub
+under the output folder) and real data only.
 
-Today it writes one shard set with every sample kind from real files that pip packages ship
-(pydicom's CT/MR slices and 12-lead ECG, nibabel's NIfTI volumes), verifies it and prints a
-summary. Later stages append themselves here as they land.
+    ingest   pydicom/nibabel test files (+ TotalSegmentator CT/MR with label maps), ECG, MIMIC-IV
+             demo, PneumoniaMNIST staged as PNGs + labels.csv -- all through `medfm ingest`
+    verify   every shard set, re-hashed
+    pretrain a small MAE (chest X-rays; without them a 3D MAE on the pip-shipped volumes)
+    synth    a tiny diffusion model, synthetic X-rays, their audit
+    finetune LoRA on the pneumonia task, export, hub push, pull, evaluate the pulled export
+
+Every spec and config is written to `<out>/configs/` first and the stage runs exactly that file,
+so each stage can be rerun alone with the commands printed at the end. Data that is missing
+(MEDFM_SAMPLE_DATA unset) skips the stages that need it, with a line saying why.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
+import logging
 import os
+import shutil
 import time
+import warnings
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
-import numpy as np
+from medfm import demo_configs as dc
+from medfm.demo_report import print_table, write_report
+from medfm.demo_stages import Demo, finetune, ingest, pretrain, synth, verify_all
 
-from medfm.shards import Geometry, Manifest, Sample, ShardSetWriter, verify
-from medfm.shards.summary import stats
-
-# A fixed key is fine here: the demo inputs are public test files. Real jobs take their key from
-# the environment (see docs/ingest.md).
-DEMO_KEY = b"medfm-demo-not-secret"
-
-
-def pseudonym(value: str) -> str:
-    return hashlib.blake2b(value.encode(), key=DEMO_KEY, digest_size=8).hexdigest()
+# What a demo run writes (and a rerun replaces); the hub and the key are kept across runs.
+OUTPUTS = ("configs", "staging", "shards", "runs", "synth", "exports", "pulled", "report.html",
+           "summary.json")  # fmt: skip
 
 
-def split_of(patient: str) -> str:
-    bucket = int(pseudonym("split:" + patient), 16) % 10
-    return "train" if bucket < 8 else "val" if bucket < 9 else "test"
+def prepare(out: Path, overwrite: bool) -> Path:
+    """Clear an earlier run's outputs (never anything else in `out`); returns the key file."""
+    earlier = [n for n in OUTPUTS if (out / n).exists()]
+    if earlier and not overwrite:
+        raise SystemExit(f"demo: {out} holds an earlier demo's {earlier}; pass --overwrite")
+    for name in earlier:
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+        else:
+            (out / name).unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    key = out / "deid.key"  # kept across reruns: same key, same pseudonyms and splits
+    if not key.is_file():
+        key.write_text(os.urandom(32).hex() + "\n")
+        key.chmod(0o600)
+    return key
 
 
-def dicom_samples() -> list[Sample]:
-    import pydicom
-    from pydicom.data import get_testdata_file
+def compute_threads() -> int:
+    """One compute thread per two cores unless OMP_NUM_THREADS says otherwise: on a 2-core box
+    that also runs other jobs, two OpenMP threads spin-wait for each other and a tiny ViT step
+    ran 10x slower than with one (measured)."""
+    import torch
 
-    out = []
-    for name in ("CT_small.dcm", "MR_small.dcm"):
-        ds = pydicom.dcmread(get_testdata_file(name))
-        pixels = ds.pixel_array.astype(np.float32) * float(ds.get("RescaleSlope", 1)) + float(
-            ds.get("RescaleIntercept", 0)
-        )
-        patient = pseudonym(str(ds.PatientID))
-        out.append(
-            Sample(
-                key=f"dcm-{pseudonym(name)}",
-                kind="image2d",
-                modality=ds.Modality,
-                dataset="pydicom",
-                patient_id=patient,
-                split=split_of(patient),
-                data=np.round(pixels).astype(np.int16),
-                spacing=tuple(float(s) for s in ds.PixelSpacing),
-                licence="MIT (pydicom test data)",
-                provenance={"source": f"pydicom:{name}"},
-            )
-        )
-    ds = pydicom.dcmread(get_testdata_file("waveform_ecg.dcm"))
-    group = ds.WaveformSequence[0]
-    leads = [c.ChannelSourceSequence[0].CodeMeaning for c in group.ChannelDefinitionSequence]
-    patient = pseudonym(str(ds.PatientID))
-    out.append(
-        Sample(
-            key=f"ecg-{pseudonym('waveform_ecg')}",
-            kind="signal",
-            modality="ECG",
-            dataset="pydicom",
-            patient_id=patient,
-            split=split_of(patient),
-            data=ds.waveform_array(0).T.astype(np.float32),
-            sampling_rate=float(group.SamplingFrequency),
-            channels=leads,
-            licence="MIT (pydicom test data)",
-            provenance={"source": "pydicom:waveform_ecg.dcm"},
-        )
-    )
-    return out
+    if not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    return torch.get_num_threads()
 
 
-def nifti_samples() -> list[Sample]:
-    import nibabel as nib
+def quiet_libraries() -> None:
+    """Keep medfm's progress lines readable: show the synth logger's INFO lines, drop
+    Lightning's device banners and three warnings that ask nothing of a demo user."""
+    import lightning.pytorch  # noqa: F401  (it sets its logger's level on import)
 
-    data_dir = Path(nib.__file__).parent / "tests" / "data"
-    out = []
-    for name in ("anatomical.nii", "standard.nii.gz"):
-        img = nib.load(data_dir / name)
-        out.append(
-            Sample(
-                key=f"nii-{pseudonym(name)}",
-                kind="volume3d",
-                modality="MR",
-                dataset="nibabel",
-                patient_id=pseudonym(name),
-                split=split_of(name),
-                data=np.asarray(img.dataobj),
-                geometry=Geometry.from_nifti_affine(img.affine),
-                licence="MIT (nibabel test data)",
-                provenance={"source": f"nibabel:{name}"},
-            )
-        )
-    return out
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    medfm_log = logging.getLogger("medfm")
+    medfm_log.setLevel(logging.INFO)
+    medfm_log.addHandler(handler)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    for message in (".*`srun` command is available", ".*isinstance\\(treespec, LeafSpec\\)",
+                    ".*`IterableDataset` has `__len__` defined"):  # fmt: skip
+        warnings.filterwarnings("ignore", message=message)
 
 
-def run_demo(out: str, overwrite: bool = True) -> dict:
-    """Write, verify and summarise the demo shard set; returns the stats."""
+def run_demo(out: str, overwrite: bool = True, quick: bool = False) -> dict[str, Any]:
+    """Run every stage into `out`; prints the summary table and returns the summary."""
     t0 = time.perf_counter()
-    root = os.path.join(out, "shards")
-    samples = dicom_samples() + nifti_samples()
-    with ShardSetWriter(root, overwrite=overwrite) as writer:
-        for sample in samples:
-            writer.write(sample)
-    t_write = time.perf_counter() - t0
-    report = verify(root)
-    if not report.ok:
-        raise SystemExit("demo: verification failed:\n" + "\n".join(report.errors))
-    s = stats(Manifest.open(root))
-    t_total = time.perf_counter() - t0
-    print(f"{'stage':<10}{'wall s':>8}{'items':>8}  key metric")
-    print(f"{'ingest':<10}{t_write:>8.2f}{s['samples']:>8}  {s['file_bytes'] / 1e3:.0f} kB written")
-    print(
-        f"{'verify':<10}{t_total - t_write:>8.2f}{report.rows_checked:>8}  "
-        f"{report.files_checked} files re-hashed, 0 errors"
-    )
-    print(f"kinds: {s['by_kind']}  splits: {s['by_split']}")
-    print(f"shard set: {root}")
-    return s
+    d = Demo(Path(out).resolve(), dc.QUICK if quick else dc.FULL, dc.Inputs.find())
+    quiet_libraries()
+    key = prepare(d.out, overwrite)
+    where = d.inputs.sample or "unset: pip-shipped files only"
+    print(f"[demo] output {d.out}; MEDFM_SAMPLE_DATA {where}; {compute_threads()} torch threads")
+    shards = ingest(d, key)
+    verify_all(d, shards)
+    xray = shards.get("xray")
+    if xray:
+        encoder = pretrain(d, "mae2d", dc.mae2d_config(xray, d.out / "runs" / "mae2d", d.scale))
+        tree = dc.diffusion_config(xray, d.out / "runs" / "diffusion", d.scale)
+        model = pretrain(d, "diffusion", tree)
+        synth(d, model, xray, encoder / "encoder.json")
+        finetune(d, encoder, xray)
+    else:
+        pretrain(d, "mae3d", dc.mae3d_config(shards["imaging"], d.out / "runs" / "mae3d", d.scale))
+        reason = f"needs the PneumoniaMNIST chest X-rays ({d.inputs.missing(dc.XRAY_NPZ)})"
+        for name in ("pretrain diffusion", "synth generate", "synth audit", "finetune lora",
+                     "export + hub", "evaluate pulled export"):  # fmt: skip
+            d.skip(name, reason)
+    total = time.perf_counter() - t0
+    summary = {
+        "out": str(d.out),
+        "quick": quick,
+        "sample_data": str(d.inputs.sample or ""),
+        "total_s": round(total, 1),
+        "stages": [asdict(r) for r in d.rows],
+        "commands": d.commands,
+        **d.results,
+    }
+    write_report(d.out / "report.html", summary, d.figures)
+    (d.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    print_table(d.rows, total)
+    print(f"\nreport: {d.out / 'report.html'}\n\nEach stage alone, with the same configs:")
+    if d.inputs.sample:
+        print(f"  export MEDFM_SAMPLE_DATA={d.inputs.sample}")
+    for cmd in d.commands:
+        print(f"  {cmd}")
+    return summary

@@ -1,0 +1,100 @@
+"""The demo's summary table (stdout) and `report.html`, which links the PNGs the stages wrote.
+
+The HTML is one self-contained page with relative links, so the output folder can be copied or
+served as it is. Only pseudonymous keys and aggregate figures appear in it.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+COLUMNS = ("stage", "wall s", "items", "key metric")
+
+
+def table_lines(rows: Sequence[Any], total_s: float) -> list[str]:
+    """Fixed-width lines: stage, wall time, items, key metric; the total last."""
+    w = max(len(r.stage) for r in rows) + 2
+    lines = [f"{COLUMNS[0]:<{w}}{COLUMNS[1]:>8}  {COLUMNS[2]:<22}{COLUMNS[3]}"]
+    for r in rows:
+        wall = "-" if r.status == "skipped" else f"{r.wall_s:.1f}"
+        lines.append(f"{r.stage:<{w}}{wall:>8}  {r.items:<22}{r.metric}")
+    lines.append(f"{'total':<{w}}{total_s:>8.1f}")
+    return lines
+
+
+def print_table(rows: Sequence[Any], total_s: float) -> None:
+    print("\n" + "\n".join(table_lines(rows, total_s)))
+
+
+def _esc(x: Any) -> str:
+    return html.escape(str(x))
+
+
+def _stages_html(stages: list[dict[str, Any]], total_s: float) -> str:
+    head = "".join(f"<th>{c}</th>" for c in COLUMNS)
+    body = []
+    for s in stages:
+        wall = "-" if s["status"] == "skipped" else f"{s['wall_s']:.1f}"
+        cls = ' class="skipped"' if s["status"] == "skipped" else ""
+        body.append(
+            f"<tr{cls}><td>{_esc(s['stage'])}</td><td class=num>{wall}</td>"
+            f"<td>{_esc(s['items'])}</td><td>{_esc(s['metric'])}</td></tr>"
+        )
+    body.append(f"<tr><th>total</th><td class=num>{total_s:.1f}</td><td></td><td></td></tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def _audit_html(audit: dict[str, Any]) -> str:
+    rows = "".join(
+        f"<tr><td>{_esc(c['name'])}</td><td class=num>{c['value']:.4g}</td>"
+        f"<td>{'pass' if c['pass'] else 'FAIL'}</td></tr>"
+        for c in audit["checks"]
+    )
+    return (
+        f"<p>Audit verdict: <b>{_esc(audit['verdict'])}</b></p>"
+        f"<table><tr><th>check</th><th>value</th><th>result</th></tr>{rows}</table>"
+    )
+
+
+def write_report(path: Path, summary: dict[str, Any], figures: list[tuple[str, str, Path]]):
+    """report.html beside the outputs; figures are (section, caption, png) with png under it."""
+    root = path.parent
+    sections: dict[str, list[str]] = {}
+    for section, caption, png in figures:
+        rel = _esc(png.relative_to(root).as_posix())
+        sections.setdefault(section, []).append(
+            f'<figure><a href="{rel}"><img src="{rel}" alt="{_esc(caption)}"></a>'
+            f"<figcaption>{_esc(caption)}<br><code>{rel}</code></figcaption></figure>"
+        )
+    parts = []
+    for section, items in sections.items():
+        extra = _audit_html(summary["audit"]) if section == "Synthetic data" else ""
+        parts.append(f"<h2>{_esc(section)}</h2>{extra}<div class=figs>{''.join(items)}</div>")
+    commands = "\n".join(_esc(c) for c in summary["commands"])
+    data = summary["sample_data"] or "unset (pip-shipped files only)"
+    mode = "quick (reduced step counts)" if summary["quick"] else "full"
+    path.write_text(f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>medfm demo report</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; max-width: 75em; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+td, th {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }}
+td.num {{ text-align: right; }} tr.skipped {{ color: #888; }}
+.figs {{ display: flex; flex-wrap: wrap; gap: 1.5em; }}
+figure {{ margin: 0; }} img {{ max-width: 36em; border: 1px solid #ddd; }}
+pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; }}
+</style></head><body>
+<h1>medfm demo</h1>
+<p>Mode: {mode}. MEDFM_SAMPLE_DATA: <code>{_esc(data)}</code>.
+Output: <code>{_esc(summary["out"])}</code>.</p>
+<h2>Stages</h2>
+{_stages_html(summary["stages"], summary["total_s"])}
+{"".join(parts)}
+<h2>Each stage alone</h2>
+<p>The demo ran exactly the specs and configs in <code>configs/</code>; edit one and rerun:</p>
+<pre>{commands}</pre>
+</body></html>
+""")

@@ -1,0 +1,255 @@
+"""The demo's stages: each writes its spec/config to `<out>/configs/`, runs exactly that file
+through the stage's public API (what its `medfm` subcommand calls), and adds a summary row, the
+command that reruns it alone and the PNGs it wrote.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medfm import demo_configs as dc
+
+HUB_REPO = "demo/pneumonia-lora@v1"
+PREVIEWS = {"mae": "inputs, masked inputs, reconstructions",
+            "diffusion": "training images and samples"}  # fmt: skip
+
+
+@dataclass
+class Row:
+    """One line of the summary table."""
+
+    stage: str
+    wall_s: float = 0.0
+    items: str = ""
+    metric: str = ""
+    status: str = "ok"  # ok | skipped
+
+
+@dataclass
+class Demo:
+    """One run's bookkeeping: the summary rows, the per-stage commands, the PNGs to link."""
+
+    out: Path
+    scale: dc.Scale
+    inputs: dc.Inputs
+    rows: list[Row] = field(default_factory=list)
+    commands: list[str] = field(default_factory=list)
+    figures: list[tuple[str, str, Path]] = field(default_factory=list)  # (section, caption, png)
+    results: dict[str, Any] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str):
+        print(f"\n[demo] == {name}", flush=True)
+        row = Row(name)
+        t0 = time.perf_counter()
+        yield row
+        row.wall_s = time.perf_counter() - t0
+        self.rows.append(row)
+        print(f"[demo] {name}: {row.items} {row.metric} ({row.wall_s:.1f} s)", flush=True)
+
+    def skip(self, name: str, reason: str) -> None:
+        print(f"\n[demo] == {name}: SKIPPED, {reason}", flush=True)
+        self.rows.append(Row(name, items="-", metric=f"skipped: {reason}", status="skipped"))
+
+    def config(self, name: str, tree: dict[str, Any], command: str) -> Path:
+        """Write a stage's YAML and remember the command that runs it alone."""
+        path = self.out / "configs" / f"{name}.yaml"
+        command = command.replace("{}", str(path))
+        self.commands.append(command)
+        return dc.write_yaml(tree, path, f"Run alone: {command}")
+
+    def figure(self, section: str, caption: str, path: Path) -> None:
+        if path.is_file():
+            self.figures.append((section, caption, path))
+
+
+def ingest(d: Demo, key: Path) -> dict[str, Path]:
+    """Every available source through the real ingest job (one local Ray runtime for all)."""
+    import ray
+
+    from medfm.ingest.job import run_ingest
+    from medfm.ingest.spec import load_spec
+
+    specs: dict[str, dict[str, Any]] = {
+        "imaging": dc.imaging_spec(d.inputs, key),
+        "ecg": dc.ecg_spec(d.inputs, key),
+    }
+    mimic = d.inputs.sample_file("mimic-iv-demo-2.2")
+    if mimic:
+        specs["ehr"] = dc.ehr_spec(mimic, key)
+    npz = d.inputs.sample_file(dc.XRAY_NPZ)
+    if npz:
+        with d.stage("stage xray PNGs") as row:
+            staged = d.out / "staging" / "pneumoniamnist"
+            n = dc.stage_xrays(npz, staged, d.scale.xrays)
+            row.items, row.metric = f"{n} PNGs", "+ labels.csv (the user-data layout)"
+        specs["xray"] = dc.xray_spec(staged, key)
+    shards = {}
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    try:
+        for name, spec in specs.items():
+            dest = d.out / "shards" / name
+            cmd = f"medfm ingest {{}} --out {dest}  # remove {dest} first, or add --resume"
+            path = d.config(f"ingest_{name}", spec, cmd)
+            with d.stage(f"ingest {name}") as row:
+                s = run_ingest(load_spec(path), str(dest))
+                print(s.line())
+                row.items = f"{s.written} samples"
+                row.metric = (f"{s.quarantined} quarantined, {s.duplicates} duplicates dropped, "
+                              f"splits {s.by_split}")  # fmt: skip
+            shards[name] = dest
+    finally:
+        ray.shutdown()
+    if not mimic:
+        d.skip("ingest ehr", f"needs the MIMIC-IV demo ({d.inputs.missing('mimic-iv-demo-2.2')})")
+    if not npz:
+        d.skip("ingest xray", f"needs PneumoniaMNIST ({d.inputs.missing(dc.XRAY_NPZ)})")
+    if not d.inputs.sample_file("wfdb/100.hea"):
+        print(f"[demo] ecg: MIT-BIH record 100 left out ({d.inputs.missing('wfdb/100.hea')}); "
+              "only pydicom's 12-lead ECG is ingested")  # fmt: skip
+    return shards
+
+
+def verify_all(d: Demo, shards: dict[str, Path]) -> None:
+    from medfm.shards import verify
+
+    with d.stage("verify") as row:
+        files = rows = 0
+        for root in shards.values():
+            report = verify(str(root))
+            if not report.ok:
+                raise SystemExit(f"demo: {root} failed verification:\n" + "\n".join(report.errors))
+            files, rows = files + report.files_checked, rows + report.rows_checked
+            d.commands.append(f"medfm shards verify {root}")
+        row.items = f"{rows} rows"
+        row.metric = f"{len(shards)} shard sets, {files} files re-hashed, 0 errors"
+        d.results["verified"] = sorted(str(p) for p in shards.values())
+
+
+def last_loss(run: Path, column: str = "train/loss") -> float:
+    with (run / "logs" / "version_0" / "metrics.csv").open() as f:
+        values = [float(r[column]) for r in csv.DictReader(f) if r.get(column)]
+    return float(np.mean(values[-5:]))
+
+
+def pretrain(d: Demo, name: str, tree: dict[str, Any]) -> Path:
+    """One `medfm pretrain` run from its written config; returns the export folder."""
+    from medfm.pretrain.config import load_config
+    from medfm.pretrain.train import run
+
+    path = d.config(f"pretrain_{name}", tree, "medfm pretrain --config {}")
+    with d.stage(f"pretrain {name}") as row:
+        summary = run(load_config(path))
+        out = Path(tree["out_dir"])
+        rate = summary["throughput"].get("samples_per_s", 0.0)
+        row.items = f"{summary['steps']} steps"
+        row.metric = f"loss {last_loss(out):.4f}, {rate:.0f} samples/s"
+    plots = out / "plots"
+    d.figure("Pretraining", f"{name}: training loss", plots / "loss.png")
+    previews = sorted(plots.glob("*_step*.png"))  # the objective's preview at each checkpoint
+    if previews:
+        d.figure("Pretraining", f"{name}: {PREVIEWS[tree['objectives'][0]['name']]}", previews[-1])
+    return out / "export"
+
+
+def synth(d: Demo, model: Path, real: Path, encoder: Path) -> None:
+    from medfm.pretrain.objectives.diffusion_sampling import SamplerSettings
+    from medfm.synth.audit import audit, load_audit_config
+    from medfm.synth.generate import GenerateOptions, generate
+
+    out = d.out / "synth" / "pneumonia"
+    n, steps = d.scale.synth_n, d.scale.sampler_steps
+    with d.stage("synth generate") as row:
+        opts = GenerateOptions(n=n, sampler=SamplerSettings("ddim", steps), overwrite=True)
+        header = generate(str(model), str(out), opts)
+        row.items = f"{header['num_samples']} images"
+        row.metric = f"DDIM {steps} steps, seeds 0..{n - 1}"
+    d.commands.append(
+        f"medfm synth generate --model {model} --n {n} --steps {steps} --out {out} --overwrite"
+    )
+    cmd = f"medfm synth audit --synthetic {out} --real {real} --config {{}}"
+    path = d.config("synth_audit", dc.audit_config(encoder), cmd)
+    with d.stage("synth audit") as row:
+        report = audit(str(out), str(real), str(out / "audit"), load_audit_config(path))
+        f, mem = report["fidelity"], report["memorization"]
+        row.items = f"{report['counts']['synthetic']} vs {report['counts']['real_train']} real"
+        row.metric = (f"{report['verdict']}: precision {f['precision']:.2f}, coverage "
+                      f"{f['coverage']:.2f}, {mem['flagged']} flagged as memorized")  # fmt: skip
+    d.results["audit"] = {"verdict": report["verdict"], "checks": report["checks"]}
+    d.figure("Synthetic data", "synthetic samples, similarity histograms, checks",
+             out / "audit" / "report.png")  # fmt: skip
+    d.figure("Synthetic data", "closest synthetic/real pairs", out / "audit" / "closest_pairs.png")
+
+
+def finetune(d: Demo, encoder: Path, shards: Path) -> None:
+    from medfm.finetune import export, hub, load_config, run
+
+    run_dir = d.out / "runs" / "lora"
+    tree = dc.finetune_config(encoder, shards, run_dir, d.scale)
+    path = d.config("finetune_lora", tree, "medfm finetune --config {}")
+    with d.stage("finetune lora") as row:
+        run(load_config(path))
+        fit = json.loads((run_dir / "run.json").read_text())["fit"]
+        test = json.loads((run_dir / "metrics.json").read_text())["metrics"]
+        row.items = f"{fit['counts']['train_rows']} train images"
+        row.metric = (f"best val AUROC {fit['best_val_score']:.3f} (epoch {fit['best_epoch']}), "
+                      f"test accuracy {test['accuracy']['value']:.3f}")  # fmt: skip
+    exported, hub_root = d.out / "exports" / "pneumonia-lora", d.out / "hub"
+    pulled = d.out / "pulled" / "pneumonia-lora"
+    with d.stage("export + hub") as row:
+        export(run_dir, exported, overwrite=True)
+        rev = hub.push(exported, HUB_REPO, hub=str(hub_root))
+        report = hub.pull(HUB_REPO, pulled, hub=str(hub_root))
+        row.items = f"{len(report.files)} files"
+        row.metric = f"{HUB_REPO} -> {rev[:12]}, pulled and sha256-verified"
+    d.commands += [
+        f"medfm finetune export {run_dir} --out {exported} --overwrite",
+        f"medfm hub push {exported} {HUB_REPO} --hub {hub_root}",
+        f"medfm hub pull {HUB_REPO} --to {pulled} --hub {hub_root}",
+    ]
+    roc = d.out / "runs" / "roc_pulled.png"
+    with d.stage("evaluate pulled export") as row:
+        m = evaluate_export(pulled, path, roc)
+        auroc = m["auroc"]
+        same = "same as" if auroc["value"] == test["auroc"]["value"] else "differs from"
+        row.items = f"{m['n']} test images"
+        row.metric = (f"AUROC {auroc['value']:.3f} [{auroc['ci_low']:.3f}, "
+                      f"{auroc['ci_high']:.3f}] (95% CI), {same} the run's")  # fmt: skip
+    d.commands.append(
+        'python -c "from medfm.demo_stages import evaluate_export as e; '
+        f"print(e('{pulled}', '{path}', '{roc}')['auroc'])\""
+    )
+    d.results["evaluation"] = {"export": str(pulled), "auroc": auroc["value"], "n": m["n"]}
+    d.figure("Fine-tuning", "ROC of the pulled export on the test split", roc)
+
+
+def evaluate_export(folder: str | Path, config: str | Path, roc_png: str | Path) -> dict[str, Any]:
+    """Test-split metrics of an export loaded through `medfm.finetune.load` (what a user of the
+    hub gets), with the run config's data and bootstrap settings, and its ROC curve."""
+    import torch
+
+    from medfm.finetune import load, load_config
+    from medfm.finetune.data import Collate, loader, split_dataset
+    from medfm.finetune.metrics import evaluate_predictions, plot_roc
+    from medfm.finetune.train import predict
+
+    cfg = load_config(config)
+    model = load(folder)
+    ds = split_dataset(cfg.data.shards, "test", cfg, shuffle=False)
+    batches = loader(ds, Collate(model.contract, cfg.task), cfg)
+    outputs, targets, patients = predict(model, batches, torch.device("cpu"))
+    names = cfg.task.label_names
+    m = evaluate_predictions(
+        "binary", outputs, targets, patients, len(names), cfg.eval.bootstrap, cfg.eval.ci
+    )
+    plot_roc("binary", outputs, targets, names, Path(roc_png), m)
+    return m | {"n": len(patients)}

@@ -1,0 +1,121 @@
+"""`medfm demo --quick` end to end, as a user runs it: on the real sample data every stage runs,
+the shard sets verify, report.html links PNGs that exist, and the export pulled back from the
+hub loads through `medfm.finetune.load` and scores what the fine-tuning run scored. Without
+MEDFM_SAMPLE_DATA the stages that need it are skipped with their reason and the rest runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from medfm.shards import Manifest, verify
+
+ALL_STAGES = [
+    "stage xray PNGs", "ingest imaging", "ingest ecg", "ingest ehr", "ingest xray", "verify",
+    "pretrain mae2d", "pretrain diffusion", "synth generate", "synth audit", "finetune lora",
+    "export + hub", "evaluate pulled export",
+]  # fmt: skip
+
+
+def run_demo(medfm_exe: str, out: Path, sample_data: Path | None) -> tuple[dict, str]:
+    env = {k: v for k, v in os.environ.items() if k != "MEDFM_SAMPLE_DATA"}
+    if sample_data:
+        env["MEDFM_SAMPLE_DATA"] = str(sample_data)
+    proc = subprocess.run(
+        [medfm_exe, "demo", "--quick", "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return json.loads((out / "summary.json").read_text()), proc.stdout
+
+
+def linked_pngs(out: Path) -> list[str]:
+    links = re.findall(r'<img src="([^"]+)"', (out / "report.html").read_text())
+    for rel in links:
+        assert rel.endswith(".png") and (out / rel).stat().st_size > 1000, rel
+    return links
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_every_stage_on_real_data(sample_data, medfm_exe, tmp_path):
+    out = tmp_path / "demo-out"
+    summary, stdout = run_demo(medfm_exe, out, sample_data)
+    stages = {s["stage"]: s for s in summary["stages"]}
+    assert list(stages) == ALL_STAGES
+    assert all(s["status"] == "ok" and s["wall_s"] > 0 for s in stages.values()), stages
+    table = stdout[stdout.index("stage  ") :]
+    assert all(name in table for name in ALL_STAGES) and "\ntotal " in table
+
+    links = linked_pngs(out)
+    for want in ("mae2d/plots/loss.png", "mae2d/plots/mae_step", "diffusion/plots/loss.png",
+                 "audit/report.png", "audit/closest_pairs.png", "roc_pulled.png"):  # fmt: skip
+        assert any(want in rel for rel in links), (want, links)
+
+    assert len(summary["verified"]) == 4
+    for root in summary["verified"]:
+        report = verify(root)
+        assert report.ok and report.rows_checked > 0, report.errors
+    rows = list(Manifest.open(str(out / "shards" / "xray")).rows(decode_json=True))
+    assert {r["labels"]["label"] for r in rows} == {0, 1}
+    assert all(r["patient_id"].startswith("P") for r in rows)  # keyed pseudonyms
+    assert not any("pneumoniamnist-" in r["patient_id"] for r in rows)  # never the raw ids
+
+    # The configs the demo ran are the stages' own files: each loads through its stage's loader.
+    from medfm.finetune import load, load_config
+    from medfm.ingest.spec import load_spec
+    from medfm.pretrain.config import load_config as pretrain_config
+
+    for name in ("imaging", "ecg", "ehr", "xray"):
+        load_spec(out / "configs" / f"ingest_{name}.yaml")
+    for name in ("mae2d", "diffusion"):
+        pretrain_config(out / "configs" / f"pretrain_{name}.yaml")
+    cfg = load_config(out / "configs" / "finetune_lora.yaml")
+    assert any(c.startswith("medfm finetune --config") for c in summary["commands"])
+
+    # The pulled export loads and predicts exactly what the run predicted on the test split.
+    pulled = Path(summary["evaluation"]["export"])
+    assert pulled == out / "pulled" / "pneumonia-lora"
+    model = load(pulled)
+    assert model.medfm["label_names"] == ["normal", "pneumonia"]
+    run_metrics = json.loads((Path(cfg.out_dir) / "metrics.json").read_text())["metrics"]
+    assert summary["evaluation"]["auroc"] == pytest.approx(run_metrics["auroc"]["value"])
+    assert summary["evaluation"]["auroc"] > 0.5  # better than chance after one epoch
+    assert summary["audit"]["verdict"] in ("pass", "fail")
+
+
+@pytest.mark.slow
+def test_quick_demo_without_sample_data_skips_what_needs_it(medfm_exe, tmp_path):
+    out = tmp_path / "demo-out"
+    summary, stdout = run_demo(medfm_exe, out, None)
+    stages = {s["stage"]: s for s in summary["stages"]}
+    ran = [n for n, s in stages.items() if s["status"] == "ok"]
+    assert ran == ["ingest imaging", "ingest ecg", "verify", "pretrain mae3d"]
+    skipped = {n: s["metric"] for n, s in stages.items() if s["status"] == "skipped"}
+    assert set(skipped) == {"ingest ehr", "ingest xray", "pretrain diffusion", "synth generate",
+                            "synth audit", "finetune lora", "export + hub",
+                            "evaluate pulled export"}  # fmt: skip
+    assert all("MEDFM_SAMPLE_DATA is unset" in why for why in skipped.values()), skipped
+    assert all(f"{name}: SKIPPED" in stdout for name in skipped)
+    assert all(verify(root).ok for root in summary["verified"])
+    assert any("mae3d/plots/loss.png" in rel for rel in linked_pngs(out))
+
+
+def test_rerun_replaces_only_the_demo_outputs(tmp_path):
+    from medfm.demo import prepare
+
+    out = tmp_path / "out"
+    key = prepare(out, overwrite=False)
+    (out / "shards" / "old").mkdir(parents=True)
+    (out / "report.html").write_text("old")
+    (out / "notes.txt").write_text("the user's own file")
+    with pytest.raises(SystemExit, match="earlier demo"):
+        prepare(out, overwrite=False)
+    secret = key.read_text()
+    assert prepare(out, overwrite=True) == key and key.read_text() == secret  # same pseudonyms
+    assert not (out / "shards").exists() and not (out / "report.html").exists()
+    assert (out / "notes.txt").read_text() == "the user's own file"
