@@ -1,7 +1,9 @@
 """Shared image preprocessing: canonical orientation, resampling, label checks, intensity.
 
-Volumes stay SimpleITK images until the end, so geometry is never re-derived by hand; arrays
-are converted to the shard layout (I, J, K) = ITK index order only when the Sample is built.
+Volumes travel as `Volume`: voxels in the shard layout (I, J, K) = ITK index order, and their
+LPS geometry. For axis-aligned scans (nearly all) reorientation is a NumPy view and linear or
+nearest resampling runs in `medfm.ingest.resample`; B-spline and oblique scans go through
+SimpleITK, which then owns the geometry.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import SimpleITK as sitk
 from medfm.shards import Geometry, Sample
 
 from .registry import LabelMismatch, ReadContext
+from .resample import Grid, axis_map, linear, nearest, source_index
 
 # CT statistics histogram: 1 HU bins over the range scanners store.
 HU_MIN, HU_MAX = -1024, 3072
@@ -29,16 +32,50 @@ def geometry_of(img: sitk.Image) -> Geometry:
     )
 
 
-def check_label(img: sitk.Image, label: sitk.Image) -> None:
+@dataclass
+class Volume:
+    """Voxels (I, J, K) and their geometry. `image` is the SimpleITK image `array` views (kept
+    alive with it), or None when the voxels live elsewhere (a NIfTI's decompressed buffer)."""
+
+    array: np.ndarray
+    geometry: Geometry
+    image: sitk.Image | None = None
+
+    @classmethod
+    def of(cls, img: sitk.Image) -> Volume:
+        """No copy: SimpleITK's (K, J, I) buffer seen as (I, J, K)."""
+        return cls(sitk.GetArrayViewFromImage(img).transpose(2, 1, 0), geometry_of(img), img)
+
+    def sitk_image(self) -> sitk.Image:
+        """For the SimpleITK paths: the image itself, or the voxels copied into one."""
+        if self.image is not None:
+            return self.image
+        img = sitk.GetImageFromArray(self.array.transpose(2, 1, 0))
+        img.SetSpacing(self.geometry.spacing)
+        img.SetOrigin(self.geometry.origin)
+        img.SetDirection(self.geometry.direction)
+        return img
+
+
+def as_volume(img: sitk.Image | Volume) -> Volume:
+    return img if isinstance(img, Volume) else Volume.of(img)
+
+
+def direction_matrix(geo: Geometry | Grid) -> np.ndarray:
+    return np.asarray(geo.direction, float).reshape(3, 3)
+
+
+def check_label(img: Volume, label: Volume) -> None:
     """Same grid in physical space (size, spacing, origin, direction), else LabelMismatch."""
-    if img.GetSize() != label.GetSize():
-        raise LabelMismatch(f"label map size {label.GetSize()} != image size {img.GetSize()}")
-    for what, a, b in (
-        ("spacing", img.GetSpacing(), label.GetSpacing()),
-        ("origin", img.GetOrigin(), label.GetOrigin()),
-        ("direction", img.GetDirection(), label.GetDirection()),
+    if img.array.shape != label.array.shape:
+        raise LabelMismatch(f"label map size {label.array.shape} != image size {img.array.shape}")
+    a, b = img.geometry, label.geometry
+    for what, x, y in (
+        ("spacing", a.spacing, b.spacing),
+        ("origin", a.origin, b.origin),
+        ("direction", a.direction, b.direction),
     ):
-        if not np.allclose(a, b, atol=GEOMETRY_TOL_MM * (1 if what != "direction" else 1e-3)):
+        if not np.allclose(x, y, atol=GEOMETRY_TOL_MM * (1 if what != "direction" else 1e-3)):
             raise LabelMismatch(f"label map {what} differs from the image's")
 
 
@@ -48,26 +85,37 @@ def canonical_direction(orientation: str) -> np.ndarray:
     return np.array(d).reshape(3, 3)
 
 
-@dataclass(frozen=True)
-class Grid:
-    size: tuple[int, int, int]
-    origin: tuple[float, float, float]
-    spacing: tuple[float, float, float]
-    direction: tuple[float, ...]
+def reorient(vol: Volume, orientation: str) -> Volume:
+    """Permute/flip onto the canonical axes, no interpolation (sitk.DICOMOrient's result)."""
+    d, geo = direction_matrix(vol.geometry), vol.geometry
+    perm = axis_map(d, canonical_direction(orientation))
+    if perm is None:  # oblique: DICOMOrient picks the closest axes and keeps the obliquity
+        return Volume.of(sitk.DICOMOrient(vol.sitk_image(), orientation))
+    axes = d[:, perm]
+    flip = (canonical_direction(orientation) * axes).sum(axis=0) < 0
+    view = vol.array.transpose(perm)[tuple(slice(None, None, -1 if f else 1) for f in flip)]
+    spacing = np.asarray(geo.spacing)[perm]
+    last = (np.asarray(view.shape) - 1) * spacing * flip  # a flipped axis starts at its far end
+    return Volume(
+        np.ascontiguousarray(view),
+        Geometry(tuple(spacing.tolist()), tuple((np.asarray(geo.origin) + axes @ last).tolist()),
+                 tuple((axes * np.where(flip, -1, 1)).ravel().tolist())),
+    )  # fmt: skip
 
 
-def target_grid(img: sitk.Image, orientation: str, spacing: list[float]) -> Grid:
+def target_grid(vol: Volume, orientation: str, spacing: list[float]) -> Grid:
     """The canonical-axis grid at `spacing` covering the image's voxel-edge bounding box.
 
     Reorientation and resampling then happen in one interpolation pass over the original
-    voxels (no permuted full-resolution copy first).
+    voxels (no permuted full-resolution copy first). The grid's voxel centres all lie inside
+    that box, where ITK (and resample.py) clamp to the edge voxels: no fill value is needed.
     """
-    d_out = canonical_direction(orientation)
-    d_in = np.array(img.GetDirection()).reshape(3, 3)
-    sp_in, size_in = np.array(img.GetSpacing()), np.array(img.GetSize())
+    d_out, geo = canonical_direction(orientation), vol.geometry
+    d_in = direction_matrix(geo)
+    sp_in, size_in = np.array(geo.spacing), np.array(vol.array.shape)
     edges = [(-0.5, n - 0.5) for n in size_in]  # voxel-edge index range per axis
     corners = np.array([[a, b, c] for a in edges[0] for b in edges[1] for c in edges[2]])
-    world = np.array(img.GetOrigin()) + (corners * sp_in) @ d_in.T
+    world = np.array(geo.origin) + (corners * sp_in) @ d_in.T
     local = world @ d_out  # coordinates along the canonical axes
     lo, hi = local.min(axis=0), local.max(axis=0)
     sp = np.array(spacing, float)
@@ -77,20 +125,23 @@ def target_grid(img: sitk.Image, orientation: str, spacing: list[float]) -> Grid
                 tuple(float(s) for s in sp), tuple(float(v) for v in d_out.ravel()))  # fmt: skip
 
 
-def resample_to(img: sitk.Image, grid: Grid, interp: str, label: bool) -> sitk.Image:
-    """Resample onto `grid`; nearest for labels, linear/B-spline for images."""
+def resample_to(vol: Volume, grid: Grid, interp: str, label: bool) -> Volume:
+    """Resample onto `grid`; nearest for labels, linear/B-spline for images. Axis-aligned
+    linear and nearest run separably in NumPy, the rest through sitk.Resample."""
+    perm = axis_map(direction_matrix(vol.geometry), direction_matrix(grid))
+    if perm is not None and (label or interp != "bspline"):
+        index = source_index(vol.geometry, grid, perm)
+        arr = (nearest if label else linear)(vol.array, index, perm)
+        return Volume(arr, Geometry(grid.spacing, grid.origin, grid.direction))
     if label:
         method = sitk.sitkNearestNeighbor
     else:
         method = sitk.sitkBSpline if interp == "bspline" else sitk.sitkLinear
-    fill = 0.0 if label else float(sitk.GetArrayViewFromImage(img).min())  # air for CT
-    return sitk.Resample(img, list(grid.size), sitk.Transform(), method, grid.origin,
-                         grid.spacing, grid.direction, fill, img.GetPixelID())  # fmt: skip
-
-
-def to_ijk(img: sitk.Image) -> np.ndarray:
-    """SimpleITK arrays are (K, J, I); the shard layout is (I, J, K)."""
-    return sitk.GetArrayFromImage(img).transpose(2, 1, 0)
+    img = vol.sitk_image()
+    fill = 0.0 if label else float(vol.array.min())  # air for CT
+    out = sitk.Resample(img, list(grid.size), sitk.Transform(), method, grid.origin,
+                        grid.spacing, grid.direction, fill, img.GetPixelID())  # fmt: skip
+    return Volume.of(out)
 
 
 def ct_hu(arr: np.ndarray) -> np.ndarray:
@@ -165,8 +216,8 @@ def intensity(
 
 def volume_sample(
     ctx: ReadContext,
-    img: sitk.Image,
-    label: sitk.Image | None,
+    img: sitk.Image | Volume,
+    label: sitk.Image | Volume | None,
     *,
     key: str,
     modality: str,
@@ -176,18 +227,20 @@ def volume_sample(
     meta: dict[str, Any] | None = None,
 ) -> Sample:
     """Reorient + resample (image and label together), apply intensity, build the Sample."""
+    img = as_volume(img)
+    label = as_volume(label) if label is not None else None
     if label is not None:
         check_label(img, label)
     vspec = ctx.spec.volume
     if vspec.spacing is None:  # permute/flip only: no interpolation at all
-        img = sitk.DICOMOrient(img, vspec.orientation)
-        label = sitk.DICOMOrient(label, vspec.orientation) if label is not None else None
+        img = reorient(img, vspec.orientation)
+        label = reorient(label, vspec.orientation) if label is not None else None
     else:
         grid = target_grid(img, vspec.orientation, vspec.spacing)
         img = resample_to(img, grid, vspec.interpolation, label=False)
         label = resample_to(label, grid, "nearest", label=True) if label is not None else None
-    lab_arr = _label_dtype(to_ijk(label)) if label is not None else None
-    data, how = intensity(to_ijk(img), modality, ctx)
+    lab_arr = _label_dtype(label.array) if label is not None else None
+    data, how = intensity(img.array, modality, ctx)
     meta = dict(meta or {})
     meta["intensity"] = how
     return Sample(
@@ -201,7 +254,7 @@ def volume_sample(
         study_id=study_id,
         series_id=series_id,
         label_map=lab_arr,
-        geometry=geometry_of(img),
+        geometry=img.geometry,
         licence=ctx.source.licence,
         meta=meta,
     )
@@ -209,8 +262,8 @@ def volume_sample(
 
 def _label_dtype(a: np.ndarray) -> np.ndarray:
     if a.size and (a.min() < 0 or a.max() > 65535):
-        return a.astype(np.int32)
-    return a.astype(np.uint8 if (not a.size or a.max() < 256) else np.uint16)
+        return a.astype(np.int32, copy=False)
+    return a.astype(np.uint8 if (not a.size or a.max() < 256) else np.uint16, copy=False)
 
 
 def fit_2d(arr: np.ndarray, size: list[int] | None, mode: str, label: bool = False) -> np.ndarray:

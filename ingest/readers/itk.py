@@ -1,5 +1,5 @@
-"""NIfTI, NRRD and MetaImage volumes through SimpleITK, which keeps the physical geometry
-(NIfTI's RAS affine becomes ITK's LPS origin/spacing/direction on read)."""
+"""NIfTI, NRRD and MetaImage volumes. Geometry always comes from SimpleITK's readers (NIfTI's
+RAS affine becomes ITK's LPS origin/spacing/direction on read); NIfTI voxels are decoded here."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from isal import igzip, isal_zlib
 
 from medfm.shards import Geometry, Sample
 
-from ..imaging import volume_sample
+from ..imaging import Volume, as_volume, volume_sample
 from ..registry import (
     Quarantine,
     ReadContext,
@@ -39,8 +39,9 @@ def _nifti_bytes(path: str, what: str) -> bytes:
         raise UnreadableInput(f"cannot read {what} (truncated or corrupt gzip stream)") from None
 
 
-def read_nifti(path: str, what: str) -> sitk.Image:
-    """Voxels via nibabel from one decompression; geometry from ITK's header reader, so the
+def read_nifti(path: str, what: str) -> Volume | sitk.Image:
+    """Voxels via nibabel from one decompression, left in that buffer (a 512x512x300 int16 copy
+    into an ITK image costs more than resampling it); geometry from ITK's header reader, so the
     RAS->LPS conversion and qform/sform choice are exactly ITK's."""
     raw = _nifti_bytes(path, what)
     cls = (
@@ -68,12 +69,11 @@ def read_nifti(path: str, what: str) -> sitk.Image:
         info and (info.GetDimension() != 3 or info.GetNumberOfComponents() != 1)
     ):
         return sitk.ReadImage(path)  # 2D/4D/vector: ITK's reader, the data is known complete
-    img = sitk.GetImageFromArray(_voxels(raw, hdr).T)  # nibabel (i, j, k) -> SimpleITK (k, j, i)
-    geo = Geometry.from_nifti_affine(hdr.get_best_affine()) if info is None else None
-    img.SetOrigin(info.GetOrigin() if info else geo.origin)
-    img.SetSpacing(info.GetSpacing() if info else geo.spacing)
-    img.SetDirection(info.GetDirection() if info else geo.direction)
-    return img
+    if info is None:
+        geo = Geometry.from_nifti_affine(hdr.get_best_affine())
+    else:
+        geo = Geometry(info.GetSpacing(), info.GetOrigin(), info.GetDirection())
+    return Volume(_voxels(raw, hdr), geo)
 
 
 def _voxels(raw: bytes, hdr) -> np.ndarray:
@@ -89,7 +89,7 @@ def _voxels(raw: bytes, hdr) -> np.ndarray:
     return arr
 
 
-def read_image(ctx: ReadContext, f, what: str = "image") -> sitk.Image:
+def read_image(ctx: ReadContext, f, what: str = "image") -> Volume | sitk.Image:
     """Read the whole file (every voxel decoded now, so corrupt data fails here)."""
     try:
         with ctx.local_path(f) as path:
@@ -104,16 +104,20 @@ def read_image(ctx: ReadContext, f, what: str = "image") -> sitk.Image:
         raise UnreadableInput(f"cannot read {what} ({cause})") from None
 
 
-def volumes(img: sitk.Image) -> list[sitk.Image]:
+def volumes(img: Volume | sitk.Image) -> list[Volume]:
     """3D volumes of an image: 2D -> one 1-slice volume, 4D -> one per time point."""
+    if isinstance(img, Volume):
+        return [img]
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise UnsupportedInput("vector/RGB volumes are not supported")
     dim = img.GetDimension()
     if dim == 3:
-        return [img]
+        return [as_volume(img)]
     if dim == 2:
-        return [sitk.JoinSeries([img])]
+        return [as_volume(sitk.JoinSeries([img]))]
     if dim == 4:
         size = list(img.GetSize())
-        return [sitk.Extract(img, size[:3] + [0], [0, 0, 0, t]) for t in range(size[3])]
+        return [as_volume(sitk.Extract(img, size[:3] + [0], [0, 0, 0, t])) for t in range(size[3])]
     raise UnsupportedInput(f"{dim}-D images are not supported")
 
 
@@ -121,22 +125,18 @@ class ITKVolumeReader(Reader):
     """One file -> one volume3d sample per 3D volume (4D files give one per time point)."""
 
     def read(self, item: SourceItem, ctx: ReadContext) -> Iterator[Sample | Quarantine]:
-        img = read_image(ctx, item.files[0])
-        if img.GetNumberOfComponentsPerPixel() != 1:
-            raise UnsupportedInput("vector/RGB volumes are not supported")
-        label = read_image(ctx, item.label, "label map") if item.label else None
-        vols = volumes(img)
+        vols = volumes(read_image(ctx, item.files[0]))
+        label = volumes(read_image(ctx, item.label, "label map"))[0] if item.label else None
         if label is not None and len(vols) != 1:
             raise UnsupportedInput("label maps are supported for 3D images only")
         raw_pid, pid, study, labels = identity(ctx, item)
         modality = ctx.source.modality or "OT"
         for t, vol in enumerate(vols):
-            lab = volumes(label)[0] if label is not None else None
             suffix = f"t{t}" if len(vols) > 1 else ""
             sample = volume_sample(
                 ctx,
                 vol,
-                lab,
+                label,
                 key=ctx.sample_key(item.rel, suffix),
                 modality=modality,
                 patient_id=pid,
