@@ -53,15 +53,21 @@ class RayCluster:
 
 
 def _node_ports() -> list[str]:
-    """Every port a Ray node opens, explicit: two nodes on one host must not collide."""
+    """Every port a Ray node opens, explicit: two nodes on one host must not collide. The
+    worker range is fixed first, and the single ports are drawn outside it (Ray refuses a
+    component port inside the worker range)."""
     low = free_port() // 1000 * 1000 % 50000 + 10000
-    return [
-        f"--node-manager-port={free_port()}",
-        f"--object-manager-port={free_port()}",
-        f"--metrics-export-port={free_port()}",
-        f"--dashboard-agent-listen-port={free_port()}",
-        f"--dashboard-agent-grpc-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}",
+    workers = range(low, low + 401)
+
+    def outside() -> int:
+        port = free_port()
+        while port in workers:
+            port = free_port()
+        return port
+
+    names = ["node-manager", "object-manager", "metrics-export", "dashboard-agent-listen",
+             "dashboard-agent-grpc", "runtime-env-agent"]  # fmt: skip
+    return [f"--{name}-port={outside()}" for name in names] + [
         f"--min-worker-port={low}",
         f"--max-worker-port={low + 400}",
     ]

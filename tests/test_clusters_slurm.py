@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from clusters_helpers import MEDFM, local_slurm_cluster, tiny_mae_config, write_volumes
 from ingest_helpers import KEY
@@ -132,12 +133,17 @@ def test_sbatch_pretrain_sigusr1_requeues_and_resumes(slurm, tmp_path):
     assert "Restored all states from the checkpoint" in text and str(hpc[-1]) in text
 
     # Each step's sample keys are in the ledger. Step 0 ran once: the requeued run did not
-    # start over. At most the step in flight when the signal came is repeated.
+    # start over. The first run went on training after SIGUSR1 saved the HPC checkpoint, until
+    # SLURM stopped it; the requeued run redid exactly those steps, from the checkpoint's step.
     per_step = Counter(ledger_steps(run))
     assert per_step[0] == per_step[1] > 0
     assert set(per_step) == set(range(STEPS))
-    redone = [step for step, n in per_step.items() if n > per_step[0]]
-    assert len(redone) <= 1 and all(step >= 10 for step in redone), redone
+    saved_at = torch.load(hpc[-1], weights_only=True, map_location="cpu")["global_step"]
+    redone = sorted(step for step, n in per_step.items() if n > per_step[0])
+    assert saved_at >= 10 and redone == list(range(saved_at, saved_at + len(redone))), (
+        saved_at,
+        redone,
+    )
     assert (run / "export").is_dir()
 
 
