@@ -7,9 +7,9 @@ Prints one JSON line per comparison (see docs/ingest.md). Cases are registered f
 and EHR cases register the same way. Data: the TotalSegmentator CT in MEDFM_SAMPLE_DATA,
 upsampled to clinical size (512x512x300 full, 256x256x120 with --quick); without it, nibabel's
 anatomical.nii is upsampled instead (the result line says which).
-Everything runs one thread per worker (ITK, torch, zarr's codec pool) so "per worker" means one
-core. Volume rates are output voxels per second: MONAI writes float32 and we and SimpleITK
-write int16, so bytes would credit MONAI with twice the data for the same voxels.
+Everything runs one thread per worker (ITK, torch, zarr's codec pool) and at one priority, so
+"per worker" means one core. Volume rates are output voxels per second: MONAI writes float32, we
+and SimpleITK write int16, so bytes would credit MONAI with twice the data for the same voxels.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ from pathlib import Path
 os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")  # inherited by Ray workers
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("ZARR_THREADING__MAX_WORKERS", "1")  # zarr compresses on a thread pool
+# Ray runs workers at nice 15; the baselines run here at nice 0. On a busy machine that alone
+# would slow every whole-job figure, so workers get the baselines' priority.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
