@@ -116,8 +116,6 @@ def run_demo(out: str, overwrite: bool = True, quick: bool = False) -> dict[str,
     (d.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print_table(d.rows, total)
     print(f"\nreport: {d.out / 'report.html'}\n\nEach stage alone, with the same configs:")
-    if d.inputs.sample:
-        print(f"  export MEDFM_SAMPLE_DATA={d.inputs.sample}")
     for cmd in d.commands:
         print(f"  {cmd}")
     return summary

@@ -30,7 +30,7 @@ class Scale:
     bootstrap: int  # patient-level resamples for the confidence intervals
 
 
-FULL = Scale(0, 400, 300, 256, 25, 2, 1000)
+FULL = Scale(0, 400, 300, 256, 25, 2, 500)
 QUICK = Scale(600, 30, 20, 24, 4, 1, 50)
 
 

@@ -54,7 +54,9 @@ def _audit_html(audit: dict[str, Any]) -> str:
         for c in audit["checks"]
     )
     return (
-        f"<p>Audit verdict: <b>{_esc(audit['verdict'])}</b></p>"
+        f"<p>Audit verdict: <b>{_esc(audit['verdict'])}</b>, with the shipped thresholds "
+        "(<code>configs/synth_audit.yaml</code>). The diffusion model trained for minutes on a "
+        "CPU: a failed check means its samples are not fit to mix into training yet.</p>"
         f"<table><tr><th>check</th><th>value</th><th>result</th></tr>{rows}</table>"
     )
 
