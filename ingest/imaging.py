@@ -43,8 +43,14 @@ class Volume:
 
     @classmethod
     def of(cls, img: sitk.Image) -> Volume:
-        """No copy: SimpleITK's (K, J, I) buffer seen as (I, J, K)."""
+        """No copy: SimpleITK's (K, J, I) buffer seen as (I, J, K). The view does not keep the
+        image alive (SimpleITK's rule), so it is only read while this Volume lives."""
         return cls(sitk.GetArrayViewFromImage(img).transpose(2, 1, 0), geometry_of(img), img)
+
+    @classmethod
+    def owned(cls, img: sitk.Image) -> Volume:
+        """A SimpleITK filter's result, copied out: it becomes the sample's data."""
+        return cls(sitk.GetArrayFromImage(img).transpose(2, 1, 0), geometry_of(img))
 
     def sitk_image(self) -> sitk.Image:
         """For the SimpleITK paths: the image itself, or the voxels copied into one."""
@@ -90,14 +96,14 @@ def reorient(vol: Volume, orientation: str) -> Volume:
     d, geo = direction_matrix(vol.geometry), vol.geometry
     perm = axis_map(d, canonical_direction(orientation))
     if perm is None:  # oblique: DICOMOrient picks the closest axes and keeps the obliquity
-        return Volume.of(sitk.DICOMOrient(vol.sitk_image(), orientation))
+        return Volume.owned(sitk.DICOMOrient(vol.sitk_image(), orientation))
     axes = d[:, perm]
     flip = (canonical_direction(orientation) * axes).sum(axis=0) < 0
     view = vol.array.transpose(perm)[tuple(slice(None, None, -1 if f else 1) for f in flip)]
     spacing = np.asarray(geo.spacing)[perm]
     last = (np.asarray(view.shape) - 1) * spacing * flip  # a flipped axis starts at its far end
     return Volume(
-        np.ascontiguousarray(view),
+        np.array(view, order="C"),  # always a copy: `view` may look into a SimpleITK buffer
         Geometry(tuple(spacing.tolist()), tuple((np.asarray(geo.origin) + axes @ last).tolist()),
                  tuple((axes * np.where(flip, -1, 1)).ravel().tolist())),
     )  # fmt: skip
@@ -141,7 +147,7 @@ def resample_to(vol: Volume, grid: Grid, interp: str, label: bool) -> Volume:
     fill = 0.0 if label else float(vol.array.min())  # air for CT
     out = sitk.Resample(img, list(grid.size), sitk.Transform(), method, grid.origin,
                         grid.spacing, grid.direction, fill, img.GetPixelID())  # fmt: skip
-    return Volume.of(out)
+    return Volume.owned(out)
 
 
 def ct_hu(arr: np.ndarray) -> np.ndarray:

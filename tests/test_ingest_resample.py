@@ -45,6 +45,14 @@ def ties(img: sitk.Image, grid: Grid) -> np.ndarray:
     return a[:, None, None] | b[None, :, None] | c[None, None, :]
 
 
+def owns_memory(a: np.ndarray) -> bool:
+    """False when `a` views memory nothing keeps alive: SimpleITK's array views rest on a
+    memoryview without an owner (`obj` None); a NIfTI buffer's rests on its bytearray's."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return not isinstance(a.base, memoryview) or a.base.obj is not None
+
+
 def synthetic(dtype, shape=(23, 17, 11), seed=0) -> sitk.Image:
     """Random voxels on an axis-permuted, flipped grid with uneven spacing."""
     rng = np.random.default_rng(seed)
@@ -126,8 +134,11 @@ def test_oblique_and_bspline_go_through_sitk():
     straight = synthetic(np.int16)
     grid = target_grid(as_volume(straight), "LPS", [1.5, 1.5, 1.5])
     fill = float(sitk.GetArrayViewFromImage(straight).min())
-    assert np.array_equal(resample_to(as_volume(straight), grid, "bspline", False).array,
-                          itk(straight, grid, sitk.sitkBSpline, fill))  # fmt: skip
+    bspline = resample_to(as_volume(straight), grid, "bspline", False)
+    assert np.array_equal(bspline.array, itk(straight, grid, sitk.sitkBSpline, fill))
+    # SimpleITK results become sample data: they must not view a buffer freed with its image
+    oblique = reorient(vol, "LPS")
+    assert all(owns_memory(v.array) for v in (bspline, oblique))
 
 
 @pytest.mark.parametrize("orientation", ["LPS", "RAS", "SLP", "AIR"])
@@ -135,7 +146,7 @@ def test_reorient_equals_dicomorient(orientation):
     for src in (synthetic(np.int16), synthetic(np.float32, shape=(5, 9, 13), seed=1)):
         got, ref = reorient(as_volume(src), orientation), sitk.DICOMOrient(src, orientation)
         assert np.array_equal(got.array, sitk.GetArrayFromImage(ref).transpose(2, 1, 0))
-        assert got.array.flags.c_contiguous
+        assert got.array.flags.c_contiguous and owns_memory(got.array)
         for a, b in ((got.geometry.spacing, ref.GetSpacing()),
                      (got.geometry.origin, ref.GetOrigin()),
                      (got.geometry.direction, ref.GetDirection())):  # fmt: skip
