@@ -22,7 +22,7 @@ from ingest_helpers import KEY
 from pretrain_helpers import pneumonia_shards
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
-STEPS = 150
+STEPS = 600  # long enough to be signalled mid-way: a tiny MAE step takes ~0.1 s here
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_sbatch_pretrain_sigusr1_requeues_and_resumes(slurm, tmp_path):
     shards = pneumonia_shards(Path(data), tmp_path / "shards", n=128)
     run = tmp_path / "run"
     cfg = tiny_mae_config(shards, run, max_steps=STEPS, ledger=True, checkpoint_every=10_000)
-    cfg["data"]["batch_size"] = 32
+    cfg["data"]["batch_size"] = 64
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
 
     submit = subprocess.run(
