@@ -61,8 +61,19 @@ class VolumeStoreWriter:
     ):
         self.fs, self.root, self.chunks = fs, root, tuple(chunks)
         self.store_path = f"{root}/{VOLUME_STORE}"
-        if not fs.exists(f"{self.store_path}/zarr.json"):
-            zarr.open_group(zarr_store(fs, self.store_path), mode="a")
+        self._create_store()
+
+    def _create_store(self) -> None:
+        """Create the root group once, race-free: parallel ingest tasks all start here, and
+        zarr's own create-if-missing raises ContainsGroupError for every writer but the first."""
+        meta = f"{self.store_path}/zarr.json"
+        if self.fs.exists(meta):
+            return
+        tmp = tmp_name(self.store_path)
+        zarr.open_group(zarr_store(self.fs, tmp), mode="w")
+        self.fs.makedirs(self.store_path, exist_ok=True)
+        commit(self.fs, f"{tmp}/zarr.json", meta)  # an atomic rename: readers never see half
+        self.fs.rm(tmp, recursive=True)
 
     def add(self, sample: Sample) -> tuple[str, dict[str, dict[str, Any]], list[ShardFile]]:
         """Store a volume (and label map); returns (group path, members, files written)."""

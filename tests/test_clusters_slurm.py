@@ -135,12 +135,14 @@ def test_sbatch_pretrain_sigusr1_requeues_and_resumes(slurm, tmp_path):
     # Each step's sample keys are in the ledger. Step 0 ran once: the requeued run did not
     # start over. The first run went on training after SIGUSR1 saved the HPC checkpoint, until
     # SLURM stopped it; the requeued run redid exactly those steps, from the checkpoint's step.
+    # The ledger is written at batch start, so the 10 ledgered steps we waited for mean at least
+    # 9 finished ones when the signal went out.
     per_step = Counter(ledger_steps(run))
     assert per_step[0] == per_step[1] > 0
     assert set(per_step) == set(range(STEPS))
     saved_at = torch.load(hpc[-1], weights_only=True, map_location="cpu")["global_step"]
     redone = sorted(step for step, n in per_step.items() if n > per_step[0])
-    assert saved_at >= 10 and redone == list(range(saved_at, saved_at + len(redone))), (
+    assert saved_at >= 9 and redone == list(range(saved_at, saved_at + len(redone))), (
         saved_at,
         redone,
     )

@@ -302,6 +302,18 @@ def _comparable(dest: Path) -> tuple[list, dict]:
     return list(m.rows()), m.header["files"]
 
 
+def _row_differences(rows: list, ref_rows: list) -> list:
+    """(key, field, got, expected) for every field that differs, so a failure says where."""
+    got, ref = {r["key"]: r for r in rows}, {r["key"]: r for r in ref_rows}
+    diffs = [(k, "missing", None, None) for k in ref.keys() - got.keys()]
+    diffs += [(k, "extra", None, None) for k in got.keys() - ref.keys()]
+    for k in got.keys() & ref.keys():
+        diffs += [(k, f, got[k][f], ref[k][f]) for f in ref[k] if got[k].get(f) != ref[k][f]]
+    if not diffs and [r["key"] for r in rows] != [r["key"] for r in ref_rows]:
+        diffs.append(("*", "order", [r["key"] for r in rows], [r["key"] for r in ref_rows]))
+    return diffs
+
+
 @pytest.mark.slow
 def test_kill_9_then_resume_equals_uninterrupted_run(ray_rt, tmp_path):
     _resume_inputs(tmp_path / "data")
@@ -340,6 +352,8 @@ def test_kill_9_then_resume_equals_uninterrupted_run(ray_rt, tmp_path):
         assert (parts / name).stat().st_mtime_ns == t
     rows, files = _comparable(dest)
     ref_rows, ref_files = _comparable(tmp_path / "reference")
+    quarantine = dest / "quarantine.jsonl"
+    assert _row_differences(rows, ref_rows) == [], quarantine.exists() and quarantine.read_text()
     assert rows == ref_rows and files == ref_files
     assert verify(str(dest)).ok
     with pytest.raises(ResumeError, match="--resume"):  # re-running without --resume refuses

@@ -175,3 +175,31 @@ def test_invalid_keys_rejected(tmp_path, bad):
     with pytest.raises(ValueError, match="invalid sample key"):
         with ShardSetWriter(str(tmp_path / "s")) as w:
             w.write(_sample(bad, "ehr", np.arange(3)))
+
+
+def _write_one_volume(root: str, key: str, barrier) -> None:
+    from medfm.shards.writer import SampleWriter
+
+    barrier.wait()  # every process reaches the store's creation at the same moment
+    writer = SampleWriter(root, prefix=key)
+    vol = np.full((8, 8, 8), len(key), np.int16)
+    writer.write(_sample(key, "volume3d", vol, geometry=Geometry((1.0, 1.0, 1.0))))
+    writer.close()
+
+
+def test_parallel_writers_create_the_volume_store_once(tmp_path):
+    """Ingest tasks start side by side on an empty destination; none may fail creating it."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    root, barrier = str(tmp_path / "set"), ctx.Barrier(6)
+    procs = [ctx.Process(target=_write_one_volume, args=(root, f"v{'x' * i}", barrier))
+             for i in range(6)]  # fmt: skip
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0] * 6
+    assert sorted(p.name for p in (tmp_path / "set" / "volumes.zarr").iterdir()) == sorted(
+        ["zarr.json"] + [f"v{'x' * i}" for i in range(6)]
+    )
