@@ -377,7 +377,7 @@ def main() -> None:
     cache.mkdir(parents=True, exist_ok=True)
     size, volumes = (512, 512, 300), (1 if args.quick else 3)
     n_ours, n_monai, n_pers = (240, 2, 4) if args.quick else (1200, 8, 16)
-    n_2d, rounds = (1000, 2) if args.quick else (20000, 3)
+    n_2d, rounds = (1000, 3) if args.quick else (20000, 3)
     lines = []
 
     if args.part in ("all", "3d"):
