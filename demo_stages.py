@@ -192,6 +192,7 @@ def synth(d: Demo, model: Path, real: Path, encoder: Path) -> None:
 
 def finetune(d: Demo, encoder: Path, shards: Path) -> None:
     from medfm.finetune import export, hub, load_config, run
+    from medfm.finetune.evaluate import evaluate_export
 
     run_dir = d.out / "runs" / "lora"
     tree = dc.finetune_config(encoder, shards, run_dir, d.scale)
@@ -218,38 +219,12 @@ def finetune(d: Demo, encoder: Path, shards: Path) -> None:
     ]
     roc = d.out / "runs" / "roc_pulled.png"
     with d.stage("evaluate pulled export") as row:
-        m = evaluate_export(pulled, path, roc)
+        m = evaluate_export(pulled, load_config(path), "test", roc)
         auroc = m["auroc"]
         same = "same as" if auroc["value"] == test["auroc"]["value"] else "differs from"
         row.items = f"{m['n']} test images"
         row.metric = (f"AUROC {auroc['value']:.3f} [{auroc['ci_low']:.3f}, "
                       f"{auroc['ci_high']:.3f}] (95% CI), {same} the run's")  # fmt: skip
-    d.commands.append(
-        'python -c "from medfm.demo_stages import evaluate_export as e; '
-        f"print(e('{pulled}', '{path}', '{roc}')['auroc'])\""
-    )
+    d.commands.append(f"medfm finetune evaluate {pulled} --config {path} --roc {roc}")
     d.results["evaluation"] = {"export": str(pulled), "auroc": auroc["value"], "n": m["n"]}
     d.figure("Fine-tuning", "ROC of the pulled export on the test split", roc)
-
-
-def evaluate_export(folder: str | Path, config: str | Path, roc_png: str | Path) -> dict[str, Any]:
-    """Test-split metrics of an export loaded through `medfm.finetune.load` (what a user of the
-    hub gets), with the run config's data and bootstrap settings, and its ROC curve."""
-    import torch
-
-    from medfm.finetune import load, load_config
-    from medfm.finetune.data import Collate, loader, split_dataset
-    from medfm.finetune.metrics import evaluate_predictions, plot_roc
-    from medfm.finetune.train import predict
-
-    cfg = load_config(config)
-    model = load(folder)
-    ds = split_dataset(cfg.data.shards, "test", cfg, shuffle=False)
-    batches = loader(ds, Collate(model.contract, cfg.task), cfg)
-    outputs, targets, patients = predict(model, batches, torch.device("cpu"))
-    names = cfg.task.label_names
-    m = evaluate_predictions(
-        "binary", outputs, targets, patients, len(names), cfg.eval.bootstrap, cfg.eval.ci
-    )
-    plot_roc("binary", outputs, targets, names, Path(roc_png), m)
-    return m | {"n": len(patients)}

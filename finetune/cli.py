@@ -1,6 +1,9 @@
-"""`medfm finetune --config CONFIG.yaml` and `medfm finetune export RUN --out DIR`."""
+"""`medfm finetune --config CONFIG.yaml`, `medfm finetune export RUN --out DIR` and
+`medfm finetune evaluate MODEL --config CONFIG.yaml`."""
 
 from __future__ import annotations
+
+import json
 
 import typer
 
@@ -47,3 +50,25 @@ def export_cmd(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from e
     typer.echo(f"exported to {path}")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    model: str = typer.Argument(..., help="An export folder or a hub://repo@rev reference."),
+    config: str = typer.Option(..., "--config", "-c", help="Config naming the shards and task."),
+    split: str = typer.Option("test", "--split"),
+    roc: str = typer.Option(None, "--roc", help="Write the ROC curve to this PNG."),
+    override: list[str] = typer.Option([], "--set", help="key=value overrides (repeatable)."),
+):
+    """Score an exported model on a split; prints its metrics (95% CIs) as one JSON line."""
+    from medfm.finetune.config import load_config
+    from medfm.finetune.evaluate import evaluate_export
+    from medfm.finetune.export import ExportError
+    from medfm.pretrain.config import ConfigError
+
+    try:
+        metrics = evaluate_export(model, load_config(config, override), split, roc)
+    except (ConfigError, ExportError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from e
+    typer.echo(json.dumps(metrics))

@@ -313,6 +313,19 @@ def test_cli_finetune_from_hub_encoder_and_export(work, tmp_path, monkeypatch):
     assert model.medfm["mode"] == "linear_probe"
     assert torch.equal(outputs_on_test(model, work), expected_predictions(tmp_path / "run"))
 
+    # A hub user scores the pulled model from the CLI: the run's test AUROC, and its ROC PNG.
+    roc = tmp_path / "roc.png"
+    res = CliRunner().invoke(app, ["finetune", "evaluate", "hub://lab/pneumonia-probe@v1",
+                                   "--config", str(path), "--roc", str(roc)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.output.strip().splitlines()[-1])
+    run_metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]
+    assert got["auroc"]["value"] == run_metrics["auroc"]["value"] and got["n"] > 0
+    assert roc.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res = CliRunner().invoke(app, ["finetune", "evaluate", str(tmp_path / "nope"),
+                                   "--config", str(path)])  # fmt: skip
+    assert res.exit_code == 1 and "nope" in res.output
+
 
 def test_bundled_configs_validate(tmp_path):
     folder = Path(__file__).resolve().parents[1] / "finetune" / "configs"
