@@ -26,7 +26,8 @@ def evaluate_export(
     roc_png: str | Path | None = None,
     device: str = "cpu",
 ) -> dict[str, Any]:
-    """Metrics with bootstrap CIs (and `n`, the samples scored) of an export on `split`."""
+    """Metrics with bootstrap CIs (and `n`, the samples scored) of an export on `split`, at
+    the decision threshold recorded in the export."""
     if cfg.task.type == "segmentation":
         raise ValueError("evaluate_export scores classification and regression exports")
     model = load(model_ref, device=device)
@@ -36,15 +37,11 @@ def evaluate_export(
     if not patients:
         raise ValueError(f"{cfg.data.shards}: no {split!r} samples to evaluate on")
     task = cfg.task
+    threshold = model.medfm.get("threshold") or 0.5  # the run's own (older exports: 0.5)
     m = evaluate_predictions(
-        task.type,
-        outputs,
-        targets,
-        patients,
-        len(task.label_names),
-        cfg.eval.bootstrap,
-        cfg.eval.ci,
-    )
+        task.type, outputs, targets, patients, len(task.label_names), cfg.eval.bootstrap,
+        cfg.eval.ci, threshold,
+    )  # fmt: skip
     if roc_png is not None and task.type != "regression":
         plot_roc(task.type, outputs, targets, task.label_names, Path(roc_png), m)
     return m | {"n": len(patients)}

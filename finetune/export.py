@@ -70,6 +70,9 @@ def export(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> Pat
         "base_encoder": run["base_encoder"],
         "preprocessing": run["preprocessing"],
         "metrics": run["metrics"],
+        # The binary decision threshold the run's accuracy-type metrics used (chosen on val
+        # when eval.threshold asked for it), so that users of the export decide the same way.
+        "threshold": run["fit"].get("threshold"),
         "data": run["data"],
         "files": files,
     }

@@ -294,7 +294,8 @@ def test_cli_finetune_from_hub_encoder_and_export(work, tmp_path, monkeypatch):
     monkeypatch.setenv("MEDFM_HUB_CACHE", str(tmp_path / "pulls"))
     rev = hub.push(work["encoder"], "lab/vit2d-tiny@v1")
     cfg = config(work, "cli", mode="linear_probe", encoder="hub://lab/vit2d-tiny@v1",
-                 **{"train.epochs": 2, "out_dir": str(tmp_path / "run")})  # fmt: skip
+                 **{"train.epochs": 2, "out_dir": str(tmp_path / "run"),
+                    "eval.threshold": "val_youden"})  # fmt: skip
     path = tmp_path / "probe.yaml"
     path.write_text(yaml.safe_dump(cfg))
     from medfm.cli import app
@@ -321,6 +322,9 @@ def test_cli_finetune_from_hub_encoder_and_export(work, tmp_path, monkeypatch):
     got = json.loads(res.output.strip().splitlines()[-1])
     run_metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]
     assert got["auroc"]["value"] == run_metrics["auroc"]["value"] and got["n"] > 0
+    threshold = json.loads((tmp_path / "run" / "metrics.json").read_text())["threshold"]
+    assert meta["threshold"] == threshold != 0.5  # chosen on val, carried by the export
+    assert got["accuracy"]["value"] == run_metrics["accuracy"]["value"]
     assert roc.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     res = CliRunner().invoke(app, ["finetune", "evaluate", str(tmp_path / "nope"),
                                    "--config", str(path)])  # fmt: skip
