@@ -71,5 +71,5 @@ def pretrain(
     except (ConfigError, ResumeError, NonFiniteLossError, ValueError) as e:
         typer.echo(f"medfm pretrain: {e}", err=True)
         raise typer.Exit(1) from None
-    if summary.get("export"):
-        typer.echo(f"exported encoder: {summary['export']}")
+    if summary.get("export"):  # the encoder file, or the export folder (diffusion: no encoder)
+        typer.echo(f"exported: {summary['export']}")
