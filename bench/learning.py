@@ -54,7 +54,7 @@ class Recipe:
     encoder: tuple[tuple[str, Any], ...] = (
         ("embed_dim", 64), ("depth", 4), ("num_heads", 4), ("patch_size", 4),
     )  # fmt: skip
-    mae_steps: int = 600  # x 128 = 16 epochs of the 4,708 train images
+    mae_steps: int = 1200  # x 128 = 33 epochs of the 4,708 train images
     mae_batch: int = 128
     diffusion_steps: int = 400
     synthetic_n: int = 256  # pool; each epoch draws `synthetic_ratio` of its samples from it
