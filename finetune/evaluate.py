@@ -15,7 +15,7 @@ import torch
 from .config import FinetuneConfig
 from .data import Collate, loader, split_dataset
 from .export import load
-from .metrics import evaluate_predictions, plot_roc
+from .metrics import score_split
 from .train import predict
 
 
@@ -36,12 +36,7 @@ def evaluate_export(
     outputs, targets, patients = predict(model, batches, torch.device(device))
     if not patients:
         raise ValueError(f"{cfg.data.shards}: no {split!r} samples to evaluate on")
-    task = cfg.task
-    threshold = model.medfm.get("threshold") or 0.5  # the run's own (older exports: 0.5)
-    m = evaluate_predictions(
-        task.type, outputs, targets, patients, len(task.label_names), cfg.eval.bootstrap,
-        cfg.eval.ci, threshold,
-    )  # fmt: skip
-    if roc_png is not None and task.type != "regression":
-        plot_roc(task.type, outputs, targets, task.label_names, Path(roc_png), m)
+    threshold = model.medfm.get("threshold")  # the run's own; exports before it: 0.5
+    threshold = 0.5 if threshold is None else threshold
+    m = score_split(cfg.task, outputs, targets, patients, cfg.eval, threshold, roc_png)
     return m | {"n": len(patients)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -284,3 +285,23 @@ def plot_roc(
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def score_split(
+    task: Any,
+    outputs: torch.Tensor,
+    targets: torch.Tensor,
+    patients: list[str],
+    eval_cfg: Any,
+    threshold: float,
+    roc_png: Path | None = None,
+) -> dict:
+    """Metrics with CIs for one scored split (`task`: TaskConfig, `eval_cfg`: EvalConfig), and
+    its ROC curve when `roc_png` is given and the task has one."""
+    m = evaluate_predictions(
+        task.type, outputs, targets, patients, len(task.label_names), eval_cfg.bootstrap,
+        eval_cfg.ci, threshold,
+    )  # fmt: skip
+    if roc_png is not None and task.type != "regression":
+        plot_roc(task.type, outputs, targets, task.label_names, Path(roc_png), m)
+    return m

@@ -40,7 +40,7 @@ from .data import (
     with_synthetic,
 )
 from .encoder import BaseEncoder, load_base_encoder
-from .metrics import choose_threshold, evaluate_predictions, plot_roc
+from .metrics import choose_threshold, evaluate_predictions, score_split
 from .model import FinetuneModel, apply_lora, build_head, param_groups
 
 RUN_RECORD = "run.json"
@@ -332,12 +332,9 @@ def run_classification(
     if isinstance(threshold, str):  # chosen on val with the restored best weights
         val = head_eval("val") if cfg.mode == "linear_probe" else predict(model, dl["val"], device)
         threshold = choose_threshold(val[0], val[1], threshold)
-    metrics = evaluate_predictions(
-        task.type, test_out, test_y, test_p, n_labels, cfg.eval.bootstrap, cfg.eval.ci, threshold
-    )
+    roc = out / "roc.png" if cfg.eval.plots else None
+    metrics = score_split(task, test_out, test_y, test_p, cfg.eval, threshold, roc)
     save_file({"outputs": test_out.contiguous()}, out / "test_outputs.safetensors")
-    if cfg.eval.plots and task.type != "regression":
-        plot_roc(task.type, test_out, test_y, task.label_names, out / "roc.png", metrics)
     counts = {
         "train_rows": len(train_rows),
         "test": len(test_p),

@@ -320,10 +320,10 @@ def test_cli_finetune_from_hub_encoder_and_export(work, tmp_path, monkeypatch):
                                    "--config", str(path), "--roc", str(roc)])  # fmt: skip
     assert res.exit_code == 0, res.output
     got = json.loads(res.output.strip().splitlines()[-1])
-    run_metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    run_metrics = summary["metrics"]
     assert got["auroc"]["value"] == run_metrics["auroc"]["value"] and got["n"] > 0
-    threshold = json.loads((tmp_path / "run" / "metrics.json").read_text())["threshold"]
-    assert meta["threshold"] == threshold != 0.5  # chosen on val, carried by the export
+    assert meta["threshold"] == summary["threshold"] != 0.5  # chosen on val, in the export
     assert got["accuracy"]["value"] == run_metrics["accuracy"]["value"]
     assert roc.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     res = CliRunner().invoke(app, ["finetune", "evaluate", str(tmp_path / "nope"),
