@@ -223,19 +223,26 @@ def test_corrupt_manifest_rows(tar_set):
 KILLED_WRITER = """
 import sys, time, numpy as np
 from medfm.shards import Sample, ShardSetWriter
-w = ShardSetWriter(sys.argv[1], shard_max_bytes=50_000)
+w = ShardSetWriter(sys.argv[1], shard_max_bytes=200_000)  # about 6 samples a shard
 for i in range(10_000):
     w.write(Sample(f"s{i}", "ehr", "EHR", "d", "p", "train", np.arange(4000) + i))
     time.sleep(0.01)
 """
 
 
+def _committed_and_open(tars: Path) -> bool:
+    names = [p.name for p in tars.glob("*")] if tars.exists() else []
+    return sum(n.endswith(".tar") for n in names) >= 2 and any(".tmp-" in n for n in names)
+
+
 def test_killed_writer_leaves_only_temporaries(tmp_path):
     root = tmp_path / "set"
     proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(root)])
     try:
+        # Kill while a shard is open: the writer renames one shard and opens the next in the
+        # same call, so wait until one listing shows both committed shards and a temporary.
         deadline = time.time() + 60
-        while time.time() < deadline and len(list((root / "tars").glob("*.tar"))) < 2:
+        while time.time() < deadline and not _committed_and_open(root / "tars"):
             time.sleep(0.05)
     finally:
         proc.send_signal(signal.SIGKILL)
