@@ -13,14 +13,13 @@ from collections.abc import Callable
 from typing import Any
 
 import fsspec
-import zarr
 from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import WrapperStore
 
 from .errors import ShardFormatError
 from .storage import is_local
-from .volume import VolumeHandle, open_volume, zarr_store
+from .volume import VolumeArray, VolumeHandle, open_volume, zarr_store
 
 OPEN_HANDLES = 16
 REMOTE_BLOCK = 8 * 1024 * 1024  # readahead for object stores: consecutive samples of a shard
@@ -171,8 +170,8 @@ class VolumeReader:
         return open_volume(self.fs, self.root, row, store=store)
 
 
-def read_region(arr: zarr.Array, where: str, region: tuple[slice, ...]) -> Any:
-    """Slice a Zarr array; any decoding failure becomes a ShardFormatError naming the volume."""
+def read_region(arr: VolumeArray, where: str, region: tuple[slice, ...]) -> Any:
+    """Slice a stored array; any decoding failure becomes a ShardFormatError naming the volume."""
     try:
         return arr[region]
     except ShardFormatError:

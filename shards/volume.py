@@ -4,6 +4,13 @@ Chunks default to 64^3: a 96^3 training patch touches at most 8 chunks per axis-
 neighbourhood, and a compressed 64^3 int16 chunk (~100-300 KB) is a good object-store request
 size. The sharding codec packs all chunks of up to 512^3 voxels into one file, so a CT volume is
 one or a few files instead of hundreds; its index lets readers fetch single chunks by range.
+
+Chunks are compressed by zstd level 1 inside Blosc, bytes shuffled, in blocks of 512 KiB (one
+block per 64^3 int16 chunk). Against plain zstd level 3, single-threaded on 64^3 chunks of the
+real CT (docs/shard-format.md): 2.9-3.1x faster to encode and 1.7-2.6x faster to decode, with files
+3 % larger on a smooth upsampled CT and 6 % smaller on a 1.5 mm resampled one. Shuffling puts
+the high bytes of neighbouring HU values side by side, which buys back what the lower level
+loses; Blosc's default block size (tens of KB at level 1) would cost ratio and speed.
 """
 
 from __future__ import annotations
@@ -16,8 +23,9 @@ from typing import Any
 import fsspec
 import numpy as np
 import zarr
-from zarr.codecs import ZstdCodec
+from zarr.codecs import BloscCodec
 
+from .chunkio import ShardedArrayReader, ShardedLayout, write_array
 from .errors import ShardFormatError
 from .schema import Geometry, Sample
 from .storage import commit, is_local, sha256_file, tmp_name
@@ -26,7 +34,12 @@ from .tarshard import ShardFile
 VOLUME_STORE = "volumes.zarr"
 DEFAULT_CHUNKS = (64, 64, 64)
 MAX_SHARD_EDGE = 512
-ZSTD_LEVEL = 3
+BLOSC_BLOCK = 512 * 1024
+
+
+def volume_codec() -> BloscCodec:
+    """zstd level 1 on byte-shuffled voxels (typesize follows the array's dtype)."""
+    return BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", blocksize=BLOSC_BLOCK)
 
 
 def array_sha256(arr: np.ndarray) -> str:
@@ -110,11 +123,12 @@ class VolumeStoreWriter:
             dtype=data.dtype,
             chunks=self.chunks,
             shards=shard_shape(data.shape, self.chunks),
-            compressors=ZstdCodec(level=ZSTD_LEVEL),
+            compressors=volume_codec(),
             attributes=attrs,
             dimension_names=("i", "j", "k"),
         )
-        arr[...] = data
+        if not write_array(arr, data):  # always our own layout, created just above
+            raise AssertionError(f"unexpected Zarr layout for {name}: {arr.metadata.codecs}")
         return {"sha256": array_sha256(data), "shape": list(data.shape), "dtype": data.dtype.str}
 
     def _files(self, rel: str) -> list[ShardFile]:
@@ -125,12 +139,60 @@ class VolumeStoreWriter:
         return out
 
 
+class VolumeArray:
+    """A stored image or label map. Basic slicing reads only the chunks it touches, through
+    chunkio's direct path for medfm's own layout and through zarr for any other; every other
+    attribute is the zarr array's."""
+
+    def __init__(self, arr: zarr.Array):
+        self.zarr = arr
+        layout = ShardedLayout.of(arr)
+        self._reader = ShardedArrayReader(layout) if layout else None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.zarr, name)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        plan = _basic_region(key, self.zarr.shape) if self._reader else None
+        if plan is None:
+            return self.zarr[key]
+        region, dropped = plan
+        out = self._reader.read(region)
+        return out[tuple(0 if a in dropped else slice(None) for a in range(out.ndim))]
+
+
+def _basic_region(key: Any, shape: tuple[int, ...]) -> tuple[tuple[slice, ...], set[int]] | None:
+    """(slices, axes indexed by an integer) for ints, unit-step slices and Ellipsis, else None."""
+    key = key if isinstance(key, tuple) else (key,)
+    if sum(k is Ellipsis for k in key) > 1:
+        return None
+    if Ellipsis in key:
+        at = key.index(Ellipsis)
+        key = key[:at] + (slice(None),) * (len(shape) - len(key) + 1) + key[at + 1 :]
+    key = key + (slice(None),) * (len(shape) - len(key))
+    if len(key) != len(shape):
+        return None
+    region, dropped = [], set()
+    for axis, (k, n) in enumerate(zip(key, shape, strict=True)):
+        if isinstance(k, slice):
+            start, stop, step = k.indices(n)
+            if step != 1:
+                return None
+            region.append(slice(start, max(start, stop)))
+        elif isinstance(k, int | np.integer) and -n <= k < n:
+            region.append(slice(int(k) % n, int(k) % n + 1))
+            dropped.add(axis)
+        else:
+            return None  # fancy or out-of-range indexing: zarr's rules and errors apply
+    return tuple(region), dropped
+
+
 @dataclass
 class VolumeHandle:
     """Lazy access to a stored volume: slicing `image` reads only the chunks it touches."""
 
-    image: zarr.Array
-    label: zarr.Array | None
+    image: VolumeArray
+    label: VolumeArray | None
     geometry: Geometry
 
 
@@ -143,8 +205,8 @@ def open_volume(
         grp = zarr.open_group(
             store or zarr_store(fs, f"{root}/{row['shard']}", read_only=True), mode="r"
         )
-        image = grp["image"]
-        label = grp["label"] if row.get("has_label_map") else None
+        image = VolumeArray(grp["image"])
+        label = VolumeArray(grp["label"]) if row.get("has_label_map") else None
         geometry = Geometry.from_dict(image.attrs["medfm"]["geometry"])
     except (KeyError, FileNotFoundError, ValueError) as e:
         raise ShardFormatError(f"{where}: cannot open volume ({type(e).__name__}: {e})") from e
