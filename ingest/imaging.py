@@ -159,18 +159,31 @@ def ct_hu(arr: np.ndarray) -> np.ndarray:
     return arr.astype(np.float32)
 
 
+_INT16_OF_U16 = np.arange(65536, dtype=np.int64)
+_INT16_OF_U16[32768:] -= 65536  # the int16 value of each uint16 bit pattern
+
+
 def ct_histogram(arr: np.ndarray, label: np.ndarray | None, fg_hu: float) -> np.ndarray:
     """1-HU histogram of foreground voxels (label > 0 if given, else HU > fg_hu)."""
     arr = arr.ravel(order="K")  # memory order: no copy of the transposed (I, J, K) view
     if label is not None:
         label = label.ravel(order="K")
-    fg = arr[label > 0] if label is not None and label.any() else arr[arr > fg_hu]
-    idx = (
-        fg.astype(np.int32) if np.issubdtype(fg.dtype, np.integer) else np.rint(fg).astype(np.int32)
-    )
-    np.clip(idx, HU_MIN, HU_MAX - 1, out=idx)
-    idx -= HU_MIN
-    return np.bincount(idx, minlength=HU_MAX - HU_MIN)
+    by_label = label is not None and bool(label.any())
+    if arr.dtype == np.int16:  # raw HU, the default: one count of all 65536 values, 3x faster
+        fg = arr[label > 0] if by_label else arr
+        counts = np.bincount(fg.view(np.uint16), minlength=65536)
+        keep = slice(None) if by_label else _INT16_OF_U16 > fg_hu
+        return _hu_bins(_INT16_OF_U16[keep], counts[keep])
+    fg = arr[label > 0] if by_label else arr[arr > fg_hu]
+    values = fg.astype(np.int64) if np.issubdtype(fg.dtype, np.integer) else np.rint(fg)
+    return _hu_bins(values.astype(np.int64), None)
+
+
+def _hu_bins(values: np.ndarray, counts: np.ndarray | None) -> np.ndarray:
+    """Counts per HU in [HU_MIN, HU_MAX), values outside clipped into the end bins."""
+    idx = np.clip(values, HU_MIN, HU_MAX - 1) - HU_MIN
+    hist = np.bincount(idx, weights=counts, minlength=HU_MAX - HU_MIN)
+    return hist.astype(np.int64)
 
 
 def hist_stats(hist: np.ndarray, percentiles: list[float]) -> dict[str, float]:

@@ -81,18 +81,29 @@ def linear(arr: np.ndarray, index: list[np.ndarray], perm: np.ndarray) -> np.nda
     out = np.empty([len(index[p]) for p in perm], arr.dtype)
     target_axis = {int(p): a for a, p in enumerate(perm)}
     view = out.transpose([target_axis[p] for p in order])  # out, in memory axis order
+    # Every pass is lo + (hi - lo) * w, like ITK, into buffers reused across slices; np.take
+    # with out= gathers rows and columns about twice as fast as fancy indexing does.
     plane = np.empty(m.shape[1:], dtype)
+    rows, rows_hi = np.empty((len(a1), m.shape[2]), dtype), np.empty((len(a1), m.shape[2]), dtype)
+    cols, cols_hi = np.empty((len(a1), len(a2)), dtype), np.empty((len(a1), len(a2)), dtype)
     for k in range(len(a0)):
         lo = m[a0[k]]
-        np.subtract(m[b0[k]], lo, out=plane, dtype=dtype)  # lo + (hi - lo) * w, like ITK
+        np.subtract(m[b0[k]], lo, out=plane, dtype=dtype)
         plane *= w0[k]
         plane += lo
-        rows = plane[a1]
-        rows += (plane[b1] - rows) * w1
-        cols = rows[:, a2]
-        cols += (rows[:, b2] - cols) * w2
+        _blend(plane, a1, b1, w1, 0, rows, rows_hi)
+        _blend(rows, a2, b2, w2, 1, cols, cols_hi)
         view[k] = cols  # float -> integer truncates towards zero, as ITK's cast does
     return out
+
+
+def _blend(src, lo, hi, w, axis, out, scratch) -> None:
+    """out = src[lo] + (src[hi] - src[lo]) * w along `axis`, in place."""
+    np.take(src, lo, axis=axis, out=out)
+    np.take(src, hi, axis=axis, out=scratch)
+    scratch -= out
+    scratch *= w
+    out += scratch
 
 
 def nearest(arr: np.ndarray, index: list[np.ndarray], perm: np.ndarray) -> np.ndarray:
