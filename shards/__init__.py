@@ -1,18 +1,13 @@
 """The shard contract: sample schema, manifest, writers and readers. Every stage reads data
 through this package and nothing else. See docs/shard-format.md and docs/readers.md."""
 
-from .dataset import ShardDataset
 from .errors import SchemaVersionError, ShardError, ShardFormatError, UnsafeMemberError
-from .loader import ShardDataLoader, collate_samples
 from .manifest import Manifest, write_manifest
-from .mixing import MixedDataset
-from .patches import PatchSampler
 from .reader import ShardSet
 from .sampleio import CountingStore
 from .schema import KINDS, SCHEMA_VERSION, SPLITS, Geometry, Sample
 from .storage import remove_temporaries
 from .tarshard import DEFAULT_SHARD_BYTES, ShardFile
-from .transforms import ItemTransform
 from .verify import VerifyReport, verify
 from .volume import DEFAULT_CHUNKS, VolumeHandle, open_volume
 from .writer import SampleWriter, ShardSetWriter
@@ -52,14 +47,24 @@ __all__ = [
     "write_manifest",
 ]
 
-# The Lightning data module is imported on first use: importing Lightning takes seconds, and
-# readers, writers and DataLoader workers should not pay for it.
-_LAZY = {"ShardDataConfig", "ShardDataModule", "SourceConfig"}
+# Readers that need torch, and the Lightning data module, are imported on first use: importing
+# torch takes seconds (Lightning more), and ingest workers, writers and verify need neither.
+_LAZY = {
+    "ShardDataConfig": "datamodule",
+    "ShardDataModule": "datamodule",
+    "SourceConfig": "datamodule",
+    "ShardDataset": "dataset",
+    "ShardDataLoader": "loader",
+    "collate_samples": "loader",
+    "MixedDataset": "mixing",
+    "PatchSampler": "patches",
+    "ItemTransform": "transforms",
+}
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        from . import datamodule
+        import importlib
 
-        return getattr(datamodule, name)
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

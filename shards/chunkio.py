@@ -152,19 +152,6 @@ def _all_fill(block: np.ndarray, fill: np.ndarray) -> bool:
     return bool((block == fill).all())
 
 
-def write_array(arr: zarr.Array, data: np.ndarray) -> bool:
-    """Store all of `data` in a freshly created array; False when zarr must do it instead."""
-    layout = ShardedLayout.of(arr)
-    if layout is None:
-        return False
-    if tuple(data.shape) != layout.shape:
-        raise ValueError(f"data shape {data.shape} != array shape {layout.shape}")
-    store, proto = arr.store_path.store, default_buffer_prototype()
-    for key, blob in encode_shards(layout, data):
-        sync(store.set(key, proto.buffer.from_bytes(blob)))
-    return True
-
-
 # --- reading ---------------------------------------------------------------------------------
 class ShardedArrayReader:
     """Region reads that fetch each shard's index once and then only the chunks a region

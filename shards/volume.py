@@ -25,10 +25,10 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from .chunkio import ShardedArrayReader, ShardedLayout, write_array
+from .chunkio import ShardedArrayReader, ShardedLayout, encode_shards
 from .errors import ShardFormatError
 from .schema import Geometry, Sample
-from .storage import commit, is_local, sha256_file, tmp_name
+from .storage import commit, is_local, sha256_bytes, sha256_file, tmp_name
 from .tarshard import ShardFile
 
 VOLUME_STORE = "volumes.zarr"
@@ -45,7 +45,7 @@ def volume_codec() -> BloscCodec:
 def array_sha256(arr: np.ndarray) -> str:
     """Hash of the decoded voxels: C-order, little-endian bytes."""
     a = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
-    return hashlib.sha256(a.tobytes()).hexdigest()
+    return hashlib.sha256(a).hexdigest()  # the buffer itself: no bytes copy
 
 
 def shard_shape(shape: tuple[int, ...], chunks: tuple[int, ...]) -> tuple[int, ...]:
@@ -102,20 +102,30 @@ class VolumeStoreWriter:
             }
         }
         group = zarr.open_group(zarr_store(self.fs, tmp), mode="w", attributes=attrs)
-        members = {"image": self._write_array(group, "image", sample.data, attrs)}
+        written: dict[str, tuple[str, int]] = {}  # shard files: (sha256, bytes) by group path
+        members = {"image": self._write_array(group, tmp, "image", sample.data, attrs, written)}
         if sample.label_map is not None:
             if sample.label_map.shape != sample.data.shape:
                 raise ValueError(
                     f"sample {sample.key}: label map shape {sample.label_map.shape} "
                     f"!= image shape {sample.data.shape}"
                 )
-            members["label"] = self._write_array(group, "label", sample.label_map, attrs)
+            members["label"] = self._write_array(
+                group, tmp, "label", sample.label_map, attrs, written
+            )
         commit(self.fs, tmp, final)
-        return rel, members, self._files(rel)
+        return rel, members, self._files(rel, written)
 
     def _write_array(
-        self, group: zarr.Group, name: str, data: np.ndarray, attrs: dict[str, Any]
+        self,
+        group: zarr.Group,
+        where: str,
+        name: str,
+        data: np.ndarray,
+        attrs: dict[str, Any],
+        written: dict[str, tuple[str, int]],
     ) -> dict[str, Any]:
+        """zarr writes the array's metadata; chunkio encodes its shard files, written here."""
         data = np.asarray(data, dtype=data.dtype.newbyteorder("<"))
         arr = group.create_array(
             name,
@@ -127,14 +137,22 @@ class VolumeStoreWriter:
             attributes=attrs,
             dimension_names=("i", "j", "k"),
         )
-        if not write_array(arr, data):  # always our own layout, created just above
+        layout = ShardedLayout.of(arr)
+        if layout is None:  # cannot happen: the layout was created just above
             raise AssertionError(f"unexpected Zarr layout for {name}: {arr.metadata.codecs}")
+        for key, blob in encode_shards(layout, data):
+            path = f"{where}/{key}"  # the group's store is rooted at `where`
+            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.pipe_file(path, blob)
+            written[key] = (sha256_bytes(blob), len(blob))
         return {"sha256": array_sha256(data), "shape": list(data.shape), "dtype": data.dtype.str}
 
-    def _files(self, rel: str) -> list[ShardFile]:
-        out = []
-        for path in sorted(self.fs.find(f"{self.root}/{rel}")):
-            digest, size = sha256_file(self.fs, path)
+    def _files(self, rel: str, written: dict[str, tuple[str, int]]) -> list[ShardFile]:
+        """Every file of the group; shard files hashed as they were written, not re-read."""
+        out, group = [], f"{self.root}/{rel}"
+        for path in sorted(self.fs.find(group)):
+            known = written.get(path[len(group) + 1 :])
+            digest, size = known or sha256_file(self.fs, path)
             out.append(ShardFile(path[len(self.root) + 1 :], digest, size))
         return out
 
