@@ -453,14 +453,15 @@ def pandas_tokenize(root: Path, out: Path) -> tuple[float, int]:
     tr = ev[ev["pid"].isin(train)]
     counts = tr["code"].value_counts()
     vocab = {c: i + 30 for i, c in enumerate(counts[counts >= 5].index)}
-    edges = tr.dropna(subset=["value"]).groupby("code")["value"].quantile(
+    quantiles = tr.dropna(subset=["value"]).groupby("code")["value"].quantile(
         np.linspace(0.1, 0.9, 9)).unstack()  # fmt: skip
+    edges = {c: row.to_numpy() for c, row in quantiles.iterrows()}  # .loc per event is slow
     for pid, g in ev.groupby("pid"):
         toks = []
         for c, v in zip(g["code"], g["value"], strict=True):
             toks.append(vocab.get(c, 1))
-            if v == v and c in edges.index:
-                toks.append(int(np.searchsorted(edges.loc[c].to_numpy(), v)))
+            if v == v and c in edges:
+                toks.append(int(np.searchsorted(edges[c], v)))
         np.save(out / f"{pid}.npy", np.asarray(toks, np.int32))
     return time.perf_counter() - t0, len(ev)
 
@@ -499,11 +500,16 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="medfm-bench-ingest-") as tmp:
         ctx = BenchContext(args.quick, Path(tmp))
+        t0 = time.perf_counter()
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        print(f"[bench ingest] ray.init {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         try:
             for name in args.case or list(CASES):
+                t1 = time.perf_counter()
                 for line in CASES[name](ctx):
                     print(json.dumps(line), flush=True)
+                print(f"[bench ingest] {name} {time.perf_counter() - t1:.1f} s "
+                      f"(total {time.perf_counter() - t0:.1f} s)", file=sys.stderr)  # fmt: skip
         finally:
             ray.shutdown()
     return 0
