@@ -134,9 +134,15 @@ class ReadContext:
         keyring: Keyring,
         stats: dict | None = None,
         item: SourceItem | None = None,
+        digests: dict[str, str] | None = None,
     ):
         self.fs, self.source, self.spec, self.keyring = fs, source, spec, keyring
         self.stats, self.item = stats or {}, item
+        self.digests = digests if digests is not None else {}
+
+    def record_digest(self, f: SourceFile, data: bytes) -> None:
+        """sha256 of a whole input file a reader holds in memory: provenance need not re-read it."""
+        self.digests[f.path] = hashlib.sha256(data).hexdigest()
 
     def patient(self, raw_id: str) -> str:
         return self.keyring.patient(raw_id, self.spec.deid.patient_namespace)

@@ -95,13 +95,19 @@ def scan_files(
 
 
 def iter_samples(
-    task: Task, spec: IngestSpec, keyring: Keyring, stats: dict, part: PartResult
+    task: Task,
+    spec: IngestSpec,
+    keyring: Keyring,
+    stats: dict,
+    part: PartResult,
+    digests: dict[str, str] | None = None,
 ) -> Iterator[tuple[SourceItem, Sample]]:
-    """Read every item of a task; quarantine failures into `part`, yield finished samples."""
+    """Read every item of a task; quarantine failures into `part`, yield finished samples.
+    Readers put the sha256 of input files they read whole into `digests`."""
     for item in task.items:
         src = spec.source(item.source)
         fs, _ = get_fs(src.root, **src.storage_options)
-        ctx = ReadContext(fs, src, spec, keyring, stats, item)
+        ctx = ReadContext(fs, src, spec, keyring, stats, item, digests)
         part.items += 1
         part.bytes_in += item.nbytes
         try:
@@ -117,13 +123,19 @@ def iter_samples(
             part.quarantine.append(quarantine_record(spec, keyring, item, item.source, e))
 
 
-def provenance(item: SourceItem, spec: IngestSpec, keyring: Keyring, fs) -> dict[str, Any]:
+def provenance(
+    item: SourceItem, spec: IngestSpec, keyring: Keyring, fs, digests: dict[str, str] | None = None
+) -> dict[str, Any]:
     files = list(item.files) + ([item.label] if item.label else [])
+    digests = digests or {}
     return {
         "source": item.source,
         "path": shown_path(spec, keyring, item.rel),
         "reader": item.format,
-        "inputs": {shown_path(spec, keyring, f.rel): sha256_file(fs, f.path)[0] for f in files},
+        "inputs": {
+            shown_path(spec, keyring, f.rel): digests.get(f.path) or sha256_file(fs, f.path)[0]
+            for f in files
+        },
         "label_path": shown_path(spec, keyring, item.label.rel) if item.label else "",
         "settings": spec.settings(),
         "medfm_version": medfm_version(),
@@ -188,11 +200,12 @@ def convert_task(
     )
     try:
         prov: dict[str, dict[str, Any]] = {}  # per item: a record yields many windows
-        for item, sample in iter_samples(task, spec, keyring, stats, part):
+        digests: dict[str, str] = {}
+        for item, sample in iter_samples(task, spec, keyring, stats, part, digests):
             if item.item_id not in prov:
                 src = spec.source(item.source)
                 fs, _ = get_fs(src.root, **src.storage_options)
-                prov[item.item_id] = provenance(item, spec, keyring, fs)
+                prov[item.item_id] = provenance(item, spec, keyring, fs, digests)
             sample.provenance = {**prov[item.item_id], **sample.provenance}
             hist = _ct_hist(sample, spec)
             if hist is not None:

@@ -3,6 +3,7 @@ canaries, patient-level splits, duplicates, and kill -9 + --resume in a subproce
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -113,6 +114,9 @@ def test_real_inputs_convert_verify_and_bad_ones_are_quarantined(ray_rt, tmp_pat
         p = r["provenance"]
         assert p["path"] and p["inputs"] and p["medfm_version"] and p["settings"]["volume"]
         assert r["split"] in ("train", "val", "test") and r["patient_id"].startswith("P")
+    for r in by_ds["nib"]:  # hashed from the bytes the NIfTI reader read: the files' sha256
+        for rel, digest in r["provenance"]["inputs"].items():
+            assert digest == hashlib.sha256((NIBABEL_FILES / rel).read_bytes()).hexdigest()
     built = by_ds["built"][0]
     shard_set = ShardSet(str(dest))
     vol = shard_set.read_sample(next(r for r in shard_set.rows() if r["key"] == built["key"]))

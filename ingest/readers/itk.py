@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import deflate
 import nibabel as nib
@@ -48,22 +48,27 @@ def _gunzip(data: bytes) -> bytes | bytearray:
     return igzip.decompress(data)
 
 
-def _nifti_bytes(path: str, what: str) -> bytes | bytearray:
+def _nifti_bytes(path: str, what: str, record: Callable[[bytes], None] | None) -> bytes | bytearray:
     """The whole decompressed file. ITK zero-fills a truncated .nii.gz without complaint, so
-    NIfTI data is decoded here instead, by inflaters that fail on truncation."""
+    NIfTI data is decoded here instead, by inflaters that fail on truncation. `record` gets the
+    file's bytes (for its provenance hash)."""
     try:
         with open(path, "rb") as fh:
             data = fh.read()
+        if record is not None:
+            record(data)
         return _gunzip(data) if path.lower().endswith(".gz") else data
     except (EOFError, OSError, zlib.error, isal_zlib.error):
         raise UnreadableInput(f"cannot read {what} (truncated or corrupt gzip stream)") from None
 
 
-def read_nifti(path: str, what: str) -> Volume | sitk.Image:
+def read_nifti(
+    path: str, what: str, record: Callable[[bytes], None] | None = None
+) -> Volume | sitk.Image:
     """Voxels via nibabel from one decompression, left in that buffer (a 512x512x300 int16 copy
     into an ITK image costs more than resampling it); geometry from ITK's header reader, so the
     RAS->LPS conversion and qform/sform choice are exactly ITK's."""
-    raw = _nifti_bytes(path, what)
+    raw = _nifti_bytes(path, what, record)
     cls = (
         nib.Nifti2Header
         if raw[:4] in (b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c")
@@ -81,6 +86,7 @@ def read_nifti(path: str, what: str) -> Volume | sitk.Image:
         raise UnreadableInput(f"cannot read {what} (truncated: data shorter than its header says)")
     try:
         info = sitk.ImageFileReader()
+        info.SetImageIO("NiftiImageIO")  # skips probing every ITK reader for this file
         info.SetFileName(path)
         info.ReadImageInformation()
     except RuntimeError:  # ITK has no NIfTI-2 reader: take the geometry from nibabel
@@ -116,7 +122,7 @@ def read_image(ctx: ReadContext, f, what: str = "image") -> Volume | sitk.Image:
             if not os.path.isfile(path) or not os.access(path, os.R_OK):
                 raise UnreadableInput(f"cannot open {what} (missing or unreadable file)")
             if f.rel.lower().endswith((".nii", ".nii.gz")):
-                return read_nifti(path, what)
+                return read_nifti(path, what, lambda data: ctx.record_digest(f, data))
             return sitk.ReadImage(path)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[-1][:160] if str(e).strip() else ""
