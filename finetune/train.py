@@ -184,6 +184,11 @@ def fit_epochs(
         reset_norm_stats(model.head)
         losses, n = [], 0
         for x, y in train_batches():
+            if len(x) == 1 and len(losses):
+                # The heads' BatchNorm cannot train on one sample. Only an epoch's last, ragged
+                # batch can be this small (the order is shuffled, so which sample is skipped
+                # varies by epoch); it is skipped, as drop_last would, not crashed on.
+                continue
             set_lr(opt, step, total, warmup, t.lr)
             loss = task_loss(cfg.task.type, trained(x.to(device)), y.to(device))
             opt.zero_grad(set_to_none=True)

@@ -10,6 +10,7 @@ from medfm.finetune.data import LabelError, encode_target
 from medfm.finetune.heads import UNETRDecoder
 from medfm.finetune.metrics import bootstrap, evaluate_predictions, metric_fns
 from medfm.finetune.model import FinetuneModel, apply_lora, build_head, param_groups
+from medfm.finetune.train import fit_epochs
 from medfm.pretrain.config import ConfigError
 from medfm.pretrain.models import build_encoder
 
@@ -144,3 +145,20 @@ def test_config_errors_name_the_key():
         load_config(None, base=base, overrides=["train.lrr=1"])
     with pytest.raises(ConfigError, match="data.synthetic.ratio"):
         load_config(None, base=base, overrides=["data.synthetic={shards: s, ratio: 1.5}"])
+
+
+def test_an_epochs_last_batch_of_one_is_skipped_not_fatal():
+    """BatchNorm in the heads cannot train on one sample (the demo's 4,673 train X-rays in
+    batches of 64 end with one): fit_epochs skips that batch and trains on the rest."""
+    base = {"name": "x", "out_dir": "o", "encoder": "e", "data": {"shards": "s"},
+            "task": {"type": "binary", "label_names": ["a", "b"]}}  # fmt: skip
+    cfg = load_config(None, base=base, overrides=["train.epochs=2", "train.warmup_epochs=0"])
+    enc = build_encoder(TINY2D)
+    model = FinetuneModel(enc, build_head(enc, "binary", ["a", "b"]), "binary")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(9, 1, 32, 32, generator=g), torch.randint(0, 2, (9,), generator=g)
+    before = model.head.fc.weight.detach().clone()
+    out = fit_epochs(model, model, lambda: iter([(x[:8], y[:8]), (x[8:], y[8:])]), lambda: 0.5,
+                     cfg, torch.device("cpu"), steps_per_epoch=2)  # fmt: skip
+    assert [h["epoch"] for h in out["history"]] == [1, 2]
+    assert not torch.equal(model.head.fc.weight, before)  # the batch of 8 trained the head
