@@ -159,3 +159,22 @@ def test_volume_from_array_round_trips_to_sitk():
     copy = Volume(np.array(vol.array), vol.geometry).sitk_image()
     assert np.array_equal(sitk.GetArrayFromImage(copy), sitk.GetArrayFromImage(src))
     assert copy.GetDirection() == src.GetDirection() and copy.GetOrigin() == src.GetOrigin()
+
+
+def test_hu_histogram_counts_every_foreground_voxel_once(ts):
+    """The int16 fast path (one bincount over all 65536 values) against a plain per-voxel
+    count, on the real CT and its label map, in memory and transposed order, and on floats."""
+    ct = sitk.GetArrayFromImage(sitk.ReadImage(str(ts / "example_ct_sm.nii.gz"))).astype(np.int16)
+    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(ts / "example_seg.nii.gz")))
+
+    def plain(arr, label, fg_hu):
+        arr = arr.ravel()
+        fg = arr[label.ravel() > 0] if label is not None else arr[arr > fg_hu]
+        idx = np.clip(np.rint(fg).astype(np.int64), imaging.HU_MIN, imaging.HU_MAX - 1)
+        return np.bincount(idx - imaging.HU_MIN, minlength=imaging.HU_MAX - imaging.HU_MIN)
+
+    for arr, label in [(ct, None), (ct, seg), (ct.T, None), (ct.T, seg.T),
+                       (ct.astype(np.float32) + 0.2, None)]:  # fmt: skip
+        got = imaging.ct_histogram(arr, label, -500.0)
+        assert got.dtype == np.int64 and np.array_equal(got, plain(arr, label, -500.0))
+    assert imaging.ct_histogram(ct, None, -500.0).sum() == int((ct > -500).sum())
