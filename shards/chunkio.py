@@ -73,7 +73,9 @@ class ShardedLayout:
         return tuple(s // c for s, c in zip(self.shard, self.chunk, strict=True))
 
     def shard_key(self, coords: tuple[int, ...]) -> str:
-        return f"{self.array.store_path.path}/{self.array.metadata.encode_chunk_key(coords)}"
+        """The shard file's key in the store (an array at the store's root has no prefix)."""
+        key = self.array.metadata.encode_chunk_key(coords)
+        return f"{self.array.store_path.path}/{key}" if self.array.store_path.path else key
 
 
 def _plain_index(sharding: ShardingCodec) -> bool:
