@@ -175,7 +175,7 @@ def ct_histogram(arr: np.ndarray, label: np.ndarray | None, fg_hu: float) -> np.
         keep = slice(None) if by_label else _INT16_OF_U16 > fg_hu
         return _hu_bins(_INT16_OF_U16[keep], counts[keep])
     fg = arr[label > 0] if by_label else arr[arr > fg_hu]
-    values = fg.astype(np.int64) if np.issubdtype(fg.dtype, np.integer) else np.rint(fg)
+    values = fg if np.issubdtype(fg.dtype, np.integer) else np.rint(fg)
     return _hu_bins(values.astype(np.int64), None)
 
 

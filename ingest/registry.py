@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from medfm.shards import Sample
+from medfm.shards.storage import sha256_bytes
 
 from .privacy import Keyring, split_for
 
@@ -142,7 +143,7 @@ class ReadContext:
 
     def record_digest(self, f: SourceFile, data: bytes) -> None:
         """sha256 of a whole input file a reader holds in memory: provenance need not re-read it."""
-        self.digests[f.path] = hashlib.sha256(data).hexdigest()
+        self.digests[f.path] = sha256_bytes(data)
 
     def patient(self, raw_id: str) -> str:
         return self.keyring.patient(raw_id, self.spec.deid.patient_namespace)
