@@ -52,25 +52,28 @@ class RayCluster:
     env: dict[str, str]
 
 
-def _node_ports() -> list[str]:
+class NodePorts:
     """Every port a Ray node opens, explicit: two nodes on one host must not collide. The
-    worker range is fixed first, and the single ports are drawn outside it (Ray refuses a
-    component port inside the worker range)."""
-    low = free_port() // 1000 * 1000 % 50000 + 10000
-    workers = range(low, low + 401)
+    worker range is fixed first, and every single port (the head's GCS, dashboard and client
+    ports included) is drawn outside it: Ray refuses a component port inside the worker range."""
 
-    def outside() -> int:
+    def __init__(self):
+        low = free_port() // 1000 * 1000 % 50000 + 10000
+        self.workers = range(low, low + 401)
+
+    def outside(self) -> int:
         port = free_port()
-        while port in workers:
+        while port in self.workers:
             port = free_port()
         return port
 
-    names = ["node-manager", "object-manager", "metrics-export", "dashboard-agent-listen",
-             "dashboard-agent-grpc", "runtime-env-agent"]  # fmt: skip
-    return [f"--{name}-port={outside()}" for name in names] + [
-        f"--min-worker-port={low}",
-        f"--max-worker-port={low + 400}",
-    ]
+    def args(self) -> list[str]:
+        names = ["node-manager", "object-manager", "metrics-export", "dashboard-agent-listen",
+                 "dashboard-agent-grpc", "runtime-env-agent"]  # fmt: skip
+        return [f"--{name}-port={self.outside()}" for name in names] + [
+            f"--min-worker-port={self.workers.start}",
+            f"--max-worker-port={self.workers.stop - 1}",
+        ]
 
 
 def _ray_start(args: list[str], env: dict[str, str]) -> None:
@@ -104,7 +107,8 @@ def local_ray_cluster(env_extra: dict[str, str] | None = None):
     # Short path: Ray's unix sockets live under it (108-byte limit).
     temp_dir = Path(tempfile.mkdtemp(prefix="mray", dir="/tmp"))
     env = cluster_env(**(env_extra or {}))
-    port, dash = free_port(), free_port()
+    head = NodePorts()
+    port, dash = head.outside(), head.outside()
     common = ["--num-cpus=1", "--object-store-memory=200000000", "--node-ip-address=127.0.0.1"]
     try:
         _ray_start(
@@ -115,10 +119,10 @@ def local_ray_cluster(env_extra: dict[str, str] | None = None):
                 "--include-dashboard=true",
                 "--dashboard-host=127.0.0.1",
                 f"--dashboard-port={dash}",
-                f"--ray-client-server-port={free_port()}",
+                f"--ray-client-server-port={head.outside()}",
                 '--resources={"medfm_head": 1}',
                 *common,
-                *_node_ports(),
+                *head.args(),
             ],
             env,
         )
@@ -127,7 +131,7 @@ def local_ray_cluster(env_extra: dict[str, str] | None = None):
                 f"--address=127.0.0.1:{port}",
                 '--resources={"medfm_worker": 1}',
                 *common,
-                *_node_ports(),
+                *NodePorts().args(),
             ],
             env,
         )
