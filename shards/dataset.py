@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import torch
 from PIL import Image
 
+from .batchring import DeferredTensor
 from .codecs import decode as decode_payload
 from .errors import ShardFormatError
 from .manifest import Manifest
@@ -89,6 +90,19 @@ def label_filter(labels: dict[str, Any] | Callable[[dict], bool] | None) -> Call
     return match
 
 
+class ScaledPixels(DeferredTensor):
+    """8/16-bit pixels as float32 (C, H, W) in [0, 1], converted when written."""
+
+    def __init__(self, raw: np.ndarray):
+        self.raw, self.dtype = raw, torch.float32
+        self.scale = np.float32(1.0 / PIXEL_SCALE[raw.dtype.str])
+        self.shape = (1, *raw.shape) if raw.ndim == 2 else (raw.shape[2], *raw.shape[:2])
+
+    def write(self, out: torch.Tensor) -> None:
+        chw = self.raw[None] if self.raw.ndim == 2 else self.raw.transpose(2, 0, 1)
+        np.multiply(chw, self.scale, out=out.numpy())  # one pass, no torch op dispatch
+
+
 def to_tensor(kind: str, arr: np.ndarray) -> torch.Tensor:
     """image2d -> float (C,H,W) scaled to [0,1] for 8/16-bit; signal float (C,T); ehr long."""
     if kind == "ehr":
@@ -97,12 +111,9 @@ def to_tensor(kind: str, arr: np.ndarray) -> torch.Tensor:
     if kind != "image2d":
         t = torch.from_numpy(np.ascontiguousarray(arr).astype(np.float32, copy=False))
         return t[None] if kind == "volume3d" else t
-    # Scale in NumPy: one pass, no torch op dispatch (which dominates for small images).
-    scale = PIXEL_SCALE.get(arr.dtype.str)
-    out = arr.astype(np.float32)
-    if scale:
-        out *= np.float32(1.0 / scale)  # in place: faster than a casting multiply
-    t = torch.from_numpy(out)
+    if arr.dtype.str in PIXEL_SCALE:
+        return ScaledPixels(arr).tensor()
+    t = torch.from_numpy(arr.astype(np.float32))
     return t[None] if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
 
 
@@ -279,7 +290,13 @@ class ShardDataset(PlannedDataset):
                 raise ShardFormatError(f"{where}: sha256 mismatch (corrupt shard)")
             arrays[ext] = decode_payload(ext, raw, where)
         data = arrays.pop(row["member"])
-        item = self._item(row, to_tensor(row["kind"], data) if self.decode == "tensor" else data)
+        if self.decode == "tensor":
+            defer = self.deferred and self.transform is None and row["kind"] == "image2d"
+            if defer and data.dtype.str in PIXEL_SCALE:  # scaled straight into the batch
+                data = ScaledPixels(data)
+            else:
+                data = to_tensor(row["kind"], data)
+        item = self._item(row, data)
         for ext, arr in arrays.items():
             name = ext.rsplit(".", 1)[0]
             if name == "label":

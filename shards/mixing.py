@@ -133,6 +133,11 @@ class MixedDataset(PlannedDataset):
             self._source_orders[key] = self.sources[s].rank_sequence(epoch)
         return self._source_orders[key]
 
+    def defer_conversions(self) -> None:
+        super().defer_conversions()
+        for s in self.sources:
+            s.defer_conversions()
+
     def load(self, unit: int, epoch: int) -> dict[str, Any]:
         src, src_epoch, pos = self.plan(epoch)
         s, e = int(src[unit]), int(src_epoch[unit])

@@ -64,6 +64,7 @@ class PlannedDataset(IterableDataset):
         self._epoch, self._started, self._pending = 0, False, None
         self._loader_armed = False
         self.consumed = 0  # counted only when iterated without DataLoader workers
+        self.deferred = False  # items may hold DeferredTensors (only in a ShardDataLoader worker)
 
     # --- what subclasses provide ---------------------------------------------------------
     def num_units(self) -> int:
@@ -75,6 +76,11 @@ class PlannedDataset(IterableDataset):
 
     def load(self, unit: int, epoch: int) -> dict[str, Any]:
         raise NotImplementedError
+
+    def defer_conversions(self) -> None:
+        """Let items carry DeferredTensors, for a collate function that writes them into the
+        batch (ShardDataLoader calls this in its own workers)."""
+        self.deferred = True
 
     # --- distribution ---------------------------------------------------------------------
     @property
