@@ -181,6 +181,7 @@ class ShardDataset(PlannedDataset):
             raise ValueError(f"{root_or_url}: no samples match the filters")
         self._build_units(table)
         self._rows = HandleCache(size=ROW_BLOCKS_CACHED)
+        self._prepared: dict[int, dict[str, Any]] = {}
         self._tar = TarRangeReader(m.fs, m.path)
         files = frozenset(f for f in m.header["files"] if f.startswith("volumes.zarr/"))
         self._volumes = VolumeReader(m.fs, m.path, files)
@@ -209,13 +210,23 @@ class ShardDataset(PlannedDataset):
         return 1
 
     def row(self, i: int) -> dict[str, Any]:
-        """Manifest row i (in shard order). Rows stay in Arrow memory, converted in blocks:
-        millions of Python dicts would be copied into every forked worker."""
+        """Manifest row i (in shard order). Rows stay in Arrow memory: millions of Python dicts
+        would be copied into every forked worker. The rows of the units about to load are
+        converted together (`prepare`); any other row comes with its block of neighbours."""
+        row = self._prepared.get(i)
+        if row is not None:
+            return row
         block = i // ROW_BLOCK
         rows = self._rows.get(
             str(block), lambda: self._table.slice(block * ROW_BLOCK, ROW_BLOCK).to_pylist()
         )
         return rows[i - block * ROW_BLOCK]
+
+    def prepare(self, units: np.ndarray, epoch: int) -> None:
+        # A shuffle buffer keeps stragglers from far back in the shard order, so the rows of a
+        # stretch of units are scattered: one take() beats converting a block for each.
+        rows = np.unique(self._unit_row[units])
+        self._prepared = dict(zip(rows.tolist(), self._table.take(rows).to_pylist(), strict=True))
 
     def label_values(self, key: str) -> set[Any]:
         """The distinct labels[key] of the selected rows; a row without it is an error."""

@@ -138,6 +138,12 @@ class MixedDataset(PlannedDataset):
         for s in self.sources:
             s.defer_conversions()
 
+    def prepare(self, units: np.ndarray, epoch: int) -> None:
+        src, src_epoch, pos = self.plan(epoch)
+        for s, e in {(int(a), int(b)) for a, b in zip(src[units], src_epoch[units], strict=True)}:
+            mine = units[(src[units] == s) & (src_epoch[units] == e)]
+            self.sources[s].prepare(self._source_order(s, e)[pos[mine]], e)
+
     def load(self, unit: int, epoch: int) -> dict[str, Any]:
         src, src_epoch, pos = self.plan(epoch)
         s, e = int(src[unit]), int(src_epoch[unit])

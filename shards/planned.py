@@ -27,6 +27,7 @@ log = logging.getLogger("medfm.shards")
 
 EPOCH, OFFSET, SAVED_WORLD = 0, 1, 2  # slots of the shared control tensor
 ON_ERROR = ("raise", "skip")
+PREPARE_AHEAD = 256  # units whose rows are fetched together
 
 
 def dist_rank_world() -> tuple[int, int]:
@@ -76,6 +77,10 @@ class PlannedDataset(IterableDataset):
 
     def load(self, unit: int, epoch: int) -> dict[str, Any]:
         raise NotImplementedError
+
+    def prepare(self, units: np.ndarray, epoch: int) -> None:
+        """Called with each next stretch of units before they load, to fetch what they need
+        in one go (ShardDataset converts their manifest rows)."""
 
     def defer_conversions(self) -> None:
         """Let items carry DeferredTensors, for a collate function that writes them into the
@@ -173,6 +178,8 @@ class PlannedDataset(IterableDataset):
     def _load_all(self, units: np.ndarray, epoch: int) -> Iterator[dict[str, Any]]:
         skipped = 0
         for i, unit in enumerate(units):
+            if i % PREPARE_AHEAD == 0:
+                self.prepare(units[i : i + PREPARE_AHEAD], epoch)
             try:
                 item = self.load(int(unit), epoch)
             except ShardError as e:

@@ -132,6 +132,26 @@ def test_fewer_shards_than_slots_splits_by_sample(anat, two_ranks):
     check_exactly_once(two_ranks[1]["ranks"], anat[1])
 
 
+def test_rows_of_upcoming_units_are_converted_together(anat, monkeypatch):
+    """A shuffle buffer scatters a stretch of units over the shard order; their manifest rows
+    come from one conversion, not from a block of neighbours each (which thrashed the block
+    cache late in long epochs), and equal the rows the block path gives."""
+    import medfm.shards.dataset as dataset_module
+
+    monkeypatch.setattr(dataset_module, "ROW_BLOCK", 4)
+    root, _ = anat
+    ds = ShardDataset(root, seed=2, buffer_size=40)
+    units = ds.rank_sequence(0)[-16:]
+    rows = [int(ds._unit_row[u]) for u in units]
+    assert len({r // 4 for r in rows}) > 3  # scattered over many blocks
+    by_block = [ds.row(r) for r in rows]
+    fresh = ShardDataset(root, seed=2, buffer_size=40)
+    fresh.prepare(units, 0)
+    assert [fresh.row(r) for r in rows] == by_block
+    assert not fresh._rows._items, "prepared rows still converted whole blocks"
+    assert [i["key"] for i in fresh._load_all(units, 0)] == [r["key"] for r in by_block]
+
+
 def test_rank_split_equal_lengths_drop_last(anat):
     root, keys = anat
     for drop_last in (False, True):
