@@ -68,8 +68,8 @@ class BatchRing:
         self.collate, self.stackable = collate, stackable
         self.id = uuid.uuid4().hex
         self._free = torch.ones(workers, slots, dtype=torch.uint8).share_memory_()
-        self._arenas: dict[int, tuple[str, torch.Tensor]] = {}  # worker side, by slot
-        self._mapped: dict[tuple[int, int], tuple[str, np.ndarray]] = {}  # main side
+        self._arenas: dict[int, torch.Tensor] = {}  # worker side, by slot
+        self._mapped: dict[tuple[int, int], np.ndarray] = {}  # main side, by (worker, slot)
         _RINGS[self.id] = self
 
     def __getstate__(self) -> dict[str, Any]:  # spawned workers get the shared flags only
@@ -83,7 +83,7 @@ class BatchRing:
         slot = self._acquire(info.id) if nbytes else None
         if slot is None:
             return self.collate(items)
-        token, arena, fresh = self._arena(slot, nbytes)
+        arena, fresh = self._arena(slot, nbytes)
         for (_, off, shape, dtype), (_, vals) in zip(refs, planned, strict=True):
             out = arena[off : off + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
             if isinstance(vals[0], DeferredTensor):
@@ -95,7 +95,7 @@ class BatchRing:
                 out.copy_(torch.as_tensor(vals, dtype=dtype))
         done = {key for key, _ in planned}
         rest = self.collate([{k: v for k, v in it.items() if k not in done} for it in items])
-        return _LeasedBatch(self.id, info.id, slot, token, arena if fresh else None, refs, rest)
+        return _LeasedBatch(self.id, info.id, slot, arena if fresh else None, refs, rest)
 
     def _acquire(self, worker: int) -> int | None:
         row = self._free[worker].numpy()
@@ -105,24 +105,23 @@ class BatchRing:
         row[free[0]] = 0
         return int(free[0])
 
-    def _arena(self, slot: int, nbytes: int) -> tuple[str, torch.Tensor, bool]:
-        """(token, arena, fresh): this slot's arena, replaced by a larger one when too small.
-        A fresh arena travels with its first batch; the main process keeps it mapped."""
-        if slot in self._arenas and self._arenas[slot][1].numel() >= nbytes:
-            return (*self._arenas[slot], False)
+    def _arena(self, slot: int, nbytes: int) -> tuple[torch.Tensor, bool]:
+        """(arena, fresh): this slot's arena, replaced by a larger one when too small. A fresh
+        arena travels with its first batch, and the main process keeps it mapped."""
+        if slot in self._arenas and self._arenas[slot].numel() >= nbytes:
+            return self._arenas[slot], False
         # Allocated in shared memory directly: share_memory_() would copy a private buffer
         storage = torch.UntypedStorage._new_shared(_aligned(int(nbytes * GROWTH)))
-        self._arenas[slot] = (uuid.uuid4().hex, torch.empty(0, dtype=torch.uint8).set_(storage))
-        return (*self._arenas[slot], True)
+        self._arenas[slot] = torch.empty(0, dtype=torch.uint8).set_(storage)
+        return self._arenas[slot], True
 
     # --- main side -------------------------------------------------------------------------
-    def lease(self, worker: int, slot: int, token: str, arena, refs, rest) -> dict[str, Any]:
+    def lease(self, worker: int, slot: int, arena, refs, rest) -> dict[str, Any]:
         """The batch with its stacked entries as tensors aliasing the arena."""
         if arena is not None:  # first batch in a new arena: keep it mapped for the ring's life
-            self._mapped[(worker, slot)] = (token, arena.numpy())
-        have, base = self._mapped[(worker, slot)]
-        if have != token:
-            raise RuntimeError(f"batch ring: arena {token} of worker {worker} was never received")
+            self._mapped[(worker, slot)] = arena.numpy()
+        # A worker's batches arrive in the order it sent them, so its newest arena is mapped.
+        base = self._mapped[(worker, slot)]
         # One fresh ndarray per batch: every tensor below holds it, and when the last of them
         # (or of their views) is gone, its finalizer hands the arena back to the worker.
         holder = base[:]
@@ -155,8 +154,8 @@ class _LeasedBatch:
     """What a worker sends: descriptors into an arena; unpickles, in the main process, as the
     batch itself."""
 
-    def __init__(self, ring: str, worker: int, slot: int, token: str, arena, refs, rest):
-        self.args = (ring, worker, slot, token, arena, refs, rest)
+    def __init__(self, ring: str, worker: int, slot: int, arena, refs, rest):
+        self.args = (ring, worker, slot, arena, refs, rest)
 
     def __reduce__(self):
         return _unpack, self.args

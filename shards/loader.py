@@ -17,13 +17,17 @@ from .batchring import BatchRing, DeferredTensor
 from .planned import PlannedDataset
 
 
+def common_entries(items: list[dict[str, Any]]) -> Iterator[tuple[str, list]]:
+    """(key, values) of the entries every item has; the others are left out of the batch."""
+    for k in items[0]:
+        if all(k in it for it in items):
+            yield k, [it[k] for it in items]
+
+
 def stackable_entries(items: list[dict[str, Any]]) -> list[tuple[str, list]]:
     """The batch entries that stack into one tensor: same-shaped, same-typed tensors, or ints."""
     out = []
-    for k in items[0]:
-        if not all(k in it for it in items):
-            continue
-        vals = [it[k] for it in items]
+    for k, vals in common_entries(items):
         first = vals[0]
         if isinstance(first, (torch.Tensor, DeferredTensor)):
             same = (isinstance(v, type(first)) and v.shape == first.shape for v in vals)
@@ -37,10 +41,8 @@ def stackable_entries(items: list[dict[str, Any]]) -> list[tuple[str, list]]:
 def collate_samples(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack same-shaped tensors and ints; keep keys, meta dicts and ragged tensors as lists."""
     out: dict[str, Any] = {}
-    for k in items[0]:
-        if not all(k in it for it in items):
-            continue
-        vals = [v.tensor() if isinstance(v, DeferredTensor) else v for v in (it[k] for it in items)]
+    for k, entry in common_entries(items):
+        vals = [v.tensor() if isinstance(v, DeferredTensor) else v for v in entry]
         first = vals[0]
         if isinstance(first, torch.Tensor) and all(v.shape == first.shape for v in vals):
             # default_collate stacks straight into shared memory inside a worker (one copy less)
