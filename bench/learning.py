@@ -131,8 +131,8 @@ def pretrain_mae(shards: Path, out: Path, r: Recipe) -> Path:
 
 def random_encoder(mae_export: Path, out: Path, seed: int) -> Path:
     """The same architecture and preprocessing contract, randomly initialised (baseline)."""
-    from medfm.pretrain.export import export_encoder
-    from medfm.pretrain.models import build_encoder
+    from medfm.models import build_encoder
+    from medfm.models.export import export_encoder
 
     side = json.loads((mae_export / "encoder.json").read_text())
     torch.manual_seed(seed)

@@ -22,9 +22,9 @@ def finetune(
     if config is None:
         typer.echo(ctx.get_help())
         raise typer.Exit(2)
+    from medfm.config import ConfigError
     from medfm.finetune.config import load_config
     from medfm.finetune.train import run
-    from medfm.pretrain.config import ConfigError
 
     try:
         cfg = load_config(config, override)
@@ -61,10 +61,10 @@ def evaluate_cmd(
     override: list[str] = typer.Option([], "--set", help="key=value overrides (repeatable)."),
 ):
     """Score an exported model on a split; prints its metrics (95% CIs) as one JSON line."""
+    from medfm.config import ConfigError
     from medfm.finetune.config import load_config
     from medfm.finetune.evaluate import evaluate_export
     from medfm.finetune.export import ExportError
-    from medfm.pretrain.config import ConfigError
 
     try:
         metrics = evaluate_export(model, load_config(config, override), split, roc)

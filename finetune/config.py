@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from medfm.pretrain.config import ConfigError, from_dict, read_tree
+from medfm.config import ConfigError, from_dict, read_tree
 
 
 @dataclass

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medfm.pretrain.config import ConfigError
-from medfm.pretrain.preprocess import Contract
+from medfm.config import ConfigError
+from medfm.models.contract import Contract
 from medfm.shards import Manifest
 from medfm.shards.dataset import ShardDataset
 from medfm.shards.loader import ShardDataLoader

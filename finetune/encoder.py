@@ -1,6 +1,6 @@
 """The base encoder: a `medfm pretrain` export (safetensors + JSON sidecar), local or from the hub.
 
-`medfm.pretrain.export.load_encoder` rebuilds it from the sidecar and checks the weights' sha256.
+`medfm.models.export.load_encoder` rebuilds it from the sidecar and checks the weights' sha256.
 That hash is the encoder's identity: adapters record it and refuse to load onto anything else.
 """
 
@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from medfm.finetune import hub
-from medfm.pretrain.export import FORMAT, load_encoder
-from medfm.pretrain.models import Encoder
+from medfm.models import Encoder
+from medfm.models.export import FORMAT, load_encoder
 
 
 class EncoderLoadError(ValueError):

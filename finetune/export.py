@@ -17,7 +17,7 @@ from typing import Any
 
 from safetensors.torch import load_file
 
-from medfm.pretrain.models import build_encoder
+from medfm.models import build_encoder
 
 from .card import model_card
 from .data import contract_from_dict

@@ -14,7 +14,7 @@ import torch
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 from torch import nn
 
-from medfm.pretrain.config import ConfigError
+from medfm.config import ConfigError
 
 
 class LinearHead(nn.Module):

@@ -10,8 +10,8 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from torch import nn
 
-from medfm.pretrain.config import ConfigError
-from medfm.pretrain.models import Encoder
+from medfm.config import ConfigError
+from medfm.models import Encoder
 
 from .config import LoraConfig
 from .heads import LinearHead, UNETRDecoder, encoder_hidden_states, head_outputs

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medfm.pretrain.preprocess import Contract
+from medfm.models.contract import Contract
 from medfm.shards import Manifest, open_volume
 from medfm.shards.patches import PatchSampler
 

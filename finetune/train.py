@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, TensorDataset
 
 from medfm.finetune import hub
-from medfm.pretrain.preprocess import Contract
+from medfm.models.contract import Contract
 from medfm.shards import Manifest
 from medfm.shards.mixing import RealizedRatio
 

@@ -43,10 +43,11 @@ def pretrain(
 ) -> None:
     """Train an encoder on shard sets. Extra `key=value` arguments override the config, e.g.
     `train.max_steps=2000 data.batch_size=64 objectives.0.mask_ratio=0.6`."""
-    from medfm.pretrain.config import ConfigError, load_config
+    from medfm.config import ConfigError
+    from medfm.pretrain.config import load_config
 
     if list_:
-        from medfm.pretrain.models import ENCODERS
+        from medfm.models import ENCODERS
         from medfm.pretrain.objectives import OBJECTIVES
 
         typer.echo(f"encoders:   {', '.join(ENCODERS.names())}")

@@ -14,6 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from medfm.models.contract import Contract, sorted_classes
 from medfm.shards import Manifest
 from medfm.shards.dataset import ShardDataset
 from medfm.shards.loader import ShardDataLoader
@@ -22,7 +23,6 @@ from medfm.shards.patches import PatchSampler
 from medfm.shards.transforms import ItemTransform
 
 from .config import ConfigError, DataConfig, PairConfig
-from .preprocess import Contract, sorted_classes
 
 PAIR_PREFIX = "pair_"  # partner fields are flattened (pair_data, ...) so default collation works
 

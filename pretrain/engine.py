@@ -13,8 +13,9 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from medfm.models import Encoder, build_encoder
+
 from .config import PretrainConfig
-from .models import Encoder, build_encoder
 from .objectives import OBJECTIVES, Context
 
 STEP_SALT = 0x57E9

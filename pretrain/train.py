@@ -11,14 +11,15 @@ from typing import Any
 import lightning as L
 import torch
 
+from medfm.models import Encoder
+from medfm.models.contract import Contract
+from medfm.models.export import export_encoder, save_module
+
 from .checkpoint import LAST, SafeCheckpointIO, checkpoint_dir, resume_path
 from .config import PretrainConfig
 from .data import PretrainDataModule
 from .engine import PretrainModule
-from .export import export_encoder, save_module
-from .models import Encoder
 from .plots import PlotCallback
-from .preprocess import Contract
 from .throughput import ThroughputMonitor
 
 log = logging.getLogger("medfm.pretrain")

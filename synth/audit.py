@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import yaml
 
-from medfm.pretrain.config import from_dict
+from medfm.config import from_dict
 from medfm.pretrain.objectives.diffusion_data import intensity_of
 from medfm.shards import Manifest, ShardSet, open_volume
 

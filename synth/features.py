@@ -60,7 +60,7 @@ class EncoderFeatures:
     """Pooled (class-token) embeddings of an exported medfm encoder, inputs resized to fit it."""
 
     def __init__(self, path: str | Path, device: str = "cpu"):
-        from medfm.pretrain.export import load_encoder
+        from medfm.models.export import load_encoder
 
         self.encoder, sidecar = load_encoder(str(path))
         self.encoder.to(device).eval()

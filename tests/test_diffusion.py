@@ -10,7 +10,8 @@ import pytest
 import torch
 from pretrain_helpers import base_config, ct_shards, losses, pneumonia_shards
 
-from medfm.pretrain.config import ConfigError, load_config
+from medfm.config import ConfigError
+from medfm.pretrain.config import load_config
 from medfm.pretrain.objectives import OBJECTIVES, Context
 from medfm.pretrain.objectives.diffusion import DiffusionObjective
 from medfm.pretrain.objectives.diffusion_export import load_diffusion

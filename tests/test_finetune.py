@@ -28,9 +28,9 @@ from medfm.finetune.data import (
 from medfm.finetune.encoder import load_base_encoder
 from medfm.finetune.export import BaseEncoderMismatchError, export, load
 from medfm.finetune.train import predict, run
-from medfm.pretrain.export import export_encoder
-from medfm.pretrain.models import build_encoder
-from medfm.pretrain.preprocess import Contract
+from medfm.models import build_encoder
+from medfm.models.contract import Contract
+from medfm.models.export import export_encoder
 from medfm.shards import Geometry, Sample, ShardSetWriter
 
 torch.set_num_threads(1)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from medfm.config import ConfigError
 from medfm.finetune.config import load_config
 from medfm.finetune.metrics import choose_threshold, evaluate_predictions
 from medfm.finetune.train import augment_2d
-from medfm.pretrain.config import ConfigError
 
 BASE = {
     "name": "t",

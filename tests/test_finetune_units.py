@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from medfm.config import ConfigError
 from medfm.finetune.config import LoraConfig, TaskConfig, load_config
 from medfm.finetune.data import LabelError, encode_target
 from medfm.finetune.heads import UNETRDecoder
 from medfm.finetune.metrics import bootstrap, evaluate_predictions, metric_fns
 from medfm.finetune.model import FinetuneModel, apply_lora, build_head, param_groups
 from medfm.finetune.train import fit_epochs
-from medfm.pretrain.config import ConfigError
-from medfm.pretrain.models import build_encoder
+from medfm.models import build_encoder
 
 torch.set_num_threads(1)
 TINY2D = {"name": "vit2d", "size": "tiny", "embed_dim": 32, "depth": 3, "num_heads": 2,

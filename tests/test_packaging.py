@@ -26,7 +26,7 @@ def test_editable_install_maps_stage_folders():
     import medfm.shards
 
     assert Path(medfm.shards.__file__).parent == REPO / "shards"
-    assert Path(medfm.__file__).parent == REPO
+    assert Path(medfm.__file__).parent == REPO / "medfm"
 
 
 @pytest.fixture(scope="module")

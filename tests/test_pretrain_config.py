@@ -8,8 +8,9 @@ import pytest
 import torch
 from pretrain_helpers import DECODER, TINY, base_config, pneumonia_shards, run_cli, write_yaml
 
-from medfm.pretrain.config import ConfigError, load_config
-from medfm.pretrain.models import ENCODERS, build_encoder
+from medfm.config import ConfigError
+from medfm.models import ENCODERS, build_encoder
+from medfm.pretrain.config import load_config
 from medfm.pretrain.objectives import OBJECTIVES, Context
 
 torch.set_num_threads(1)

@@ -98,7 +98,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path, s
 
 
 def test_export_loads_from_safetensors_and_sidecar_alone(tmp_path, shards):
-    from medfm.pretrain.export import ExportError, load_encoder
+    from medfm.models.export import ExportError, load_encoder
     from medfm.pretrain.train import build
 
     cfg_path = mae_config(tmp_path, shards, "exp", max_steps=3, ema_decay=0.5)

@@ -89,8 +89,8 @@ def test_pickle_checkpoints_are_never_loaded(setup):
 
 
 def test_encoder_checkpoint_is_the_wrong_kind(setup):
-    from medfm.pretrain.export import export_encoder
-    from medfm.pretrain.models import ENCODERS
+    from medfm.models import ENCODERS
+    from medfm.models.export import export_encoder
 
     enc = ENCODERS.build(
         "vit2d",
@@ -163,8 +163,8 @@ def test_generated_rows_record_class_seed_and_sampler(setup):
 
 
 def test_audit_in_the_feature_space_of_our_pretrained_encoder(setup):
-    from medfm.pretrain.export import export_encoder
-    from medfm.pretrain.models import ENCODERS
+    from medfm.models import ENCODERS
+    from medfm.models.export import export_encoder
 
     enc = ENCODERS.build(
         "vit2d",

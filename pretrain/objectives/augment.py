@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..models.ehr import PAD_ID
+from medfm.models.ehr import PAD_ID
 
 
 @dataclass

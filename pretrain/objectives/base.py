@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..models.base import Encoder
-from ..registry import Registry
+from medfm.models.base import Encoder
+from medfm.registry import Registry
 
 
 def _load_plugins() -> None:

@@ -96,7 +96,7 @@ class CLIP(Objective):
     def __init__(self, cfg: CLIPConfig, ctx: Context):
         super().__init__("clip", cfg, ctx)
         if ctx.pair_encoder is None:
-            from ..config import ConfigError
+            from medfm.config import ConfigError
 
             raise ConfigError("objective clip needs pair_model (the second modality's encoder)")
         self.head_a = projection(ctx.encoder.embed_dim, cfg.proj_dim)

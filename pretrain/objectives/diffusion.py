@@ -43,7 +43,7 @@ class DiffusionConfig:
 
     def check(self) -> None:
         """Refuse settings the UNets would only reject deep inside a forward pass."""
-        from ..config import ConfigError
+        from medfm.config import ConfigError
 
         if self.spatial_dims not in (2, 3):
             raise ConfigError(f"spatial_dims: 2 or 3, got {self.spatial_dims}")
@@ -152,7 +152,7 @@ class DiffusionObjective(Objective):
         return self.unet(x, timesteps=t, class_labels=labels)
 
     def check_classes(self, classes: list[Any]) -> None:
-        from ..config import ConfigError
+        from medfm.config import ConfigError
 
         if self.conditional and len(classes) != self.cfg.num_classes:
             found = f"{len(classes)} classes {classes}" if classes else "no classes"

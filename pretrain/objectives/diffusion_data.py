@@ -55,7 +55,7 @@ def default_intensity(dtype: str, window: tuple[float, float] | None) -> Intensi
 def engine_window(data: dict[str, Any], rows: list[dict[str, Any]], root: str):
     """The window the engine's intensity setting (`auto`/`unit`/`window`) applied, or None for
     the dtype's range; z-scoring is refused (see intensity_of)."""
-    from ..preprocess import CT_WINDOW
+    from medfm.models.contract import CT_WINDOW
 
     mode = data.get("intensity", "auto")
     dtype = unique(rows, "dtype", root) if rows else ""

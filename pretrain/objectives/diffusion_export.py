@@ -126,9 +126,9 @@ def engine_export(folder: Path) -> tuple[Path, dict[str, Any]]:
     export; the run's config.json (one level up) holds the objective's parameters and the data
     section, from which the preprocessing contract is rebuilt against the training manifest.
     """
+    from medfm.models.contract import sorted_classes
     from medfm.shards import Manifest
 
-    from ..preprocess import sorted_classes
     from .diffusion_data import build_contract, engine_window
 
     config_path = folder.parent / "config.json"

@@ -14,7 +14,8 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from ..models.base import sincos_grid
+from medfm.models.base import sincos_grid
+
 from .base import OBJECTIVES, Context, Objective
 
 
@@ -43,7 +44,7 @@ class MAE(Objective):
     def __init__(self, cfg: MAEConfig, ctx: Context):
         super().__init__("mae", cfg, ctx)
         if not 0.0 < cfg.mask_ratio < 1.0:
-            from ..config import ConfigError
+            from medfm.config import ConfigError
 
             raise ConfigError(f"mae.mask_ratio must be in (0, 1), got {cfg.mask_ratio}")
         enc = ctx.encoder

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.ehr import PAD_ID
+from medfm.models.ehr import PAD_ID
+
 from .base import OBJECTIVES, Context, Objective
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .models import ENCODERS, Encoder
+from . import ENCODERS, Encoder
 
 FORMAT = "medfm-encoder"
 FORMAT_VERSION = 1

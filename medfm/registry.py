@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .config import ConfigError, from_dict
+from medfm.config import ConfigError, from_dict
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from medfm import demo_configs as dc
-from medfm.demo_report import print_table, write_report
-from medfm.demo_stages import Demo, finetune, ingest, pretrain, synth, verify_all
+from . import configs as dc
+from .report import print_table, write_report
+from .stages import Demo, finetune, ingest, pretrain, synth, verify_all
 
 # What a demo run writes (and a rerun replaces); the hub and the key are kept across runs.
 OUTPUTS = ("configs", "staging", "shards", "runs", "synth", "exports", "pulled", "report.html",

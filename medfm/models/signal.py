@@ -35,7 +35,7 @@ class SignalViT(Encoder):
         super().__init__("signal_vit", cfg)
         dim, depth, heads = resolve_size(cfg.size, cfg.embed_dim, cfg.depth, cfg.num_heads)
         if cfg.length % cfg.patch_size:
-            from ..config import ConfigError
+            from medfm.config import ConfigError
 
             raise ConfigError(f"model.length {cfg.length} is not a multiple of model.patch_size")
         self.steps = cfg.length // cfg.patch_size

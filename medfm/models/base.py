@@ -25,7 +25,7 @@ SIZES: dict[str, tuple[int, int, int]] = {
 
 def resolve_size(size: str, embed_dim: int | None, depth: int | None, num_heads: int | None):
     """Named size with optional per-field overrides (tests shrink `tiny` to a few blocks)."""
-    from ..config import ConfigError
+    from medfm.config import ConfigError
 
     if size not in SIZES:
         raise ConfigError(f"model.size: unknown size {size!r}; choose from {sorted(SIZES)}")

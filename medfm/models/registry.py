@@ -1,5 +1,5 @@
 """The encoder registry: `@ENCODERS.register(name, ConfigClass)` on a factory."""
 
-from ..registry import Registry
+from medfm.registry import Registry
 
 ENCODERS = Registry("encoder")

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from medfm import demo_configs as dc
+from . import configs as dc
 
 HUB_REPO = "demo/pneumonia-lora@v1"
 PREVIEWS = {"mae": "inputs, masked inputs, reconstructions",

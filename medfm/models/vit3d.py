@@ -37,7 +37,7 @@ class ViT3D(Encoder):
         dim, depth, heads = resolve_size(cfg.size, cfg.embed_dim, cfg.depth, cfg.num_heads)
         for s, p in zip(cfg.img_size, cfg.patch_size, strict=True):
             if s % p:
-                from ..config import ConfigError
+                from medfm.config import ConfigError
 
                 raise ConfigError(f"model.img_size {cfg.img_size} is not a multiple of patch_size")
         self.patch_embed = PatchEmbeddingBlock(
