@@ -1,13 +1,29 @@
-"""A timm-style registry: `@REGISTRY.register("name", ConfigClass)` maps a name to a factory.
+"""One registry type for every extension point, timm-style: a name maps to a factory.
 
-Each entry owns a small @dataclass config; `build(name, params)` validates `params` against it
-(unknown keys and wrong types fail with the key's path) before anything is constructed.
+    READERS = Registry("reader", group="medfm.readers")
+
+    @READERS.register("nifti", NiftiOptions)        # config dataclass optional
+    class NiftiReader(Reader): ...
+
+    READERS.build("nifti", {"...": ...})            # params validated against NiftiOptions
+
+Three ways an entry gets in, so that importing a registry stays cheap:
+- `@register(name, ConfigClass)` in a module that the registry's package imports;
+- `register_lazy(name, "module.path")`: the module is imported on the first lookup of `name`
+  (the diffusion objective, whose diffusers import takes seconds, is one);
+- a Python entry point in the registry's `group` (`medfm.readers`, `medfm.encoders`, ...): an
+  installed plug-in declares `[project.entry-points."medfm.encoders"] my_vit = "pkg.my_vit"` and
+  importing `pkg.my_vit` registers `my_vit`, the way pytest and timm find plug-ins.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import difflib
+import importlib
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from typing import Any
 
 from medfm.config import ConfigError, from_dict
@@ -17,19 +33,21 @@ from medfm.config import ConfigError, from_dict
 class Entry:
     name: str
     factory: Callable[..., Any]
-    config_cls: type
+    config_cls: type | None
 
 
 class Registry:
-    """Name -> (factory, config dataclass); `kind` names what is registered, for messages."""
+    """Name -> (factory, optional config dataclass); `kind` names what is registered."""
 
-    def __init__(self, kind: str, load_plugins: Callable[[], None] | None = None):
+    def __init__(self, kind: str, group: str | None = None):
         self.kind = kind
+        self.group = group
         self._entries: dict[str, Entry] = {}
-        self._load_plugins = load_plugins  # imports optional entries on first miss
+        self._lazy: dict[str, str] = {}  # name -> module that registers it when imported
+        self._plugins_loaded = group is None
 
-    def register(self, name: str, config_cls: type) -> Callable[[Callable], Callable]:
-        def wrap(factory: Callable) -> Callable:
+    def register(self, name: str, config_cls: type | None = None) -> Callable[[Any], Any]:
+        def wrap(factory: Any) -> Any:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             self._entries[name] = Entry(name, factory, config_cls)
@@ -37,26 +55,66 @@ class Registry:
 
         return wrap
 
-    def _plugins(self) -> None:
-        if self._load_plugins is not None:
-            load, self._load_plugins = self._load_plugins, None
-            load()
+    def register_lazy(self, name: str, module: str) -> None:
+        """`name` is registered by importing `module`, which happens on its first lookup."""
+        if name in self._entries or name in self._lazy:
+            raise ValueError(f"{self.kind} {name!r} is registered twice")
+        self._lazy[name] = module
+
+    def _load_plugins(self) -> None:
+        if self._plugins_loaded:
+            return
+        self._plugins_loaded = True
+        for ep in entry_points(group=self.group):
+            if ep.name in self._entries or ep.name in self._lazy:
+                continue  # a built-in of that name wins; the plug-in is still imported below
+            try:
+                ep.load()
+            except Exception as e:  # one broken plug-in must not take the registry down
+                warnings.warn(
+                    f"medfm plug-in {ep.value!r} ({self.group}) failed to load: {e}", stacklevel=2
+                )
+
+    def _resolve_lazy(self, name: str) -> None:
+        module = self._lazy.pop(name, None)
+        if module is not None:
+            importlib.import_module(module)
+            if name not in self._entries:
+                raise RuntimeError(f"{module} did not register {self.kind} {name!r}")
 
     def names(self) -> list[str]:
-        self._plugins()
-        return sorted(self._entries)
+        self._load_plugins()
+        return sorted({*self._entries, *self._lazy})
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self.names()
 
     def entry(self, name: str, where: str = "") -> Entry:
         if name not in self._entries:
-            self._plugins()
+            self._load_plugins()
+            self._resolve_lazy(name)
         if name not in self._entries:
             at = f"{where}: " if where else ""
-            raise ConfigError(f"{at}unknown {self.kind} {name!r}; registered: {self.names()}")
+            close = difflib.get_close_matches(str(name), self.names(), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{at}unknown {self.kind} {name!r}{hint}; registered: {self.names()}")
         return self._entries[name]
+
+    def get(self, name: str, where: str = "") -> Any:
+        """The registered factory (a class or function) itself."""
+        return self.entry(name, where).factory
+
+    def entries(self) -> Iterator[Entry]:
+        """Every entry, lazy ones imported: what the registry sweeps in the tests walk."""
+        for name in self.names():
+            yield self.entry(name)
 
     def config(self, name: str, params: dict[str, Any], where: str = "") -> Any:
         """The entry's validated config dataclass for `params`."""
-        return from_dict(self.entry(name, where).config_cls, params, where)
+        cls = self.entry(name, where).config_cls
+        if cls is None:
+            raise TypeError(f"{self.kind} {name!r} takes no config")
+        return from_dict(cls, params, where)
 
     def build(self, name: str, params: dict[str, Any], *args: Any, where: str = "") -> Any:
         return self.entry(name, where).factory(self.config(name, params, where), *args)

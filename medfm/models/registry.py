@@ -2,4 +2,4 @@
 
 from medfm.registry import Registry
 
-ENCODERS = Registry("encoder")
+ENCODERS = Registry("encoder", group="medfm.encoders")

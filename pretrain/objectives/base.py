@@ -17,20 +17,9 @@ from torch import nn
 from medfm.models.base import Encoder
 from medfm.registry import Registry
 
-
-def _load_plugins() -> None:
-    """Import objective modules kept out of the default import (diffusers is slow to load)."""
-    import importlib
-    import pkgutil
-
-    from . import __path__ as here
-
-    for mod in pkgutil.iter_modules(here):
-        if mod.name.startswith("diffusion"):
-            importlib.import_module(f"{__package__}.{mod.name}")
-
-
-OBJECTIVES = Registry("objective", load_plugins=_load_plugins)
+OBJECTIVES = Registry("objective", group="medfm.objectives")
+# diffusers takes seconds to import: the diffusion objective loads on its first lookup only.
+OBJECTIVES.register_lazy("diffusion", "medfm.pretrain.objectives.diffusion")
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
