@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from medfm.shards.storage import atomic_write_bytes, get_fs
+from medfm.io import atomic_write_bytes, get_fs
 
 WORK_DIR = "_ingest"
 PARTS_DIR = f"{WORK_DIR}/parts"

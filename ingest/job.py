@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from medfm.io import get_fs, remove_temporaries, sha256_file
 from medfm.shards import write_manifest
-from medfm.shards.storage import get_fs, remove_temporaries, sha256_file
 from medfm.shards.tarshard import ShardFile
 
 from .bookkeeping import DRIVER_FILE, REPORT_FILE, STATS_FILE, Bookkeeper

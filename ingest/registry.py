@@ -40,8 +40,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from medfm.io import sha256_bytes
 from medfm.shards import Sample
-from medfm.shards.storage import sha256_bytes
 
 from .privacy import Keyring, split_for
 

@@ -9,7 +9,7 @@ import re
 from functools import lru_cache
 from typing import Any
 
-from medfm.shards.storage import get_fs
+from medfm.io import get_fs
 
 from .registry import IngestError, ReadContext, SourceFile, SourceItem, known_extensions
 from .spec import IdMapping, SourceSpec

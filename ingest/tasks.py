@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from medfm.io import get_fs, sha256_file
 from medfm.shards import Sample, SampleWriter
 from medfm.shards.manifest import medfm_version
-from medfm.shards.storage import get_fs, sha256_file
 
 from .bookkeeping import Bookkeeper
 from .imaging import HU_MIN, ct_histogram

@@ -1,12 +1,13 @@
 """The shard contract: sample schema, manifest, writers and readers. Every stage reads data
 through this package and nothing else. See docs/shard-format.md and docs/readers.md."""
 
+from medfm.io import remove_temporaries
+
 from .errors import SchemaVersionError, ShardError, ShardFormatError, UnsafeMemberError
 from .manifest import Manifest, write_manifest
 from .reader import ShardSet
 from .sampleio import CountingStore
 from .schema import KINDS, SCHEMA_VERSION, SPLITS, Geometry, Sample
-from .storage import remove_temporaries
 from .tarshard import DEFAULT_SHARD_BYTES, ShardFile
 from .verify import VerifyReport, verify
 from .volume import DEFAULT_CHUNKS, VolumeHandle, open_volume

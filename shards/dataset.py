@@ -18,6 +18,8 @@ import pyarrow.compute as pc
 import torch
 from PIL import Image
 
+from medfm.io import get_fs, sha256_bytes
+
 from .batchring import DeferredTensor
 from .codecs import decode as decode_payload
 from .errors import ShardFormatError
@@ -26,7 +28,6 @@ from .order import epoch_order, per_rank, remaining_for_rank
 from .patches import PatchSampler
 from .planned import PlannedDataset, item_seed
 from .sampleio import HandleCache, TarRangeReader, VolumeReader, read_region
-from .storage import get_fs, sha256_bytes
 from .transforms import apply_transform
 
 # Load Pillow's format plugins once here, so forked DataLoader workers inherit them instead of

@@ -16,9 +16,10 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from medfm.io import atomic_write_bytes, get_fs, sha256_bytes
+
 from .errors import SchemaVersionError, ShardFormatError
 from .schema import FORMAT_NAME, JSON_COLUMNS, MANIFEST_SCHEMA, SCHEMA_VERSION
-from .storage import atomic_write_bytes, get_fs, sha256_bytes
 from .tarshard import ShardFile
 
 HEADER_NAME = "manifest.json"

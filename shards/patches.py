@@ -17,9 +17,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medfm.io import atomic_write_bytes, get_fs
+
 from .manifest import Manifest
 from .sampleio import VolumeReader, read_region
-from .storage import atomic_write_bytes, get_fs
 
 MODES = ("uniform", "foreground", "grid")
 UNITS = ("voxel", "mm")

@@ -6,11 +6,12 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+from medfm.io import read_range, sha256_bytes
+
 from .codecs import decode
 from .errors import ShardFormatError
 from .manifest import Manifest
 from .schema import Sample
-from .storage import read_range, sha256_bytes
 from .volume import open_volume
 
 

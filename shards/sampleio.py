@@ -17,8 +17,9 @@ from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import WrapperStore
 
+from medfm.io import is_local
+
 from .errors import ShardFormatError
-from .storage import is_local
 from .volume import VolumeArray, VolumeHandle, open_volume, zarr_store
 
 OPEN_HANDLES = 16

@@ -14,9 +14,10 @@ from typing import IO, Any
 
 import fsspec
 
+from medfm.io import HashingWriter, commit, fsync_file, sha256_bytes, tmp_name
+
 from .errors import ShardFormatError, UnsafeMemberError
 from .schema import MEMBER_RE
-from .storage import HashingWriter, commit, fsync_file, sha256_bytes, tmp_name
 
 # 512 MiB: inside the 256 MB - 1 GB range that WebDataset and MosaicML recommend; large enough
 # for efficient sequential reads from object stores, small enough to spread over many workers.

@@ -7,10 +7,11 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from medfm.io import TMP_MARKER, sha256_bytes, sha256_file
+
 from .codecs import decode
 from .errors import ShardError
 from .manifest import HEADER_NAME, Manifest
-from .storage import TMP_MARKER, sha256_bytes, sha256_file
 from .tarshard import TAR_DIR, iter_members
 from .volume import VOLUME_STORE, array_sha256, open_volume
 

@@ -25,10 +25,11 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from medfm.io import commit, is_local, sha256_bytes, sha256_file, tmp_name
+
 from .chunkio import ShardedArrayReader, ShardedLayout, encode_shards
 from .errors import ShardFormatError
 from .schema import Geometry, Sample
-from .storage import commit, is_local, sha256_bytes, sha256_file, tmp_name
 from .tarshard import ShardFile
 
 VOLUME_STORE = "volumes.zarr"

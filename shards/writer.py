@@ -11,10 +11,11 @@ from typing import Any
 
 import numpy as np
 
+from medfm.io import get_fs, remove_temporaries
+
 from .codecs import encode_npy, encode_png, png_encodable
 from .manifest import HEADER_NAME, ROWS_NAME, write_manifest
 from .schema import Sample, row_metadata, sample_row, to_json
-from .storage import get_fs, remove_temporaries
 from .tarshard import DEFAULT_SHARD_BYTES, TAR_DIR, ShardFile, TarShardWriter
 from .volume import DEFAULT_CHUNKS, VOLUME_STORE, VolumeStoreWriter
 

@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from medfm.io import get_fs, remove_temporaries
 from medfm.pretrain.objectives.diffusion_data import intensity_of
 from medfm.pretrain.objectives.diffusion_export import LoadedDiffusion, load_diffusion
 from medfm.pretrain.objectives.diffusion_sampling import SamplerSettings, sample
 from medfm.shards import Geometry, Sample, SampleWriter, ShardFile, write_manifest
 from medfm.shards.manifest import HEADER_NAME
-from medfm.shards.storage import get_fs, remove_temporaries
 
 log = logging.getLogger("medfm.synth")
 

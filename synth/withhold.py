@@ -13,9 +13,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from medfm.io import TMP_MARKER, get_fs
 from medfm.pretrain.objectives.diffusion_export import load_diffusion
 from medfm.shards import SampleWriter, ShardSet, write_manifest
-from medfm.shards.storage import TMP_MARKER, get_fs
 
 from .audit import AuditConfig, audit
 from .generate import GenerateOptions, generate_samples, prepare_out, synthetic_attributes

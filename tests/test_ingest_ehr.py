@@ -282,7 +282,7 @@ def test_identifying_columns_are_refused_unless_allowed(tmp_path):
 
 def test_gzip_csv_streams_in_batches(tmp_path):
     from medfm.ingest.ehr.tables import open_batches
-    from medfm.shards.storage import get_fs
+    from medfm.io import get_fs
 
     p = tmp_path / "t.csv.gz"
     with gzip.open(p, "wt") as f:

@@ -18,6 +18,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
+from medfm.io import get_fs
 from medfm.shards import (
     Geometry,
     Manifest,
@@ -31,7 +32,6 @@ from medfm.shards import (
     write_manifest,
 )
 from medfm.shards.schema import sample_row
-from medfm.shards.storage import get_fs
 from medfm.shards.tarshard import TarShardWriter, iter_samples
 
 SHARD = "tars/shard-000000.tar"

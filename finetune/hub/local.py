@@ -21,8 +21,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from medfm.io import atomic_write_bytes, get_fs, tmp_name
 from medfm.shards.schema import to_json
-from medfm.shards.storage import atomic_write_bytes, get_fs, tmp_name
 
 from .errors import HubError, RevisionNotFoundError
 from .safety import check_relpath, refuse_pickles, sha256_path

@@ -14,8 +14,8 @@ import hashlib
 from collections.abc import Iterator
 from typing import Any
 
+from medfm.io import atomic_write_bytes, get_fs
 from medfm.shards import Sample
-from medfm.shards.storage import atomic_write_bytes, get_fs
 
 from ..privacy import Keyring, split_for
 from ..registry import (

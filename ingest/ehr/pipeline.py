@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from medfm.shards.storage import atomic_write_bytes, commit, get_fs, sha256_file, tmp_name
+from medfm.io import atomic_write_bytes, commit, get_fs, sha256_file, tmp_name
 
 from ..privacy import Keyring
 from .spec import EHRSpec, EventTable, PatientTable

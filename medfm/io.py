@@ -1,8 +1,4 @@
-"""Filesystem plumbing shared by writers and readers: fsspec paths, atomic writes, hashing.
-
-Every finished-looking file is produced by writing `<name>.tmp-<random>` and renaming it, so a
-killed writer leaves only names containing TMP_MARKER, which `remove_temporaries` deletes.
-"""
+"""The one I/O layer: local paths and fsspec URLs, atomic writes, hashing, temporaries."""
 
 from __future__ import annotations
 
