@@ -8,16 +8,16 @@ is still a cycle, it only fails later.
 from __future__ import annotations
 
 import ast
-import tomllib
+import importlib.util
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+STAGES = ("ingest", "shards", "pretrain", "synth", "finetune", "clusters")
 
 
 def package_dirs() -> dict[str, Path]:
-    """Installed package name -> its folder, as pyproject.toml maps them."""
-    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
-    return {name: REPO / folder for name, folder in setuptools["package-dir"].items()}
+    """Package name -> the folder it is imported from (the core and each stage folder)."""
+    names = ["medfm", *(f"medfm.{stage}" for stage in STAGES)]
+    return {n: Path(importlib.util.find_spec(n).submodule_search_locations[0]) for n in names}
 
 
 def modules() -> dict[str, Path]:
