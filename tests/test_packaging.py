@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import zipfile
@@ -50,49 +49,74 @@ def wheel(tmp_path_factory) -> Path:
     return whl
 
 
+def source_files() -> list[str]:
+    """Every package file as the wheel must name it: medfm/<stage>/..., medfm/<core>/..."""
+    names = [
+        f"medfm/{p.relative_to(REPO / 'medfm').as_posix()}" for p in (REPO / "medfm").rglob("*.py")
+    ]
+    for stage in STAGES:
+        names += [f"medfm/{p.relative_to(REPO).as_posix()}" for p in (REPO / stage).rglob("*.py")]
+    return sorted(n for n in names if "__pycache__" not in n)
+
+
 def test_wheel_contents(wheel):
-    names = zipfile.ZipFile(wheel).namelist()
+    names = set(zipfile.ZipFile(wheel).namelist())
     tops = {n.split("/")[0] for n in names if not n.startswith("medfm-")}
     assert tops == {"medfm"}, f"top-level entries besides medfm: {tops - {'medfm'}}"
-    for stage in STAGES:
-        assert f"medfm/{stage}/__init__.py" in names
-    assert "medfm/__init__.py" in names and "medfm/cli.py" in names
-    assert "medfm/shards/manifest.py" in names
-    assert not [n for n in names if n.startswith(("medfm/tests/", "medfm/bench/", "medfm/.ci"))]
+    missing = [n for n in source_files() if n not in names]
+    assert not missing, f"package files missing from the wheel: {missing}"
+    assert "medfm/ingest/specs/xray_png.yaml" in names
+    unwanted = [
+        n
+        for n in names
+        if n.rsplit("/", 1)[-1] in ("setup.py", "conftest.py", "Makefile")
+        or n.startswith(("medfm/tests/", "medfm/bench/", "medfm/.ci", "medfm/docs/"))
+        or "/test_" in n
+    ]
+    assert not unwanted, f"not package code, yet in the wheel: {unwanted}"
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "medfm = medfm.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
 
 
-def test_wheel_install_imports(wheel, tmp_path):
-    target = tmp_path / "site"
+def fresh_venv(where: Path) -> Path:
+    """A new venv that sees this environment's dependencies but not its editable medfm.
+
+    A path line in a .pth file only extends sys.path; the .pth files inside that folder (the
+    editable install's finder among them) are not run, so `medfm` can come only from the wheel.
+    """
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(where)], check=True)
+    deps = next(p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir())
+    (site,) = where.glob("lib/python*/site-packages")
+    (site / "dependencies.pth").write_text(deps + "\n")
+    return where / "bin" / "python"
+
+
+def test_wheel_installs_and_every_module_imports_in_a_fresh_venv(wheel, tmp_path):
+    python = fresh_venv(tmp_path / "venv")
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--no-deps",
-            "--no-index",
-            "--target",
-            str(target),
-            str(wheel),
-        ],
-        check=True,
-        capture_output=True,
-    )
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
+         "--no-index", "--quiet", str(wheel)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    modules = [
+        n.removesuffix(".py").removesuffix("/__init__").replace("/", ".") for n in source_files()
+    ]
     code = (
-        "import medfm, medfm.shards, medfm.ingest, medfm.pretrain, medfm.synth, "
-        "medfm.finetune, medfm.clusters, medfm.cli; print(medfm.shards.__file__)"
+        "import importlib, sys\n"
+        f"for name in {modules!r}:\n"
+        "    importlib.import_module(name)\n"
+        "import medfm\n"
+        "print(medfm.__file__)\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(target)}
     out = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
+        [str(python), "-c", code], cwd=tmp_path, capture_output=True, text=True, check=False
     )
-    assert out.stdout.strip().startswith(str(target / "medfm" / "shards"))
-    for taken in ("ingest", "shards", "synth", "finetune"):
-        assert not (target / taken).exists()
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().startswith(str(tmp_path / "venv")), out.stdout
+    site = next((tmp_path / "venv").glob("lib/python*/site-packages"))
+    for taken in ("ingest", "shards", "synth", "finetune", "pretrain", "clusters"):
+        assert not (site / taken).exists(), f"a top-level {taken!r} package was installed"
+    cli = subprocess.run(
+        [str(tmp_path / "venv" / "bin" / "medfm"), "--help"], capture_output=True, text=True
+    )
+    assert cli.returncode == 0 and " ingest " in cli.stdout, cli.stderr
