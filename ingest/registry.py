@@ -7,6 +7,9 @@ Contract for a reader (imaging here; signals and EHR register theirs the same wa
         def read(self, item: SourceItem, ctx: ReadContext) -> Iterator[Sample | Quarantine]:
             ...
 
+- `READERS` (a `medfm.registry.Registry`, entry-point group `medfm.readers`) holds them by
+  format name; the built-in reader modules are imported on its first lookup, and an installed
+  plug-in is found through its entry point (docs/ingest.md, "Adding a reader").
 - `extensions` (lower-case, longest match wins) let `format: auto` pick the reader by file
   name; `sniff(head)` (the first 132 bytes) lets it claim files without a known extension.
   `companions` are file endings the reader consumes through another file (`.raw` beside `.mhd`,
@@ -41,11 +44,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from medfm.io import sha256_bytes
+from medfm.registry import Registry
 from medfm.shards import Sample
 
 from .privacy import Keyring, split_for
 
-_READERS: dict[str, type[Reader]] = {}
+# Imported by name on the first lookup: the reader modules import this one.
+BUILTIN_READER_MODULES = (
+    "medfm.ingest.readers",
+    "medfm.ingest.signals.formats",
+    "medfm.ingest.ehr.formats",
+)
+READERS = Registry("reader", group="medfm.readers", modules=BUILTIN_READER_MODULES)
 
 
 class IngestError(Exception):
@@ -227,68 +237,55 @@ class Reader:
 
 
 def register_reader(name: str, *, extensions: Iterable[str] = (), companions: Iterable[str] = ()):
-    """Class decorator: make a `Reader` subclass available as spec `format: <name>`."""
+    """Class decorator: make a `Reader` subclass available as spec `format: <name>`.
+
+    One class may serve several formats (png, jpeg, tiff): each gets a subclass that carries its
+    own name, extensions and companions."""
 
     def wrap(cls: type[Reader]) -> type[Reader]:
-        if name in _READERS:
-            raise ValueError(f"reader {name!r} is already registered by {_READERS[name]}")
-        sub = type(cls.__name__, (cls,), {"name": name})
-        sub.extensions = tuple(e.lower() for e in extensions) or cls.extensions
-        sub.companions = tuple(e.lower() for e in companions) or cls.companions
-        sub.__module__, sub.__doc__ = cls.__module__, cls.__doc__
-        _READERS[name] = sub
+        attrs = {
+            "name": name,
+            "extensions": tuple(e.lower() for e in extensions) or cls.extensions,
+            "companions": tuple(e.lower() for e in companions) or cls.companions,
+            "__module__": cls.__module__,
+            "__doc__": cls.__doc__,
+        }
+        READERS.register(name)(type(cls.__name__, (cls,), attrs))
         return cls
 
     return wrap
 
 
-def _load_builtin_readers() -> None:
-    # Importing the reader modules runs their @register_reader decorators.
-    from . import readers  # noqa: F401
-    from .ehr import formats as ehr_formats  # noqa: F401
-    from .signals import formats as signal_formats  # noqa: F401
-
-
-def list_readers() -> list[str]:
-    _load_builtin_readers()
-    return sorted(_READERS)
-
-
 def create_reader(name: str, **options: Any) -> Reader:
-    _load_builtin_readers()
-    if name not in _READERS:
-        raise KeyError(f"unknown format {name!r}; registered: {', '.join(sorted(_READERS))}")
-    return _READERS[name](**options)
+    """The reader for spec `format: <name>`, built with the source's `options:`."""
+    return READERS.get(name)(**options)
+
+
+def _readers() -> list[type[Reader]]:
+    return [e.factory for e in READERS.entries()]
 
 
 def reader_for(rel: str, head: bytes | None = None) -> str | None:
     """The registered format for a file name (longest extension wins), else by content sniff."""
-    _load_builtin_readers()
     low = rel.lower()
+    readers = _readers()
     best = max(
-        (
-            (len(ext), name)
-            for name, cls in _READERS.items()
-            for ext in cls.extensions
-            if low.endswith(ext)
-        ),
+        ((len(ext), cls.name) for cls in readers for ext in cls.extensions if low.endswith(ext)),
         default=None,
     )
     if best:
         return best[1]
     if head is not None:
-        for name, cls in sorted(_READERS.items()):
+        for cls in readers:  # sorted by name: the first that claims the bytes wins
             if cls.sniff(head):
-                return name
+                return cls.name
     return None
 
 
 def known_extensions() -> set[str]:
-    _load_builtin_readers()
-    return {e for cls in _READERS.values() for e in cls.extensions}
+    return {e for cls in _readers() for e in cls.extensions}
 
 
 def is_companion(rel: str) -> bool:
-    _load_builtin_readers()
     low = rel.lower()
-    return any(low.endswith(ext) for cls in _READERS.values() for ext in cls.companions)
+    return any(low.endswith(ext) for cls in _readers() for ext in cls.companions)

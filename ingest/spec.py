@@ -246,7 +246,7 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
 
 
 def _check(spec: IngestSpec) -> None:
-    from .registry import list_readers
+    from .registry import READERS
 
     if not spec.sources:
         raise SpecError("sources: at least one source is required")
@@ -257,10 +257,10 @@ def _check(spec: IngestSpec) -> None:
         if s.name in names:
             raise SpecError(f"sources[{i}].name: {s.name!r} is used twice")
         names.add(s.name)
-        if s.format != "auto" and s.format not in list_readers():
+        if s.format != "auto" and s.format not in READERS:
             raise SpecError(
                 f"sources[{i}].format: unknown format {s.format!r}; "
-                f"use auto or one of {', '.join(list_readers())}"
+                f"use auto or one of {', '.join(READERS.names())}"
             )
         if s.label and "{stem}" not in s.label:
             raise SpecError(f"sources[{i}].label: pattern must contain {{stem}}, got {s.label!r}")
@@ -300,9 +300,9 @@ def load_spec(path: str | Path) -> IngestSpec:
 
 
 def parse_spec(data: Any, base_dir: str = "") -> IngestSpec:
-    from .registry import list_readers
+    from .registry import READERS
 
-    list_readers()  # reader modules register their spec sections (signal:) on import
+    READERS.names()  # reader modules register their spec sections (signal:) on import
     spec = from_dict(IngestSpec, data)
     spec.base_dir = base_dir
     for s in spec.sources:

@@ -7,8 +7,10 @@
 
     READERS.build("nifti", {"...": ...})            # params validated against NiftiOptions
 
-Three ways an entry gets in, so that importing a registry stays cheap:
+Four ways an entry gets in, so that importing a registry stays cheap:
 - `@register(name, ConfigClass)` in a module that the registry's package imports;
+- `Registry(..., modules=("pkg.readers",))`: built-in modules imported on the first lookup of any
+  name (the ingest readers, whose modules import the registry: a static import would be a cycle);
 - `register_lazy(name, "module.path")`: the module is imported on the first lookup of `name`
   (the diffusion objective, whose diffusers import takes seconds, is one);
 - a Python entry point in the registry's `group` (`medfm.readers`, `medfm.encoders`, ...): an
@@ -21,7 +23,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
@@ -39,12 +41,13 @@ class Entry:
 class Registry:
     """Name -> (factory, optional config dataclass); `kind` names what is registered."""
 
-    def __init__(self, kind: str, group: str | None = None):
+    def __init__(self, kind: str, group: str | None = None, modules: Iterable[str] = ()):
         self.kind = kind
         self.group = group
         self._entries: dict[str, Entry] = {}
         self._lazy: dict[str, str] = {}  # name -> module that registers it when imported
-        self._plugins_loaded = group is None
+        self._modules = tuple(modules)  # imported, then the plug-ins, on the first lookup
+        self._loaded = False
 
     def register(self, name: str, config_cls: type | None = None) -> Callable[[Any], Any]:
         def wrap(factory: Any) -> Any:
@@ -61,19 +64,32 @@ class Registry:
             raise ValueError(f"{self.kind} {name!r} is registered twice")
         self._lazy[name] = module
 
-    def _load_plugins(self) -> None:
-        if self._plugins_loaded:
+    def _load(self) -> None:
+        if self._loaded:
             return
-        self._plugins_loaded = True
-        for ep in entry_points(group=self.group):
-            if ep.name in self._entries or ep.name in self._lazy:
-                continue  # a built-in of that name wins; the plug-in is still imported below
-            try:
-                ep.load()
-            except Exception as e:  # one broken plug-in must not take the registry down
-                warnings.warn(
-                    f"medfm plug-in {ep.value!r} ({self.group}) failed to load: {e}", stacklevel=2
-                )
+        self._loaded = True  # first: a module being imported may look names up
+        for module in self._modules:
+            importlib.import_module(module)
+        if self.group is not None:
+            for ep in entry_points(group=self.group):
+                self._load_plugin(ep)
+
+    def _load_plugin(self, ep: Any) -> None:
+        if ep.name in self._entries or ep.name in self._lazy:
+            return  # a built-in of that name wins; the plug-in is not imported
+        try:
+            ep.load()
+        except Exception as e:  # one broken plug-in must not take the registry down
+            warnings.warn(
+                f"medfm plug-in {ep.value!r} ({self.group}) failed to load: {e}", stacklevel=3
+            )
+            return
+        if ep.name not in self._entries:
+            warnings.warn(
+                f"medfm plug-in {ep.value!r} ({self.group}) did not register {self.kind} "
+                f"{ep.name!r}",
+                stacklevel=3,
+            )
 
     def _resolve_lazy(self, name: str) -> None:
         module = self._lazy.pop(name, None)
@@ -83,7 +99,7 @@ class Registry:
                 raise RuntimeError(f"{module} did not register {self.kind} {name!r}")
 
     def names(self) -> list[str]:
-        self._load_plugins()
+        self._load()
         return sorted({*self._entries, *self._lazy})
 
     def __contains__(self, name: object) -> bool:
@@ -91,7 +107,7 @@ class Registry:
 
     def entry(self, name: str, where: str = "") -> Entry:
         if name not in self._entries:
-            self._load_plugins()
+            self._load()
             self._resolve_lazy(name)
         if name not in self._entries:
             at = f"{where}: " if where else ""
@@ -104,10 +120,13 @@ class Registry:
         """The registered factory (a class or function) itself."""
         return self.entry(name, where).factory
 
-    def entries(self) -> Iterator[Entry]:
-        """Every entry, lazy ones imported: what the registry sweeps in the tests walk."""
-        for name in self.names():
-            yield self.entry(name)
+    def entries(self) -> list[Entry]:
+        """Every entry by name, lazy ones imported: what lookups over all entries (a reader by
+        file extension) and the registry sweeps in the tests walk."""
+        self._load()
+        for name in list(self._lazy):
+            self._resolve_lazy(name)
+        return [self._entries[name] for name in sorted(self._entries)]
 
     def config(self, name: str, params: dict[str, Any], where: str = "") -> Any:
         """The entry's validated config dataclass for `params`."""

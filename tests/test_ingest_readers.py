@@ -29,7 +29,7 @@ from PIL import Image
 
 from medfm.ingest.dicom_deid import deidentify
 from medfm.ingest.privacy import DeidKeyError, Keyring, split_for
-from medfm.ingest.registry import list_readers
+from medfm.ingest.registry import READERS
 from medfm.ingest.spec import SpecError, load_spec, parse_spec
 
 SPECS = Path(__file__).resolve().parents[1] / "ingest" / "specs"
@@ -145,7 +145,7 @@ IMAGING_READERS = ("dicom", "nifti", "nrrd", "mha", "png", "jpeg", "tiff")
 
 
 def test_every_imaging_reader_reads_a_real_file(tmp_path):
-    assert set(IMAGING_READERS) <= set(list_readers())
+    assert set(IMAGING_READERS) <= set(READERS.names())
     for fmt in IMAGING_READERS:  # signal/EHR readers are swept by their own tests
         p = _example_file(fmt, tmp_path)
         s = one_sample({"sources": [src(p.parent, include=[p.name], format=fmt)]})

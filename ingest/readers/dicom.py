@@ -26,6 +26,7 @@ from medfm.shards import Sample
 from ..dicom_deid import deidentify, safe_meta
 from ..imaging import fit_2d, volume_sample
 from ..registry import (
+    READERS,
     GeometryError,
     PrivacyError,
     Quarantine,
@@ -35,7 +36,6 @@ from ..registry import (
     SourceItem,
     UnreadableInput,
     UnsupportedInput,
-    list_readers,
     register_reader,
 )
 from ..sources import identity
@@ -292,7 +292,7 @@ class DicomReader(Reader):
             if "error" in s:
                 yield Quarantine(f.rel, s["error"], source.name, "UnreadableInput")
             elif s["kind"] == "waveform":
-                if "dicom_waveform" in list_readers():
+                if "dicom_waveform" in READERS:
                     yield SourceItem(source.name, "dicom_waveform", (f,))
                 else:
                     yield Quarantine(f.rel, "DICOM waveform: no waveform reader", source.name)
