@@ -137,8 +137,8 @@ def nifti_files(ctx: BenchContext, n: int = VOLUMES) -> tuple[list[Path], str]:
 def run_ours(ctx: BenchContext, spec: dict, workers: int) -> tuple[float, int]:
     """(seconds, voxels written) for one ingest job on the running Ray runtime."""
     from medfm.ingest.job import run_ingest
+    from medfm.ingest.load import parse_spec
     from medfm.ingest.privacy import Keyring
-    from medfm.ingest.spec import parse_spec
     from medfm.shards import Manifest
 
     dest = Path(tempfile.mkdtemp(dir=ctx.work, prefix="out-"))
@@ -168,8 +168,8 @@ def ours_in_process(ctx: BenchContext, folder: Path) -> tuple[float, int]:
     and stored files, part file) here on one thread: a worker's steady state, no job overhead."""
     from medfm.ingest.bookkeeping import Bookkeeper
     from medfm.ingest.job import discover, plan_tasks
+    from medfm.ingest.load import parse_spec
     from medfm.ingest.privacy import Keyring
-    from medfm.ingest.spec import parse_spec
     from medfm.ingest.tasks import convert_task
 
     spec, keyring = parse_spec(volume_spec(folder)), Keyring(BENCH_KEY)
@@ -372,8 +372,8 @@ def wfdb_loop(folder: Path, out: Path) -> tuple[float, int]:
 def run_counted(ctx: BenchContext, spec: dict, workers: int, count) -> tuple[float, int]:
     """(seconds, count(rows)) for one ingest job on the running Ray runtime."""
     from medfm.ingest.job import run_ingest
+    from medfm.ingest.load import parse_spec
     from medfm.ingest.privacy import Keyring
-    from medfm.ingest.spec import parse_spec
     from medfm.shards import Manifest
 
     dest = Path(tempfile.mkdtemp(dir=ctx.work, prefix="out-"))

@@ -1,4 +1,5 @@
-"""`medfm ingest SPEC.yaml --out DEST [--address RAY_ADDRESS] [--workers N] [--resume]`."""
+"""`medfm ingest SPEC.yaml --out DEST [key=value ...] [--address RAY_ADDRESS] [--workers N]
+[--resume]`."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ app = typer.Typer(
 @app.callback(invoke_without_command=True, context_settings={"allow_interspersed_args": True})
 def ingest(
     spec: Path = typer.Argument(..., help="Dataset spec (YAML); see medfm/ingest/specs/."),
+    overrides: list[str] = typer.Argument(
+        None, help="key=value overrides of the spec, e.g. split.seed=1 sources[0].format=png."
+    ),
     out: str = typer.Option(..., "--out", help="Destination shard-set folder or fsspec URL."),
     address: str = typer.Option(
         None, "--address", help="Existing Ray cluster (ray://... or auto)."
@@ -27,18 +31,20 @@ def ingest(
     quiet: bool = typer.Option(False, "--quiet", help="No progress line."),
 ) -> None:
     """Run an ingest job. The de-identification key comes from MEDFM_DEID_KEY or a key file."""
+    from medfm.config import ConfigError
+
     from .bookkeeping import ResumeError
     from .job import run_ingest
+    from .load import load_spec
     from .privacy import DeidKeyError
     from .registry import IngestError
-    from .spec import SpecError, load_spec
 
     try:
         summary = run_ingest(
-            load_spec(spec), out, address=address, workers=workers, resume=resume,
-            progress=not quiet,
+            load_spec(spec, overrides or ()), out, address=address, workers=workers,
+            resume=resume, progress=not quiet,
         )  # fmt: skip
-    except (SpecError, ResumeError, DeidKeyError, IngestError) as e:
+    except (ConfigError, ResumeError, DeidKeyError, IngestError) as e:
         typer.echo(f"medfm ingest: {e}", err=True)
         raise typer.Exit(2) from None
     typer.echo(summary.line())

@@ -1,37 +1,44 @@
-"""The ingest spec: a YAML file validated into small dataclasses, errors naming the bad key.
+"""The ingest spec: YAML validated into small dataclasses by the config engine (medfm.config).
 
 Each section is owned by the component that uses it. Other modalities add top-level sections
 with `register_section("signal", SignalSpec)`; they arrive parsed in `spec.sections["signal"]`.
 Reader-specific settings of one source go in that source's `options:` mapping, handed to the
-reader's constructor. See ingest/specs/*.yaml for documented examples.
+reader's constructor. Reading a spec file (checked against the registered readers) is
+`medfm.ingest.load`. See ingest/specs/*.yaml for documented examples.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
-import os
 import re
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
-import yaml
+from medfm import config
+from medfm.config import ConfigError
+from medfm.registry import Registry
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_]{0,39}$")
-_SECTIONS: dict[str, type] = {}
+# Top-level spec sections other components own. The signal section is imported when a spec
+# names it, so reading a spec loads no reader module it does not need.
+SECTIONS = Registry("spec section")
+SECTIONS.register_lazy("signal", "medfm.ingest.signals.formats")
 
 
-class SpecError(ValueError):
+class SpecError(ConfigError):
     """An invalid spec; the message starts with the offending key."""
 
 
-def choice(*options: str, default: str) -> Any:
-    return field(default=default, metadata={"choices": options})
+def register_section(name: str, cls: type) -> None:
+    """Let another component own a top-level spec section (parsed into `spec.sections`)."""
+    SECTIONS.register(name, cls)(cls)
+
+
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """The config engine's `from_dict` for ingest dataclasses: errors are SpecErrors."""
+    return config.from_dict(cls, data, where, error=SpecError)
 
 
 @dataclass
@@ -43,7 +50,9 @@ class IdMapping:
     table's `patient_id` / `study_id` column).
     """
 
-    source: str = choice("auto", "dicom", "stem", "folder", "regex", "table", default="auto")
+    source: Literal["auto", "dicom", "stem", "folder", "regex", "table"] = field(
+        default="auto", metadata={"key": "from"}
+    )
     regex: str = ""
 
 
@@ -54,7 +63,7 @@ class LabelsTable:
 
     path: str
     key: str = "stem"
-    match: str = choice("stem", "rel", default="stem")
+    match: Literal["stem", "rel"] = "stem"
     columns: list[str] = field(default_factory=list)
 
 
@@ -81,7 +90,7 @@ class VolumeSpec:
 
     orientation: str = "LPS"
     spacing: list[float] | None = None
-    interpolation: str = choice("linear", "bspline", default="linear")
+    interpolation: Literal["linear", "bspline"] = "linear"
 
 
 @dataclass
@@ -89,9 +98,9 @@ class IntensitySpec:
     """CT: raw HU int16 (stats recorded) or nnU-Net-style clip+z-score with dataset stats.
     MR and others: per-image percentile clip + z-score (float32), or raw."""
 
-    ct: str = choice("raw", "zscore", default="raw")
-    mr: str = choice("zscore", "raw", default="zscore")
-    other: str = choice("raw", "zscore", default="raw")
+    ct: Literal["raw", "zscore"] = "raw"
+    mr: Literal["zscore", "raw"] = "zscore"
+    other: Literal["raw", "zscore"] = "raw"
     percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
     ct_foreground_hu: float = -500.0
 
@@ -101,7 +110,7 @@ class Image2DSpec:
     """Optional target size [H, W] for 2D images: `resize` (aspect kept, then pad) or `pad`."""
 
     size: list[int] | None = None
-    mode: str = choice("resize", "pad", default="resize")
+    mode: Literal["resize", "pad"] = "resize"
 
 
 @dataclass
@@ -114,7 +123,7 @@ class SplitSpec:
 class ShardSpec:
     shard_bytes: int = 512 * 1024 * 1024
     chunks: list[int] = field(default_factory=lambda: [64, 64, 64])
-    image_encoding: str = choice("auto", "png", "npy", default="auto")
+    image_encoding: Literal["auto", "png", "npy"] = "auto"
     task_items: int = 64
     task_bytes: int = 256 * 1024 * 1024
 
@@ -128,6 +137,12 @@ class DeidSpec:
     keep_private_tags: bool = False
     allow_burned_in: bool = False
     hash_paths: bool = False
+
+    REFUSED_KEYS: ClassVar[dict[str, str]] = dict.fromkeys(
+        ("key", "secret"),
+        "the de-identification key never goes in the spec; set MEDFM_DEID_KEY or point "
+        "deid.key_file at a file",
+    )
 
 
 @dataclass
@@ -146,8 +161,8 @@ class IngestSpec:
     shards: ShardSpec = field(default_factory=ShardSpec)
     deid: DeidSpec = field(default_factory=DeidSpec)
     dedup: DedupSpec = field(default_factory=DedupSpec)
-    sections: dict[str, Any] = field(default_factory=dict)
-    base_dir: str = ""
+    sections: dict[str, Any] = field(default_factory=dict, metadata={"sections": SECTIONS})
+    base_dir: str = field(default="", metadata={"internal": True})  # the spec file's folder
 
     def source(self, name: str) -> SourceSpec:
         return next(s for s in self.sources if s.name == name)
@@ -167,87 +182,9 @@ class IngestSpec:
         }
 
 
-def register_section(name: str, cls: type) -> None:
-    """Let another component own a top-level spec section (parsed into `spec.sections`)."""
-    _SECTIONS[name] = cls
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def _convert(tp: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _convert(args[0], value, where)
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where)
-    if origin is list:
-        if not isinstance(value, list):
-            raise SpecError(f"{where}: expected a list, got {type(value).__name__}")
-        (arg,) = typing.get_args(tp)
-        return [_convert(arg, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise SpecError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return dict(value)
-    if tp is Any:
-        return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is bool and not isinstance(value, bool):
-        raise SpecError(f"{where}: expected true/false, got {value!r}")
-    if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool)):
-        raise SpecError(f"{where}: expected {_type_name(tp)}, got {value!r}")
-    return value
-
-
-def from_dict(cls: type, data: Any, where: str = "") -> Any:
-    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types by name."""
-    if not isinstance(data, dict):
-        raise SpecError(f"{where or 'spec'}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    if cls is IdMapping and "from" in data:
-        data = {("source" if k == "from" else k): v for k, v in data.items()}
-    kwargs = {}
-    for key, value in data.items():
-        path = f"{where}.{key}" if where else str(key)
-        if key not in fields or key in ("sections", "base_dir"):
-            if cls is IngestSpec and key in _SECTIONS:
-                kwargs.setdefault("sections", {})[key] = from_dict(_SECTIONS[key], value, path)
-                continue
-            if cls is DeidSpec and key in ("key", "secret"):
-                raise SpecError(
-                    f"{path}: the de-identification key never goes in the spec; set "
-                    "MEDFM_DEID_KEY or point deid.key_file at a file"
-                )
-            close = difflib.get_close_matches(str(key), list(fields) + list(_SECTIONS), 1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise SpecError(f"{path}: unknown key{hint}")
-        value = _convert(hints[key], value, path)
-        choices = fields[key].metadata.get("choices")
-        if choices and value not in choices:
-            raise SpecError(f"{path}: {value!r} is not one of {', '.join(choices)}")
-        kwargs[key] = value
-    missing = [
-        n
-        for n, f in fields.items()
-        if n not in kwargs
-        and f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING
-    ]
-    if missing:
-        raise SpecError(f"{where + '.' if where else ''}{missing[0]}: required key is missing")
-    return cls(**kwargs)
-
-
-def _check(spec: IngestSpec) -> None:
-    from .registry import READERS
-
+def check_spec(spec: IngestSpec, formats: list[str]) -> None:
+    """What the types cannot say: names, patterns, list lengths, and `format` among `formats`
+    (the registered readers)."""
     if not spec.sources:
         raise SpecError("sources: at least one source is required")
     names = set()
@@ -257,10 +194,10 @@ def _check(spec: IngestSpec) -> None:
         if s.name in names:
             raise SpecError(f"sources[{i}].name: {s.name!r} is used twice")
         names.add(s.name)
-        if s.format != "auto" and s.format not in READERS:
+        if s.format != "auto" and s.format not in formats:
             raise SpecError(
-                f"sources[{i}].format: unknown format {s.format!r}; "
-                f"use auto or one of {', '.join(READERS.names())}"
+                f"sources[{i}].format: unknown format {s.format!r}"
+                f"{config.suggest(s.format, formats)}; use auto or one of {', '.join(formats)}"
             )
         if s.label and "{stem}" not in s.label:
             raise SpecError(f"sources[{i}].label: pattern must contain {{stem}}, got {s.label!r}")
@@ -271,6 +208,10 @@ def _check(spec: IngestSpec) -> None:
                         raise re.error("needs one capturing group")
                 except re.error as e:
                     raise SpecError(f"sources[{i}].{what}.regex: {e}") from e
+    _check_settings(spec)
+
+
+def _check_settings(spec: IngestSpec) -> None:
     f = spec.split.fractions
     if len(f) not in (2, 3) or any(x < 0 for x in f) or sum(f) <= 0:
         raise SpecError("split.fractions: give 2 or 3 non-negative fractions (train, val[, test])")
@@ -287,30 +228,3 @@ def _check(spec: IngestSpec) -> None:
     p = spec.intensity.percentiles
     if len(p) != 2 or not 0 <= p[0] < p[1] <= 100:
         raise SpecError("intensity.percentiles: give [low, high] with 0 <= low < high <= 100")
-
-
-def load_spec(path: str | Path) -> IngestSpec:
-    """Read and validate a spec file; relative source roots resolve against its folder."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise SpecError(f"{path}: cannot read spec ({e})") from e
-    return parse_spec(data, base_dir=str(path.parent.resolve()))
-
-
-def parse_spec(data: Any, base_dir: str = "") -> IngestSpec:
-    from .registry import READERS
-
-    READERS.names()  # reader modules register their spec sections (signal:) on import
-    spec = from_dict(IngestSpec, data)
-    spec.base_dir = base_dir
-    for s in spec.sources:
-        s.root = os.path.expandvars(s.root)
-        if s.labels_table is not None:
-            s.labels_table.path = os.path.expandvars(s.labels_table.path)
-        if "://" not in s.root and base_dir and not Path(s.root).is_absolute():
-            s.root = str(Path(base_dir, s.root).resolve())
-        s.root = str(Path(s.root).expanduser()) if "://" not in s.root else s.root
-    _check(spec)
-    return spec

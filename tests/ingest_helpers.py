@@ -12,10 +12,10 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from medfm.ingest.load import parse_spec
 from medfm.ingest.privacy import Keyring
 from medfm.ingest.registry import IngestError, Quarantine, ReadContext, create_reader
 from medfm.ingest.sources import list_files, pair_labels
-from medfm.ingest.spec import parse_spec
 
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 NIBABEL_FILES = Path(__import__("nibabel").__file__).parent / "tests" / "data"

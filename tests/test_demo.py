@@ -67,7 +67,7 @@ def test_quick_demo_runs_every_stage_on_real_data(sample_data, medfm_exe, tmp_pa
 
     # The configs the demo ran are the stages' own files: each loads through its stage's loader.
     from medfm.finetune import load, load_config
-    from medfm.ingest.spec import load_spec
+    from medfm.ingest.load import load_spec
     from medfm.pretrain.config import load_config as pretrain_config
 
     for name in ("imaging", "ecg", "ehr", "xray"):

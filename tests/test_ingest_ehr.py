@@ -16,8 +16,9 @@ from ingest_helpers import KEY
 
 from medfm.ingest.ehr.vocab import SPECIAL, Vocabulary
 from medfm.ingest.job import run_ingest
+from medfm.ingest.load import parse_spec
 from medfm.ingest.privacy import Keyring, split_for
-from medfm.ingest.spec import SpecError, parse_spec
+from medfm.ingest.spec import SpecError
 from medfm.shards import ShardSet, verify
 
 SPLIT = {"fractions": [0.6, 0.2, 0.2], "seed": 0}

@@ -22,8 +22,8 @@ from PIL import Image
 
 from medfm.ingest.bookkeeping import ResumeError
 from medfm.ingest.job import run_ingest
+from medfm.ingest.load import parse_spec
 from medfm.ingest.privacy import Keyring, split_for
-from medfm.ingest.spec import parse_spec
 from medfm.shards import Manifest, ShardSet, verify
 
 ENV_KEY = KEY.decode()

@@ -28,9 +28,10 @@ from ingest_helpers import (
 from PIL import Image
 
 from medfm.ingest.dicom_deid import deidentify
+from medfm.ingest.load import load_spec, parse_spec
 from medfm.ingest.privacy import DeidKeyError, Keyring, split_for
 from medfm.ingest.registry import READERS
-from medfm.ingest.spec import SpecError, load_spec, parse_spec
+from medfm.ingest.spec import SpecError
 
 SPECS = Path(__file__).resolve().parents[1] / "ingest" / "specs"
 
@@ -44,6 +45,7 @@ def src(root, **kw):
 
 def test_example_specs_parse(monkeypatch):
     monkeypatch.setenv("MEDFM_SAMPLE_DATA", "/data")
+    monkeypatch.setenv("DATA", "/data")  # ct_nifti_labels.yaml's ${DATA}
     specs = sorted(SPECS.glob("*.yaml"))
     assert len(specs) >= 3
     for p in specs:

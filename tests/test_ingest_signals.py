@@ -17,12 +17,12 @@ from ingest_helpers import KEY, PYDICOM_FILES
 from scipy.signal import resample_poly
 
 from medfm.ingest.job import run_ingest
+from medfm.ingest.load import parse_spec
 from medfm.ingest.privacy import Keyring
 from medfm.ingest.registry import IngestError, Quarantine, ReadContext, create_reader
 from medfm.ingest.signals.channels import canonical_name, unit_factor
 from medfm.ingest.signals.readers import BEAT_SYMBOLS
 from medfm.ingest.sources import list_files
-from medfm.ingest.spec import parse_spec
 from medfm.shards import ShardSet, verify
 
 EDF_FILES = Path(pyedflib.__file__).parent / "tests" / "data"

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from medfm.cli import app
 from medfm.ingest.job import run_ingest
+from medfm.ingest.load import parse_spec
 from medfm.ingest.privacy import Keyring
-from medfm.ingest.spec import parse_spec
 from medfm.shards import ShardSet
 from medfm.shards.pairs import find_pairs, parse_window, time_span
 

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Literal
 
-from ..spec import SpecError, choice, from_dict
+from medfm.config import suggest
+
+from ..spec import SpecError, from_dict
 
 TEMPLATE_FIELD = re.compile(r"\{([A-Za-z0-9_]+)\}")
 # Column names that hold free text or direct identifiers (HIPAA Safe Harbor list). A code
@@ -48,9 +51,9 @@ class EventTable:
     time: list[str] = field(default_factory=list)
     value: str = ""
     admission: str = ""
-    time_unit: str = choice("", "s", "m", "h", "d", default="")
+    time_unit: Literal["", "s", "m", "h", "d"] = ""
     time_from: TimeJoin | None = None
-    null_time: str = choice("quarantine", "skip", "static", default="quarantine")
+    null_time: Literal["quarantine", "skip", "static"] = "quarantine"
 
     def columns(self) -> list[str]:
         cols = [self.patient, *self.time, *TEMPLATE_FIELD.findall(self.code)]
@@ -86,7 +89,7 @@ class EHRSpec:
     tables: list[EventTable] = field(default_factory=list)
     patients: PatientTable | None = None
     birth_code: str = ""  # an event code that marks birth (MEDS: MEDS_BIRTH)
-    sample_per: str = choice("patient", "admission", default="patient")
+    sample_per: Literal["patient", "admission"] = "patient"
     min_count: int = 5  # codes seen fewer times in the train split become [UNK]
     bins: int = 10  # quantile bins per numeric code (edges fitted on train only)
     bin_sample: int = 20000  # values kept per code (uniform sample) to fit the edges
@@ -135,7 +138,10 @@ def parse_ehr_options(options: dict, fmt: str) -> EHRSpec:
     preset = options.get("preset") or {"mimic_iv": "mimic_iv", "meds": "meds"}.get(fmt, "")
     if preset:
         if preset not in PRESETS:
-            raise SpecError(f"options.preset: unknown preset {preset!r}; use {sorted(PRESETS)}")
+            raise SpecError(
+                f"options.preset: unknown preset {preset!r}{suggest(preset, PRESETS)}; "
+                f"use {sorted(PRESETS)}"
+            )
         options = {**PRESETS[preset], **options, "preset": preset}
     spec = from_dict(EHRSpec, options, "options")
     spec.check("options")

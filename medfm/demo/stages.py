@@ -77,7 +77,7 @@ def ingest(d: Demo, key: Path) -> dict[str, Path]:
     import ray
 
     from medfm.ingest.job import run_ingest
-    from medfm.ingest.spec import load_spec
+    from medfm.ingest.load import load_spec
 
     specs: dict[str, dict[str, Any]] = {
         "imaging": dc.imaging_spec(d.inputs, key),
