@@ -1,7 +1,7 @@
 """Fine-tuning configs: small @dataclasses read from YAML, validated before any data is read.
 
-Validation reuses the pretraining config machinery (unknown keys and wrong types fail with their
-dotted path), so both stages read configs the same way.
+Validation is the config engine's (medfm.config, docs/configs.md): unknown keys and wrong types
+fail with their dotted path, as in every other stage.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ def pretrain(
     list_: bool = typer.Option(False, "--list", help="List encoders, objectives, example configs."),
 ) -> None:
     """Train an encoder on shard sets. Extra `key=value` arguments override the config, e.g.
-    `train.max_steps=2000 data.batch_size=64 objectives.0.mask_ratio=0.6`."""
+    `train.max_steps=2000 data.batch_size=64 objectives[0].mask_ratio=0.6`."""
     from medfm.config import ConfigError
     from medfm.pretrain.config import load_config
 

@@ -1,4 +1,5 @@
-"""Pretraining configs: small @dataclasses, loaded from YAML plus `key=value` overrides.
+"""Pretraining configs: small @dataclasses, loaded from YAML plus `key=value` overrides by the
+config engine (medfm.config, docs/configs.md).
 
 Validation is strict and happens before any data is read: an unknown key or a value of the wrong
 type fails with its dotted path (`train.lr: expected float, got 'fast'`). Encoder and objective
@@ -128,13 +129,17 @@ def validate(cfg: PretrainConfig) -> None:
     for key, spec in (("model", cfg.model), ("pair_model", cfg.pair_model)):
         if spec is not None:
             params = dict(spec)
-            ENCODERS.config(params.pop("name", ""), params, key)
+            name = params.pop("name", "")
+            ENCODERS.entry(name, f"{key}.name")
+            ENCODERS.config(name, params, key)
     if not cfg.objectives:
         raise ConfigError("objectives: at least one objective is required")
     for i, spec in enumerate(cfg.objectives):
         params = dict(spec)
         params.pop("weight", None)
-        OBJECTIVES.config(params.pop("name", ""), params, f"objectives[{i}]")
+        name = params.pop("name", "")
+        OBJECTIVES.entry(name, f"objectives[{i}].name")
+        OBJECTIVES.config(name, params, f"objectives[{i}]")
     t = cfg.train
     for name in ("max_steps", "grad_accum", "checkpoint_every", "log_every"):
         if getattr(t, name) < 1:

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
-from medfm.config import from_dict
+from medfm.config import from_dict, read_tree
 from medfm.pretrain.objectives.diffusion_data import intensity_of
 from medfm.shards import Manifest, ShardSet, open_volume
 
@@ -57,10 +57,12 @@ class AuditConfig:
     thresholds: AuditThresholds = field(default_factory=AuditThresholds)
 
 
-def load_audit_config(path: str | Path | None = None, overrides: dict | None = None):
-    tree = yaml.safe_load(Path(path or DEFAULT_CONFIG).read_text()) or {}
-    tree.update(overrides or {})
-    return from_dict(AuditConfig, tree, "audit")
+def load_audit_config(
+    path: str | Path | None = None, overrides: Iterable[str] | Mapping[str, Any] = ()
+) -> AuditConfig:
+    """The audit YAML (default: synth/configs/audit.yaml) with `key=value` overrides (or a
+    {dotted key: value} mapping), validated by the config engine."""
+    return from_dict(AuditConfig, read_tree(path or DEFAULT_CONFIG, overrides))
 
 
 def subsample(rows: list[dict[str, Any]], n: int, seed: int) -> list[dict[str, Any]]:

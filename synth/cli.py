@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -9,6 +10,11 @@ import typer
 
 app = typer.Typer(
     help="Generate synthetic data with diffusion models and audit it.", no_args_is_help=True
+)
+
+
+SET_OPTION = typer.Option(
+    [], "--set", help="key=value override of the audit config (repeatable), e.g. k=10."
 )
 
 
@@ -41,6 +47,7 @@ def generate_cmd(
     audit: bool = typer.Option(False, "--audit", help="Audit and withhold flagged samples."),
     real: str = typer.Option(None, help="Real training shards for --audit (default: the model's)."),
     audit_config: str = typer.Option(None, help="Audit YAML (default: synth/configs/audit.yaml)."),
+    override: list[str] = SET_OPTION,
 ):
     """Sample a diffusion model into a shard set (rows marked synthetic, with provenance)."""
     from medfm.pretrain.objectives.diffusion_sampling import SamplerSettings
@@ -49,6 +56,8 @@ def generate_cmd(
     from .generate import GenerateOptions, generate
     from .withhold import generate_audited
 
+    if override and not audit:
+        _fail(ValueError("--set overrides the audit config: use it with --audit"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     opts = GenerateOptions(
         n=n,
@@ -63,9 +72,8 @@ def generate_cmd(
     )
     try:
         if audit:
-            header, report = generate_audited(
-                model, out, opts, real, load_audit_config(audit_config)
-            )
+            cfg = load_audit_config(audit_config, override)
+            header, report = generate_audited(model, out, opts, real, cfg)
             typer.echo(
                 f"audit {report['verdict']}: withheld {report['memorization']['flagged']} "
                 f"flagged samples; report in {out}/audit"
@@ -85,12 +93,14 @@ def audit_cmd(
     config: str = typer.Option(None, help="Audit YAML (default: synth/configs/audit.yaml)."),
     encoder: str = typer.Option(None, help="Exported medfm encoder for the feature space."),
     as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
+    override: list[str] = SET_OPTION,
 ):
     """Fidelity, diversity and memorization report with a pass/fail verdict (exit 1 on fail)."""
     from .audit import audit, load_audit_config
 
     try:
-        cfg = load_audit_config(config, {"encoder": encoder} if encoder else None)
+        cfg = load_audit_config(config, override)
+        cfg = dataclasses.replace(cfg, encoder=encoder) if encoder else cfg
         report = audit(synthetic, real, out or f"{synthetic.rstrip('/')}/audit", cfg)
     except (ValueError, FileNotFoundError) as e:
         _fail(e)
