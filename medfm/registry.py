@@ -68,8 +68,12 @@ class Registry:
         if self._loaded:
             return
         self._loaded = True  # first: a module being imported may look names up
-        for module in self._modules:
-            importlib.import_module(module)
+        try:
+            for module in self._modules:
+                importlib.import_module(module)
+        except BaseException:
+            self._loaded = False  # a failed built-in import fails every lookup, not just this one
+            raise
         if self.group is not None:
             for ep in entry_points(group=self.group):
                 self._load_plugin(ep)
