@@ -1,11 +1,11 @@
 """One registry type for every extension point, timm-style: a name maps to a factory.
 
-    READERS = Registry("reader", group="medfm.readers")
+    ENCODERS = Registry("encoder", group="medfm.encoders")
 
-    @READERS.register("nifti", NiftiOptions)        # config dataclass optional
-    class NiftiReader(Reader): ...
+    @ENCODERS.register("vit2d", ViT2DConfig)        # config dataclass optional
+    def vit2d(cfg: ViT2DConfig) -> ViT2D: ...
 
-    READERS.build("nifti", {"...": ...})            # params validated against NiftiOptions
+    ENCODERS.build("vit2d", {"img_size": 28})       # params validated against ViT2DConfig
 
 Four ways an entry gets in, so that importing a registry stays cheap:
 - `@register(name, ConfigClass)` in a module that the registry's package imports;
