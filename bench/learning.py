@@ -145,8 +145,8 @@ def random_encoder(mae_export: Path, out: Path, seed: int) -> Path:
 def synthesize(shards: Path, out: Path, r: Recipe) -> Path:
     """Class-conditional DDPM trained through the pretrain engine on this label budget's train
     images only (the generator sees no label the classifier may not), then sampled by synth."""
+    from medfm.models.diffusion.sampling import SamplerSettings
     from medfm.pretrain.config import load_config
-    from medfm.pretrain.objectives.diffusion_sampling import SamplerSettings
     from medfm.pretrain.train import run
     from medfm.synth.generate import GenerateOptions, generate
 

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medfm.pretrain.objectives.diffusion import DiffusionConfig, DiffusionObjective
-from medfm.pretrain.objectives.diffusion_data import build_contract
-from medfm.pretrain.objectives.diffusion_export import export_diffusion
-from medfm.pretrain.objectives.diffusion_sampling import SamplerSettings, sample
+from medfm.models.diffusion.contract import build_contract
+from medfm.models.diffusion.export import export_diffusion
+from medfm.models.diffusion.model import DiffusionConfig, DiffusionModel
+from medfm.models.diffusion.sampling import SamplerSettings, sample
 from medfm.shards import Manifest, Sample, ShardSetWriter
 
 
@@ -63,11 +63,11 @@ def write_real(root: str, images: np.ndarray, splits: np.ndarray) -> None:
             )
 
 
-def model(tmp: str, real: str) -> tuple[DiffusionObjective, str]:
+def model(tmp: str, real: str) -> tuple[DiffusionModel, str]:
     cfg = DiffusionConfig(
         sample_size=(28, 28), channels=(16, 32, 32), attention_levels=(False, False, False)
     )
-    obj = DiffusionObjective(cfg).eval()
+    obj = DiffusionModel(cfg).eval()
     m = Manifest.open(real)
     rows = [r for r in m.rows() if r["split"] == "train"]
     contract = build_contract(real, rows, m.header, (28, 28), None)
@@ -93,7 +93,7 @@ def best_rates(fns: list, n: int, repeats: int) -> list[float]:
     return [n / b for b in best]
 
 
-def diffusers_loop(obj: DiffusionObjective, batch: int, steps: int):
+def diffusers_loop(obj: DiffusionModel, batch: int, steps: int):
     """The plain diffusers route: DDIMPipeline on the same UNet and schedule."""
     from diffusers import DDIMPipeline, DDIMScheduler
 
@@ -105,7 +105,7 @@ def diffusers_loop(obj: DiffusionObjective, batch: int, steps: int):
     )
 
 
-def bench_sampler(obj: DiffusionObjective, batch: int, steps: int, repeats: int) -> None:
+def bench_sampler(obj: DiffusionModel, batch: int, steps: int, repeats: int) -> None:
     settings = SamplerSettings("ddim", steps)
     seeds = list(range(batch))
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from medfm.config import from_dict, read_tree
-from medfm.pretrain.objectives.diffusion_data import intensity_of
+from medfm.models.diffusion.contract import intensity_of
 from medfm.shards import Manifest, ShardSet, open_volume
 
 from .contract import check_compatible, observed_contract, synthetic_contract

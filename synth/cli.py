@@ -50,7 +50,7 @@ def generate_cmd(
     override: list[str] = SET_OPTION,
 ):
     """Sample a diffusion model into a shard set (rows marked synthetic, with provenance)."""
-    from medfm.pretrain.objectives.diffusion_sampling import SamplerSettings
+    from medfm.models.diffusion.sampling import SamplerSettings
 
     from .audit import load_audit_config
     from .generate import GenerateOptions, generate

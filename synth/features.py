@@ -11,7 +11,6 @@ are never compared by accident.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Protocol
 
@@ -65,7 +64,7 @@ class EncoderFeatures:
         self.encoder, sidecar = load_encoder(str(path))
         self.encoder.to(device).eval()
         self.device = device
-        digest = hashlib.sha256(Path(path).with_suffix(".safetensors").read_bytes()).hexdigest()
+        digest = sidecar["weights"]["sha256"]  # load_encoder checked the weights against it
         self.name = (
             f"medfm-encoder:{sidecar.get('architecture', {}).get('name', '?')}@{digest[:12]}"
         )

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from medfm.io import get_fs, remove_temporaries
-from medfm.pretrain.objectives.diffusion_data import intensity_of
-from medfm.pretrain.objectives.diffusion_export import LoadedDiffusion, load_diffusion
-from medfm.pretrain.objectives.diffusion_sampling import SamplerSettings, sample
+from medfm.models.diffusion.contract import intensity_of
+from medfm.models.diffusion.export import LoadedDiffusion, from_bytes, load_diffusion
+from medfm.models.diffusion.sampling import SamplerSettings, sample
 from medfm.shards import Geometry, Sample, SampleWriter, ShardFile, write_manifest
 from medfm.shards.manifest import HEADER_NAME
 
@@ -122,7 +122,7 @@ def run_chunk(
     progress: bool = True,
 ) -> tuple[list[dict[str, Any]], list[ShardFile]]:
     """Sample `jobs` in batches and store them under `prefix`; returns (rows, files)."""
-    objective = loaded.objective.to(device).eval()
+    model = loaded.model.to(device).eval()
     classes = loaded.classes
     writer = SampleWriter(out, prefix)
     t0 = time.perf_counter()
@@ -130,7 +130,7 @@ def run_chunk(
         for start in range(0, len(jobs), batch_size):
             batch = jobs[start : start + batch_size]
             labels = [classes.index(j.label) for j in batch] if classes else None
-            x = sample(objective, [j.seed for j in batch], settings, labels, device)
+            x = sample(model, [j.seed for j in batch], settings, labels, device)
             for job, arr in zip(batch, x.float().cpu().numpy(), strict=True):
                 writer.write(to_sample(arr, job, loaded, settings))
             if progress:
@@ -153,8 +153,6 @@ def run_chunk(
 
 def _ray_chunk(model_bytes: bytes, sidecar: dict, jobs, out, prefix, settings, batch_size):
     """Ray task body: the model travels as bytes, so workers need no access to its path."""
-    from medfm.pretrain.objectives.diffusion_export import from_bytes
-
     loaded = from_bytes(model_bytes, sidecar)
     return run_chunk(loaded, jobs, out, prefix, settings, batch_size, pick_device("auto"), False)
 

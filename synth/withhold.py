@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from medfm.io import TMP_MARKER, get_fs
-from medfm.pretrain.objectives.diffusion_export import load_diffusion
+from medfm.models.diffusion.export import load_diffusion
 from medfm.shards import SampleWriter, ShardSet, write_manifest
 
 from .audit import AuditConfig, audit

@@ -11,11 +11,12 @@ import torch
 from pretrain_helpers import base_config, ct_shards, losses, pneumonia_shards
 
 from medfm.config import ConfigError
+from medfm.models.diffusion.export import load_diffusion
+from medfm.models.diffusion.model import DiffusionModel
+from medfm.models.diffusion.sampling import SamplerSettings, sample
 from medfm.pretrain.config import load_config
 from medfm.pretrain.objectives import OBJECTIVES, Context
 from medfm.pretrain.objectives.diffusion import DiffusionObjective
-from medfm.pretrain.objectives.diffusion_export import load_diffusion
-from medfm.pretrain.objectives.diffusion_sampling import SamplerSettings, sample
 from medfm.shards import Manifest, ShardSet, verify
 from medfm.synth.generate import GenerateOptions, generate
 
@@ -35,7 +36,7 @@ def test_registry_builds_2d_and_3d_and_the_loss_is_finite(spatial_dims, size):
     loss = obj.loss({"data": torch.rand(2, 1, *size)})["loss"]
     loss.backward()
     assert torch.isfinite(loss)
-    assert all(p.grad is not None for p in obj.unet.parameters() if p.requires_grad)
+    assert all(p.grad is not None for p in obj.model.unet.parameters() if p.requires_grad)
 
 
 @pytest.mark.parametrize(
@@ -53,10 +54,10 @@ def test_bad_objective_config_fails_naming_the_key(params, key):
 
 
 def test_sampling_is_per_seed_whatever_the_batch():
-    obj = DiffusionObjective(OBJECTIVES.config("diffusion", TINY_UNET))
+    model = DiffusionModel(OBJECTIVES.config("diffusion", TINY_UNET)).eval()
     s = SamplerSettings("dpm", 4)
-    together = sample(obj.eval(), [7, 8, 9], s)
-    alone = sample(obj, [8], s)
+    together = sample(model, [7, 8, 9], s)
+    alone = sample(model, [8], s)
     torch.testing.assert_close(together[1:2], alone, atol=1e-2, rtol=1e-3)  # batched conv numerics
     assert not torch.allclose(together[0], together[2])
 
@@ -85,9 +86,9 @@ def test_engine_trains_diffusion_and_synth_generates_from_its_export(sample_data
     state = torch.load(
         tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu"
     )["state_dict"]
-    key = next(k for k in state if k.startswith("objectives.diffusion.unet."))
+    key = next(k for k in state if k.startswith("objectives.diffusion.model.unet."))
     ema_key = "ema.module." + key.removeprefix("objectives.")
-    exported = load_diffusion(export).objective.unet.state_dict()[key.split(".unet.", 1)[1]]
+    exported = load_diffusion(export).model.unet.state_dict()[key.split(".unet.", 1)[1]]
     torch.testing.assert_close(exported, state[ema_key])
     assert not torch.equal(exported, state[key])
 

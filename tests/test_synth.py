@@ -12,8 +12,8 @@ import pytest
 import torch
 from synth_helpers import write_pneumonia
 
-from medfm.pretrain.objectives.diffusion_export import load_diffusion
-from medfm.pretrain.objectives.diffusion_sampling import SamplerSettings
+from medfm.models.diffusion.export import load_diffusion
+from medfm.models.diffusion.sampling import SamplerSettings
 from medfm.shards import Manifest, Sample, ShardSet, ShardSetWriter, verify
 from medfm.synth.audit import audit, load_audit_config
 from medfm.synth.generate import GenerateOptions, generate

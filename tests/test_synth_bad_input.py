@@ -12,14 +12,10 @@ import torch
 from synth_helpers import write_pneumonia
 from typer.testing import CliRunner
 
-from medfm.pretrain.objectives.diffusion import DiffusionConfig, DiffusionObjective
-from medfm.pretrain.objectives.diffusion_data import build_contract
-from medfm.pretrain.objectives.diffusion_export import (
-    CheckpointKindError,
-    export_diffusion,
-    load_diffusion,
-)
-from medfm.pretrain.objectives.diffusion_sampling import SamplerSettings
+from medfm.models.diffusion.contract import build_contract
+from medfm.models.diffusion.export import CheckpointKindError, export_diffusion, load_diffusion
+from medfm.models.diffusion.model import DiffusionConfig, DiffusionModel
+from medfm.models.diffusion.sampling import SamplerSettings
 from medfm.shards import Manifest, write_manifest
 from medfm.synth.audit import EmptyAuditError, audit
 from medfm.synth.cli import app
@@ -40,7 +36,7 @@ def setup(tmp_path_factory):
     rows = [r for r in m.rows() if r["split"] == "train"]
     cfg = DiffusionConfig(channels=(8, 16, 16), attention_levels=(False,) * 3, num_classes=2)
     export = export_diffusion(
-        DiffusionObjective(cfg).eval(),
+        DiffusionModel(cfg).eval(),
         tmp / "model",
         preprocessing=build_contract(str(real), rows, m.header, (28, 28), None),
         classes=[0, 1],

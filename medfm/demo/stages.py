@@ -162,7 +162,7 @@ def pretrain(d: Demo, name: str, tree: dict[str, Any]) -> Path:
 
 
 def synth(d: Demo, model: Path, real: Path, encoder: Path) -> None:
-    from medfm.pretrain.objectives.diffusion_sampling import SamplerSettings
+    from medfm.models.diffusion.sampling import SamplerSettings
     from medfm.synth.audit import audit, load_audit_config
     from medfm.synth.generate import GenerateOptions, generate
 

@@ -7,17 +7,20 @@ The checkpoint hash recorded in synthetic shards is the sha256 of the weights fi
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load, load_file, save_file
+from safetensors.torch import load, load_file, save
 
-from .diffusion import DiffusionConfig, DiffusionObjective
+from medfm.io import atomic_write_bytes, get_fs, sha256_bytes, sha256_file
+from medfm.models.contract import sorted_classes
+from medfm.shards import Manifest
+
+from .contract import build_contract, engine_window
+from .model import DiffusionConfig, DiffusionModel, build_scheduler
 
 KIND = "diffusion"
 SIDECAR_FORMAT = "medfm-diffusion"
@@ -31,7 +34,7 @@ class CheckpointKindError(ValueError):
 
 @dataclass
 class LoadedDiffusion:
-    objective: DiffusionObjective
+    model: DiffusionModel
     sidecar: dict[str, Any]
     sha256: str
     weights_path: str
@@ -45,22 +48,8 @@ class LoadedDiffusion:
         return self.sidecar["preprocessing"]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def export_diffusion(
-    objective: DiffusionObjective,
+    model: DiffusionModel,
     out_dir: str | Path,
     *,
     preprocessing: dict[str, Any],
@@ -70,26 +59,28 @@ def export_diffusion(
     step: int | None = None,
     name: str = "model",
 ) -> Path:
-    """Write `<name>.safetensors` and `<name>.json` into out_dir; returns the weights path."""
+    """Write `<name>.safetensors` and `<name>.json` into a local out_dir; returns the weights
+    path. The weights are the UNet's state dict, under the UNet's own keys."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    fs, root = get_fs(str(out))
+    state = {k: v.detach().cpu().contiguous() for k, v in model.unet.state_dict().items()}
+    blob = save(state, metadata={"format": "pt"})
     weights = out / f"{name}.safetensors"
-    state = {k: v.detach().cpu().contiguous() for k, v in objective.unet.state_dict().items()}
-    _atomic_write(weights, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    atomic_write_bytes(fs, f"{root}/{weights.name}", blob)
     sidecar = {
         "format": SIDECAR_FORMAT,
         "kind": KIND,
-        "architecture": objective.describe(),
-        "scheduler": dict(objective.scheduler.config),
+        "architecture": model.cfg.describe(),
+        "scheduler": dict(model.scheduler.config),
         "classes": list(classes),
         "class_key": class_key,
         "preprocessing": preprocessing,
         "data_manifests": data_manifests or [],
         "step": step,
-        "weights": {"path": weights.name, "sha256": _sha256(weights)},
+        "weights": {"path": weights.name, "sha256": sha256_bytes(blob)},
     }
     text = json.dumps(sidecar, indent=1, sort_keys=True, default=str)
-    _atomic_write(out / f"{name}.json", lambda p: p.write_text(text))
+    atomic_write_bytes(fs, f"{root}/{name}.json", text.encode())
     return weights
 
 
@@ -126,11 +117,6 @@ def engine_export(folder: Path) -> tuple[Path, dict[str, Any]]:
     export; the run's config.json (one level up) holds the objective's parameters and the data
     section, from which the preprocessing contract is rebuilt against the training manifest.
     """
-    from medfm.models.contract import sorted_classes
-    from medfm.shards import Manifest
-
-    from .diffusion_data import build_contract, engine_window
-
     config_path = folder.parent / "config.json"
     if not config_path.exists():
         raise CheckpointKindError(f"{folder}: no {config_path.name} beside the export folder")
@@ -143,15 +129,14 @@ def engine_export(folder: Path) -> tuple[Path, dict[str, Any]]:
     key = "diffusion" if names.index("diffusion") == i else f"diffusion_{i}"
     weights = folder / f"{key}{ENGINE_SUFFIX}"
     params = {k: v for k, v in spec.items() if k not in ("name", "weight")}
-    objective = DiffusionObjective(DiffusionConfig(**params))  # validates the parameters
+    model_cfg = DiffusionConfig(**params)
+    model_cfg.check()
     data = cfg["data"]
     shards = Manifest.open(data["shards"])
     kinds = tuple(data.get("kinds") or ("image2d", "volume3d"))
     rows = [r for r in shards.rows() if r["split"] == data["split"] and r["kind"] in kinds]
     window = engine_window(data, rows, data["shards"])
-    contract = build_contract(
-        data["shards"], rows, shards.header, objective.cfg.sample_size, window
-    )
+    contract = build_contract(data["shards"], rows, shards.header, model_cfg.sample_size, window)
     class_key = data.get("class_key", "")
     classes = []
     if class_key:
@@ -159,14 +144,14 @@ def engine_export(folder: Path) -> tuple[Path, dict[str, Any]]:
     sidecar = {
         "format": SIDECAR_FORMAT,
         "kind": KIND,
-        "architecture": objective.describe(),
-        "scheduler": dict(objective.scheduler.config),
+        "architecture": model_cfg.describe(),
+        "scheduler": dict(build_scheduler(model_cfg).config),
         "classes": classes,
         "class_key": class_key,
         "preprocessing": contract,
         "data_manifests": [{"root": data["shards"], "sha256": shards.header["manifest"]["sha256"]}],
         "step": cfg["train"]["max_steps"],
-        "weights": {"path": weights.name, "sha256": _sha256(weights)},
+        "weights": {"path": weights.name, "sha256": sha256_file(*get_fs(str(weights)))[0]},
     }
     return weights, sidecar
 
@@ -194,33 +179,33 @@ def read_sidecar(path: Path | dict[str, Any]) -> dict[str, Any]:
 def build_loaded(
     sidecar: dict[str, Any], state: dict[str, torch.Tensor], digest: str, where: str
 ) -> LoadedDiffusion:
-    """Rebuild the objective from a (checked) sidecar and load its weights."""
+    """Rebuild the model from a (checked) sidecar and load its weights."""
     params = dict(sidecar["architecture"]["params"])
     for key in ("sample_size", "channels", "attention_levels"):
         params[key] = tuple(params[key])
-    objective = DiffusionObjective(DiffusionConfig(**params))
+    model = DiffusionModel(DiffusionConfig(**params))
     try:
-        objective.unet.load_state_dict(state)
+        model.unet.load_state_dict(state)
     except RuntimeError as e:
         raise CheckpointKindError(f"{where}: weights do not fit the sidecar's UNet ({e})") from e
-    return LoadedDiffusion(objective.eval(), sidecar, digest, where)
+    return LoadedDiffusion(model.eval(), sidecar, digest, where)
 
 
 def load_diffusion(path: str | Path, device: str | torch.device = "cpu") -> LoadedDiffusion:
     """Load an export (folder, .safetensors or .json); verifies the weights hash."""
     weights, sidecar_path = resolve(path)
     sidecar = read_sidecar(sidecar_path)
-    digest = _sha256(weights)
+    digest = sha256_file(*get_fs(str(weights)))[0]
     if digest != sidecar["weights"]["sha256"]:
         raise CheckpointKindError(f"{weights}: sha256 differs from its sidecar")
     loaded = build_loaded(sidecar, load_file(str(weights)), digest, str(weights))
-    loaded.objective.to(device)
+    loaded.model.to(device)
     return loaded
 
 
 def from_bytes(weights: bytes, sidecar: dict[str, Any]) -> LoadedDiffusion:
     """Rebuild from the weights' bytes (how Ray tasks receive a model); hash checked."""
-    digest = hashlib.sha256(weights).hexdigest()
+    digest = sha256_bytes(weights)
     if digest != sidecar["weights"]["sha256"]:
         raise CheckpointKindError("model bytes do not match the sidecar's sha256")
     return build_loaded(sidecar, load(weights), digest, sidecar["weights"]["path"])

@@ -1,10 +1,9 @@
 """What a diffusion model is trained on: its preprocessing contract and its shard datasets.
 
 The contract records how stored values map to [0, 1] (an intensity window, as the engine's
-`unit` and `window` modes do),
-plus the storage facts (kind, modality, shape, dtype, spacing, channels) of the training shards.
-Generation applies its inverse, so synthetic shards are stored exactly as the real ones are and
-the same readers and transforms consume both.
+`unit` and `window` modes do), plus the storage facts (kind, modality, shape, dtype, spacing,
+channels) of the training shards. Generation applies its inverse, so synthetic shards are stored
+exactly as the real ones are and the same readers and transforms consume both.
 """
 
 from __future__ import annotations
@@ -14,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from medfm.models.contract import CT_WINDOW
 
 DTYPE_RANGES = {"|u1": (0.0, 255.0), "<u2": (0.0, 65535.0)}
 
@@ -55,8 +56,6 @@ def default_intensity(dtype: str, window: tuple[float, float] | None) -> Intensi
 def engine_window(data: dict[str, Any], rows: list[dict[str, Any]], root: str):
     """The window the engine's intensity setting (`auto`/`unit`/`window`) applied, or None for
     the dtype's range; z-scoring is refused (see intensity_of)."""
-    from medfm.models.contract import CT_WINDOW
-
     mode = data.get("intensity", "auto")
     dtype = unique(rows, "dtype", root) if rows else ""
     if mode == "window" or (mode == "auto" and dtype not in DTYPE_RANGES):

@@ -1,4 +1,4 @@
-"""Fast sampling from a trained diffusion objective: DDIM or DPM-Solver++ in a few dozen steps.
+"""Fast sampling from a trained diffusion model: DDIM or DPM-Solver++ in a few dozen steps.
 
 Each sample's starting noise comes from its own seeded generator, so a sample is reproducible
 from (checkpoint, seed, class, sampler settings) alone, whatever batch it was drawn in. With
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
-from .diffusion import DiffusionObjective
+from .model import DiffusionModel
 
 SAMPLERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
 
@@ -34,11 +34,11 @@ class SamplerSettings:
         return asdict(self)
 
 
-def make_scheduler(objective: DiffusionObjective, settings: SamplerSettings):
+def make_scheduler(model: DiffusionModel, settings: SamplerSettings):
     """The sampler's scheduler, built from the training schedule so the betas match."""
     settings.check()
     cls = SAMPLERS[settings.sampler]
-    return cls.from_config(objective.scheduler.config)
+    return cls.from_config(model.scheduler.config)
 
 
 def initial_noise(
@@ -51,20 +51,20 @@ def initial_noise(
 
 @torch.inference_mode()
 def sample(
-    objective: DiffusionObjective,
+    model: DiffusionModel,
     seeds: list[int],
     settings: SamplerSettings,
     class_index: list[int] | None = None,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Draw len(seeds) samples, (B, C, *sample_size) in the contract's [0, 1] space."""
-    cfg = objective.cfg
-    scheduler = make_scheduler(objective, settings)
+    cfg = model.cfg
+    scheduler = make_scheduler(model, settings)
     scheduler.set_timesteps(settings.steps, device=device)
     x = initial_noise(seeds, (cfg.in_channels, *cfg.sample_size), device)
     x = x * scheduler.init_noise_sigma
     labels = None
-    if objective.conditional:
+    if model.conditional:
         if class_index is None or len(class_index) != len(seeds):
             raise ValueError("class-conditional model: give one class index per seed")
         labels = torch.as_tensor(class_index, dtype=torch.long, device=device)
@@ -76,8 +76,6 @@ def sample(
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda)
     for t in scheduler.timesteps:
         with autocast:
-            pred = objective.denoise(
-                scheduler.scale_model_input(x, t), t.expand(len(seeds)), labels
-            )
+            pred = model(scheduler.scale_model_input(x, t), t.expand(len(seeds)), labels)
         x = scheduler.step(pred.float(), t, x, **step_kwargs).prev_sample
     return (x + 1.0) / 2.0
