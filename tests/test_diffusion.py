@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 from pretrain_helpers import base_config, ct_shards, losses, pneumonia_shards
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from medfm.config import ConfigError
 from medfm.models.diffusion.export import load_diffusion
@@ -60,6 +62,26 @@ def test_sampling_is_per_seed_whatever_the_batch():
     alone = sample(model, [8], s)
     torch.testing.assert_close(together[1:2], alone, atol=1e-2, rtol=1e-3)  # batched conv numerics
     assert not torch.allclose(together[0], together[2])
+
+
+def test_checkpoints_naming_the_unet_on_the_objective_still_load():
+    """Runs checkpointed while the objective owned the UNet (`objectives.diffusion.unet.*`, and
+    so in its EMA copy) resume: the keys are renamed on load, strictly."""
+
+    def engine_like() -> nn.ModuleDict:
+        obj = OBJECTIVES.build("diffusion", TINY_UNET, Context(encoder=None))
+        objectives = nn.ModuleDict({"diffusion": obj})
+        return nn.ModuleDict({"objectives": objectives, "ema": AveragedModel(objectives)})
+
+    torch.manual_seed(0)
+    saved = engine_like().state_dict()
+    old = {k.replace(".model.unet.", ".unet."): v for k, v in saved.items()}
+    assert any(k.startswith("ema.module.diffusion.unet.") for k in old)
+    torch.manual_seed(1)
+    resumed = engine_like()
+    resumed.load_state_dict(old)
+    for key, value in resumed.state_dict().items():
+        torch.testing.assert_close(value, saved[key])
 
 
 @pytest.mark.slow

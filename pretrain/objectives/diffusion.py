@@ -84,6 +84,14 @@ class DiffusionObjective(Objective):
     def export_modules(self) -> dict[str, nn.Module]:
         return {"unet": self.model.unet}
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # Checkpoints written while the objective owned the UNet itself name it `<prefix>unet.`;
+        # renaming those keys keeps such runs resumable (the optimizer state is by position).
+        old = f"{prefix}unet."
+        for key in [k for k in state_dict if k.startswith(old)]:
+            state_dict[f"{prefix}model.{key[len(prefix) :]}"] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
 
 @OBJECTIVES.register("diffusion", DiffusionConfig)
 def diffusion(cfg: DiffusionConfig, ctx: Context) -> DiffusionObjective:
