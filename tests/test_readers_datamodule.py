@@ -1,11 +1,14 @@
 """ShardDataModule in real Lightning fits: an interrupted run resumed with fit(ckpt_path=...) sees
-exactly the samples, in the same order, that an uninterrupted run sees."""
+exactly the samples, in the same order, that an uninterrupted run sees; and what a stage passes
+in (row filter, batch transform, drop_last, the trained-sample count) reaches its batches and
+state."""
 
 from __future__ import annotations
 
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from readers_helpers import write_2d_set
 
 from medfm.shards import ShardDataConfig, ShardDataModule, SourceConfig
@@ -75,3 +78,36 @@ def test_fit_resume_from_mid_epoch_checkpoint(tmp_path):
     assert state["epoch"] == 1 and state["consumed"] == 5 * 4
     tail = fit(config, max_epochs=2, ckpt_path=str(path), enable_checkpointing=False)
     assert head == reference[:68] and head + tail == reference
+
+
+def test_stage_inputs_reach_batches_and_state(tmp_path):
+    write_2d_set(tmp_path / "real")
+    config = ShardDataConfig(
+        train=[
+            SourceConfig(str(tmp_path / "real"), labels=lambda row: row["labels"]["class"] == 1)
+        ],
+        batch_size=3,
+        num_workers=0,
+        drop_last=True,
+        seed=3,
+        batch_transform=lambda batch: {**batch, "size": len(batch["key"])},
+    )
+    dm = ShardDataModule(config)
+    assert not is_overridden("val_dataloader", dm)  # no val source: Lightning skips validation
+    (ds,) = dm.train_datasets()
+    loader = dm.train_dataloader()
+    batches = [dm.on_after_batch_transfer(b, 0) for b in loader]
+    assert len(batches) == len(loader) == ds.rank_length() // 3 and ds.rank_length() % 3
+    assert all(b["size"] == 3 and b["label"].eq(1).all() for b in batches)  # filtered rows only
+    # a run that trained on 3 batches: `used` and the position ride in the state
+    dm = ShardDataModule(config)
+    it = iter(dm.train_dataloader())
+    for _ in range(3):
+        dm.count(len(next(it)["key"]))
+    state = dm.state_dict()
+    assert state["used"] == 9 and state["train"]["consumed"] == 9
+    resumed = ShardDataModule(config)
+    resumed.load_state_dict(state)
+    assert resumed.used == 9
+    rest = [b["key"] for b in resumed.train_dataloader()]
+    assert rest == [b["key"] for b in batches[3:]]
