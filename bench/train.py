@@ -114,7 +114,7 @@ def _first(dm, n: int) -> list[dict]:
     """Raw samples straight from the shard reader (for the in-memory baseline)."""
     from medfm.shards.dataset import ShardDataset
 
-    ds = ShardDataset(dm.sources[0][0], shuffle=False)
+    ds = ShardDataset(dm.sources[0].root, shuffle=False)
     return [ds.load(i, 0) for i in range(min(n, ds.num_units()))]
 
 

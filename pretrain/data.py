@@ -1,25 +1,23 @@
 """Shard data for pretraining, built only from medfm.shards readers.
 
-ShardDataset/MixedDataset give the distributed, shuffled, exactly resumable sample stream (and
-synthetic mixing by weight); PatchSampler cuts 3D training patches by chunk. This module adds
-what pretraining needs on top: the preprocessing contract as a seeded transform, cross-modal
-partners, and a LightningDataModule whose state (samples that reached the training step) rides
-in every checkpoint.
+medfm.shards.ShardDataModule is the LightningDataModule: the distributed, shuffled, exactly
+resumable sample stream, synthetic mixing by weight, 3D training patches, its position in every
+checkpoint. This module turns a DataConfig into its ShardDataConfig and adds what pretraining
+needs on top: the preprocessing contract as a seeded transform, cross-modal partners, and the
+data kind and classes the model is checked against.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-import lightning as L
 import torch
 
 from medfm.models.contract import Contract, sorted_classes
 from medfm.shards import Manifest
+from medfm.shards.datamodule import ShardDataConfig, ShardDataModule, SourceConfig
 from medfm.shards.dataset import ShardDataset
-from medfm.shards.loader import ShardDataLoader
-from medfm.shards.mixing import MixedDataset
-from medfm.shards.patches import PatchSampler
 from medfm.shards.transforms import ItemTransform
 
 from .config import ConfigError, DataConfig, PairConfig
@@ -95,55 +93,95 @@ def unpack_pair(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
-class PretrainDataModule(L.LightningDataModule):
-    """The training loader from a DataConfig; checkpoints carry its position."""
+def sources(dc: DataConfig, keep: Callable[[dict], bool] | None = None) -> list[SourceConfig]:
+    """`mix` or `shards`, plus synthetic shards at their ratio; `keep` filters rows."""
+    mix = dict(dc.mix) if dc.mix else {dc.shards: 1.0}
+    weights = [(root, dc.split, float(w)) for root, w in mix.items()]
+    if dc.synthetic is not None:
+        r = dc.synthetic.ratio
+        if not 0.0 < r < 1.0:
+            raise ConfigError(f"data.synthetic.ratio: must be in (0, 1), got {r}")
+        real = sum(w for _, _, w in weights)
+        weights.append((dc.synthetic.shards, None, real * r / (1 - r)))
+    return [
+        SourceConfig(
+            root,
+            weight,
+            split,
+            datasets=dc.datasets,
+            modalities=dc.modalities,
+            kinds=dc.kinds,
+            labels=keep,
+            name=str(root).rstrip("/"),  # as a ShardDataset names itself: items' "source"
+        )
+        for root, split, weight in weights
+    ]
+
+
+def single_kind(dc: DataConfig, roots: list[str]) -> str:
+    """The one data kind the sources hold (after data.kinds); mixed kinds are refused."""
+    kinds = set()
+    for root in roots:
+        try:
+            kinds |= set(Manifest.open(root).table.column("kind").to_pylist())
+        except FileNotFoundError as e:
+            raise ConfigError(f"data: no shard set at {root} ({e})") from e
+    kinds = kinds & set(dc.kinds) if dc.kinds else kinds
+    if len(kinds) != 1:
+        raise ConfigError(f"data: the shards hold kinds {sorted(kinds)}; set data.kinds to one")
+    return kinds.pop()
+
+
+def shard_config(
+    dc: DataConfig,
+    contract: Contract,
+    seed: int,
+    srcs: list[SourceConfig],
+    transform: ContractTransform,
+) -> ShardDataConfig:
+    """The shared data module's settings for pretraining."""
+    volume = contract.kind == "volume3d"
+    return ShardDataConfig(
+        train=srcs,
+        batch_size=dc.batch_size,
+        num_workers=dc.num_workers,
+        prefetch_factor=4,
+        seed=seed,
+        mix_mode=dc.mix_mode,
+        drop_last=True,  # equal batches on every rank
+        patch_size=contract.patch_size if volume else None,
+        patch_mode="uniform",
+        patches_per_volume=dc.patches_per_volume,
+        train_transform=transform,
+        batch_transform=unpack_pair,
+    )
+
+
+class PretrainData:
+    """The ShardDataModule a DataConfig describes (`module`, what Trainer.fit gets), with the
+    contract, partners, data kind and classes the model is checked against and exported with."""
 
     def __init__(
         self, dc: DataConfig, contract: Contract, seed: int, pair_contract: Contract | None = None
     ):
-        super().__init__()
-        self.config, self.contract, self.seed = dc, contract, seed
+        self.config, self.contract = dc, contract
         self.pairing = Pairing(dc.pair, dc.split, pair_contract) if dc.pair else None
         transform = ContractTransform(contract, self.pairing, dc.class_key)
-        self.sources = self._sources(dc)
-        self.kind = self._single_kind(dc, [root for root, _, _ in self.sources])
+        self.sources = sources(dc, self.pairing.has_partner if self.pairing else None)
+        self.kind = single_kind(dc, [s.root for s in self.sources])
         contract.kind = contract.kind or self.kind  # objectives without an encoder: the data's
-        self.datasets = {
-            root: self._dataset(root, split, transform) for root, split, _ in self.sources
-        }
+        self.module = ShardDataModule(shard_config(dc, contract, seed, self.sources, transform))
+        self.datasets = self._datasets()
         self.classes = self._classes(dc)
         transform.classes = self.classes
         self.pair_kind = self.pairing.kind if self.pairing else None
-        self.used = 0  # samples that reached the training step, ever (seeds the objectives)
-        self._loader: ShardDataLoader | None = None
-        self._pending: dict[str, Any] | None = None
 
-    @staticmethod
-    def _sources(dc: DataConfig) -> list[tuple[str, str | None, float]]:
-        """(root, split, weight): `mix` or `shards`, plus synthetic shards at their ratio."""
-        mix = dict(dc.mix) if dc.mix else {dc.shards: 1.0}
-        out = [(root, dc.split, float(w)) for root, w in mix.items()]
-        if dc.synthetic is not None:
-            r = dc.synthetic.ratio
-            if not 0.0 < r < 1.0:
-                raise ConfigError(f"data.synthetic.ratio: must be in (0, 1), got {r}")
-            real = sum(w for _, _, w in out)
-            out.append((dc.synthetic.shards, None, real * r / (1 - r)))
-        return out
-
-    @staticmethod
-    def _single_kind(dc: DataConfig, roots: list[str]) -> str:
-        """The one data kind the sources hold (after data.kinds); mixed kinds are refused."""
-        kinds = set()
-        for root in roots:
-            try:
-                kinds |= set(Manifest.open(root).table.column("kind").to_pylist())
-            except FileNotFoundError as e:
-                raise ConfigError(f"data: no shard set at {root} ({e})") from e
-        kinds = kinds & set(dc.kinds) if dc.kinds else kinds
-        if len(kinds) != 1:
-            raise ConfigError(f"data: the shards hold kinds {sorted(kinds)}; set data.kinds to one")
-        return kinds.pop()
+    def _datasets(self) -> list[ShardDataset]:
+        try:
+            return self.module.train_datasets()
+        except ValueError as e:  # no rows match
+            what = " (with a partner in data.pair)" if self.pairing else ""
+            raise ConfigError(f"data: {e}{what}") from e
 
     def _classes(self, dc: DataConfig) -> list[Any]:
         """The classes of the real training rows (synthetic rows must reuse them)."""
@@ -151,98 +189,27 @@ class PretrainDataModule(L.LightningDataModule):
             return []
         synthetic = dc.synthetic.shards if dc.synthetic else None
         values: set[Any] = set()
-        for root, ds in self.datasets.items():
-            if root != synthetic:
+        for src, ds in zip(self.sources, self.datasets, strict=True):
+            if src.root != synthetic:
                 try:
                     values |= ds.label_values(dc.class_key)
                 except ValueError as e:
                     raise ConfigError(f"data.class_key: {e}") from e
         return sorted_classes(values)
 
-    def _dataset(self, root: str, split: str | None, transform: ContractTransform) -> ShardDataset:
-        dc = self.config
-        patches = None
-        if self.contract.kind == "volume3d":
-            patches = PatchSampler(
-                root,
-                self.contract.patch_size,
-                mode="uniform",
-                seed=self.seed,
-                patches_per_volume=dc.patches_per_volume,
-            )
-        keep = self.pairing.has_partner if self.pairing else None
-        try:
-            ds = ShardDataset(
-                root,
-                split=split,
-                kinds=dc.kinds,
-                modalities=dc.modalities,
-                datasets=dc.datasets,
-                labels=keep,
-                seed=self.seed,
-                transform=transform,
-                patches=patches,
-                drop_last=True,  # equal batches on every rank
-            )
-        except ValueError as e:  # no rows match
-            what = " (with a partner in data.pair)" if self.pairing else ""
-            raise ConfigError(f"data: {e}{what}") from e
-        return ds
-
-    def train_dataset(self):
-        if len(self.datasets) == 1:
-            return next(iter(self.datasets.values()))
-        weights = {self.datasets[root]: w for root, _, w in self.sources}
-        return MixedDataset(weights, seed=self.seed, mode=self.config.mix_mode)
-
     def manifest_hashes(self) -> dict[str, str]:
-        roots = [root for root, _, _ in self.sources]
+        roots = [s.root for s in self.sources]
         if self.pairing:
             roots.append(self.pairing.config.shards)
         return {root: Manifest.open(root).header["manifest"]["sha256"] for root in roots}
 
     def describe(self) -> dict[str, Any]:
         return {
-            "sources": [{"root": r, "split": s, "weight": w} for r, s, w in self.sources],
+            "sources": [
+                {"root": s.root, "split": s.split, "weight": s.weight} for s in self.sources
+            ],
             "manifests": self.manifest_hashes(),
             "kind": self.kind,
             "class_key": self.config.class_key,
             "classes": self.classes,
         }
-
-    # --- Lightning ----------------------------------------------------------------------
-    def train_dataloader(self) -> ShardDataLoader:
-        dc = self.config
-        loader = ShardDataLoader(
-            self.train_dataset(),
-            dc.batch_size,
-            num_workers=dc.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=dc.num_workers > 0,
-            prefetch_factor=4 if dc.num_workers else None,
-            drop_last=True,
-        )
-        if self._pending is not None:
-            loader.load_state_dict(self._pending)
-            self._pending = None
-        self._loader = loader
-        return loader
-
-    def count(self, n: int) -> None:
-        """Called by the module when a batch reaches the training step."""
-        self.used += n
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        return unpack_pair(batch)
-
-    def state_dict(self) -> dict[str, Any]:
-        loader = self._loader.state_dict() if self._loader is not None else self._pending
-        return {"used": self.used, "train": loader}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.used = int(state.get("used", 0))
-        if state.get("train"):
-            self._pending = state["train"]
-            if self._loader is not None:
-                self._loader.load_state_dict(self._pending)
-                self._pending = None

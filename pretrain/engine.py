@@ -207,6 +207,10 @@ class PretrainModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning keeps the data module's state under its class name; checkpoints written
+        # before pretraining used medfm.shards.ShardDataModule name it PretrainDataModule.
+        if "PretrainDataModule" in checkpoint:
+            checkpoint.setdefault("ShardDataModule", checkpoint.pop("PretrainDataModule"))
         meta = checkpoint.get("medfm", {})
         self.skipped_steps = int(meta.get("skipped_steps", 0))
         self.history = [(int(s), float(v)) for s, v in meta.get("history", [])]

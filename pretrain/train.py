@@ -17,7 +17,7 @@ from medfm.models.export import export_encoder, save_module
 
 from .checkpoint import LAST, SafeCheckpointIO, checkpoint_dir, resume_path
 from .config import PretrainConfig
-from .data import PretrainDataModule
+from .data import PretrainData
 from .engine import PretrainModule
 from .plots import PlotCallback
 from .throughput import ThroughputMonitor
@@ -97,22 +97,22 @@ def precision_for(cfg: PretrainConfig) -> str:
     return "bf16-mixed" if gpu else "32-true"
 
 
-def build(cfg: PretrainConfig) -> tuple[PretrainModule, PretrainDataModule]:
+def build(cfg: PretrainConfig) -> tuple[PretrainModule, PretrainData]:
     """Model and data, checked against each other before any training step."""
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     module = PretrainModule(cfg)
     hints = {k: v for obj in module.objectives.values() for k, v in obj.contract_hints().items()}
     contract = contract_for(module.encoder, cfg, hints)
     pair_contract = contract_for(module.pair_encoder, cfg) if module.pair_encoder else None
-    dm = PretrainDataModule(cfg.data, contract, cfg.train.seed, pair_contract)
-    module.check_data(dm.kind, dm.pair_kind, dm.classes)
-    return module, dm
+    data = PretrainData(cfg.data, contract, cfg.train.seed, pair_contract)
+    module.check_data(data.kind, data.pair_kind, data.classes)
+    return module, data
 
 
 def run(cfg: PretrainConfig, *, resume: bool = False, force_resume: bool = False) -> dict:
     """Train (or continue) the run described by `cfg`; returns a summary dict."""
     ckpt = resume_path(cfg, force_resume) if resume else None
-    module, dm = build(cfg)
+    module, data = build(cfg)
     t = cfg.train
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -155,15 +155,15 @@ def run(cfg: PretrainConfig, *, resume: bool = False, force_resume: bool = False
     )
     if trainer.is_global_zero:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-    trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
+    trainer.fit(module, datamodule=data.module, ckpt_path=str(ckpt) if ckpt else None)
     trainer.save_checkpoint(checkpoint_dir(cfg) / LAST, weights_only=False)  # end state, always
     summary = {"steps": trainer.global_step, "throughput": throughput.summary}
     if trainer.is_global_zero:
-        summary["export"] = str(export_all(cfg, module, dm, trainer.global_step))
+        summary["export"] = str(export_all(cfg, module, data, trainer.global_step))
     return summary
 
 
-def export_all(cfg: PretrainConfig, module: PretrainModule, dm: PretrainDataModule, step: int):
+def export_all(cfg: PretrainConfig, module: PretrainModule, data: PretrainData, step: int):
     """Encoders (EMA when kept) and objective extras into out_dir/export."""
     dest = Path(cfg.out_dir) / "export"
     dest.mkdir(parents=True, exist_ok=True)
@@ -174,14 +174,14 @@ def export_all(cfg: PretrainConfig, module: PretrainModule, dm: PretrainDataModu
         "ema_decay": cfg.train.ema_decay,
         "run": cfg.name,
     }
-    data = dm.describe()
+    described = data.describe()
     path = None
     if module.encoder is not None:
         path = export_encoder(
             module.export_encoder(),
             dest,
-            preprocessing=dm.contract.describe() | {"source": source_fields(dm)},
-            data=data,
+            preprocessing=data.contract.describe() | {"source": source_fields(data)},
+            data=described,
             training=training,
         )
     if module.pair_encoder is not None:
@@ -189,8 +189,8 @@ def export_all(cfg: PretrainConfig, module: PretrainModule, dm: PretrainDataModu
             module.pair_encoder,
             dest,
             name="pair_encoder",
-            preprocessing=dm.pairing.contract.describe(),
-            data=data,
+            preprocessing=data.pairing.contract.describe(),
+            data=described,
             training=training,
         )
     for key, obj in module.export_objectives().items():
@@ -199,9 +199,9 @@ def export_all(cfg: PretrainConfig, module: PretrainModule, dm: PretrainDataModu
     return path or dest
 
 
-def source_fields(dm: PretrainDataModule) -> dict[str, Any]:
+def source_fields(data: PretrainData) -> dict[str, Any]:
     """Channels, spacing and modality of the training rows (what the contract was fitted to)."""
-    row = next(iter(dm.datasets.values())).row(0)
+    row = data.datasets[0].row(0)
     return {
         "modality": row["modality"],
         "channels": list(row["channels"] or []),
