@@ -1,19 +1,33 @@
-"""The one I/O layer: local paths and fsspec URLs, atomic writes, hashing, temporaries."""
+"""The one I/O layer: local paths and fsspec URLs, atomic writes, hashing, temporaries.
+
+Every helper that names a file takes either a filesystem and a path on it (`fs, path`, what the
+stages that already hold a filesystem pass) or one local path / fsspec URL (`"s3://b/x.json"`,
+`Path("out/x.json")`). Every output of every stage is written through `atomic_open`, so a killed
+writer leaves a temporary name (found by `remove_temporaries`), never a half-written file.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+if TYPE_CHECKING:
+    import torch
+    from matplotlib.figure import Figure
+
 TMP_MARKER = ".tmp-"
 HASH_BLOCK = 1 << 22
+
+# A filesystem (then a path on it follows), or a local path or fsspec URL on its own.
+Where = fsspec.AbstractFileSystem | str | os.PathLike
 
 
 def get_fs(root: str, **storage_options: Any) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -22,6 +36,17 @@ def get_fs(root: str, **storage_options: Any) -> tuple[fsspec.AbstractFileSystem
     if isinstance(fs, LocalFileSystem):
         path = os.path.abspath(path)
     return fs, path.rstrip("/")
+
+
+def locate(where: Where, path: str | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path) from `fs, path` or from one local path / URL."""
+    if isinstance(where, fsspec.AbstractFileSystem):
+        if path is None:
+            raise TypeError("a filesystem needs a path on it")
+        return where, str(path)
+    if path is not None:
+        raise TypeError("pass a filesystem and a path, or one local path or URL")
+    return get_fs(os.fspath(where))
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -89,8 +114,9 @@ def commit(fs: fsspec.AbstractFileSystem, tmp: str, final: str) -> None:
 
 
 @contextmanager
-def atomic_open(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[IO[bytes]]:
-    """Open `path` for writing under a temporary name; rename into place only on success."""
+def atomic_open(where: Where, path: str | None = None) -> Iterator[IO[bytes]]:
+    """Open a file for writing under a temporary name; rename into place only on success."""
+    fs, path = locate(where, path)
     fs.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = tmp_name(path)
     try:
@@ -109,8 +135,40 @@ def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
         f.write(data)
 
 
-def sha256_file(fs: fsspec.AbstractFileSystem, path: str) -> tuple[str, int]:
+def write_text(dest: str | os.PathLike, text: str) -> None:
+    """UTF-8 text written atomically to a local path or URL."""
+    atomic_write_bytes(*locate(dest), text.encode())
+
+
+def write_json(dest: str | os.PathLike, obj: Any, **dumps: Any) -> None:
+    """`json.dumps(obj, **dumps)` written atomically to a local path or URL."""
+    write_text(dest, json.dumps(obj, **dumps))
+
+
+def save_safetensors(
+    dest: str | os.PathLike,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: dict[str, str] | None = None,
+) -> str:
+    """Write tensors as a safetensors file atomically; returns the file's sha256."""
+    from safetensors.torch import save  # torch only where tensors are written
+
+    data = save(dict(tensors), metadata=metadata)
+    with atomic_open(dest) as f:
+        f.write(data)
+    return sha256_bytes(data)
+
+
+def save_figure(fig: Figure, dest: str | os.PathLike, **savefig: Any) -> None:
+    """A matplotlib figure saved atomically; the format follows the file name's suffix."""
+    fmt = os.path.splitext(os.fspath(dest))[1].lstrip(".") or None
+    with atomic_open(dest) as f:
+        fig.savefig(f, format=fmt, **savefig)
+
+
+def sha256_file(where: Where, path: str | None = None) -> tuple[str, int]:
     """(sha256 hex, size) of a file, streamed in blocks."""
+    fs, path = locate(where, path)
     sha, n = hashlib.sha256(), 0
     with fs.open(path, "rb") as f:
         while block := f.read(HASH_BLOCK):
@@ -119,7 +177,8 @@ def sha256_file(fs: fsspec.AbstractFileSystem, path: str) -> tuple[str, int]:
     return sha.hexdigest(), n
 
 
-def sha256_bytes(data: bytes | memoryview) -> str:
+def sha256_bytes(data: bytes | bytearray | memoryview) -> str:
+    """sha256 hex of anything with the buffer protocol (a C-contiguous ndarray included)."""
     return hashlib.sha256(data).hexdigest()
 
 

@@ -4,14 +4,14 @@ pickle: the sidecar rebuilds the module through the encoder registry."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
+
+from medfm.io import save_safetensors, sha256_file, write_json
 
 from . import ENCODERS, Encoder
 
@@ -23,27 +23,10 @@ class ExportError(ValueError):
     """An export that cannot be loaded: missing file, wrong format, hash or key mismatch."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def save_module(module: nn.Module, path: Path) -> str:
     """Save a state dict as safetensors (shared tensors cloned); returns its sha256."""
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"format": FORMAT})
-    os.replace(tmp, path)
-    return _sha256(path)
+    return save_safetensors(path, tensors, metadata={"format": FORMAT})
 
 
 def export_encoder(
@@ -74,7 +57,7 @@ def export_encoder(
         "weights": {"file": weights.name, "sha256": digest},
     }
     path = out / f"{name}.json"
-    _atomic_write(path, json.dumps(sidecar, indent=1, sort_keys=True).encode())
+    write_json(path, sidecar, indent=1, sort_keys=True)
     return path
 
 
@@ -103,7 +86,7 @@ def load_encoder(path: str | Path, map_location: str = "cpu") -> tuple[Encoder, 
     weights = path.parent / sidecar["weights"]["file"]
     if not weights.exists():
         raise ExportError(f"{weights}: weights file named by {path.name} is missing")
-    if _sha256(weights) != sidecar["weights"]["sha256"]:
+    if sha256_file(weights)[0] != sidecar["weights"]["sha256"]:
         raise ExportError(f"{weights}: sha256 does not match {path.name} (corrupt or replaced)")
     arch = sidecar["architecture"]
     encoder = ENCODERS.build(arch["name"], arch["params"], where=f"{path.name}:architecture")
@@ -115,8 +98,3 @@ def load_encoder(path: str | Path, map_location: str = "cpu") -> tuple[Encoder, 
             f"unexpected {unexpected[:5]})"
         )
     return encoder.eval(), sidecar
-
-
-def load_into(module: nn.Module, weights: str | Path) -> None:
-    """Load safetensors weights into an existing module (objective extras such as a UNet)."""
-    module.load_state_dict(load_file(str(weights)), strict=True)
