@@ -6,9 +6,11 @@ import json
 
 import typer
 
-app = typer.Typer(help="Push and pull checkpoints and adapters (local/fsspec hub or HF Hub)")
+app = typer.Typer(help="Push and pull checkpoints and adapters (local, fsspec or HF hub)")
 
-HUB_OPTION = typer.Option(None, "--hub", help="Hub folder or fsspec URL (default: $MEDFM_HUB).")
+HUB_OPTION = typer.Option(
+    None, "--hub", help="Hub folder or URL, its scheme picks the backend (default: $MEDFM_HUB)."
+)
 
 
 def _fail(e: Exception) -> None:
@@ -56,7 +58,10 @@ def ls_cmd(hub: str = HUB_OPTION, as_json: bool = typer.Option(False, "--json"))
     """List repos and their named revisions."""
     from medfm.finetune import hub as hub_api
 
-    listing = hub_api.ls(hub)
+    try:
+        listing = hub_api.ls(hub)
+    except hub_api.HubError as e:
+        _fail(e)
     if as_json:
         typer.echo(json.dumps(listing, indent=1))
         return

@@ -1,4 +1,4 @@
-"""The embedded hub: a folder (local or any fsspec URL) of content-addressed blobs.
+"""The embedded hub on a local disk: a folder of content-addressed blobs (the `local` backend).
 
     <root>/blobs/sha256/<hash>                     file contents, named by their sha256
     <root>/repos/<repo>/revisions/<id>.json        immutable revision: {path: sha256, size}
@@ -6,9 +6,10 @@
     <root>/index.json                              every repo with its refs (for `ls`)
 
 A revision id is the sha256 of its canonical file table, so it pins content exactly and pushing
-the same folder twice gives the same id. A push writes blobs, then the revision record, then the
-ref, each under a temporary name renamed into place: a reader following a ref only ever finds a
-complete revision.
+the same folder twice gives the same id. A push publishes blobs, then the revision record, then
+the ref, then the index: a reader following a ref only ever finds a complete revision. Here each
+file is written under a temporary name and renamed into place; `FsspecHub` (fsspec_hub.py) runs
+the same logic over any fsspec filesystem and only publishes differently.
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
-from medfm.io import atomic_write_bytes, get_fs, tmp_name
+from medfm.io import atomic_open, atomic_write_bytes, get_fs
 from medfm.shards.schema import to_json
 
+from .backend import HUB_BACKENDS, default_root
 from .errors import HubError, RevisionNotFoundError
 from .safety import check_relpath, refuse_pickles, sha256_path
 from .transfer import PullReport, pull_cache_dir, pull_files
@@ -33,10 +35,6 @@ FULL_ID_RE = re.compile(r"^[0-9a-f]{64}$")
 ID_PREFIX_RE = re.compile(r"^[0-9a-f]{12,64}$")
 REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SKIP_NAMES = (".medfm-hub.json",)
-
-
-def default_root() -> str:
-    return os.environ.get("MEDFM_HUB") or str(Path("~/.cache/medfm/hub").expanduser())
 
 
 def scan_folder(folder: str | Path) -> dict[str, dict[str, Any]]:
@@ -57,8 +55,9 @@ def scan_folder(folder: str | Path) -> dict[str, dict[str, Any]]:
     return files
 
 
+@HUB_BACKENDS.register("local")
 class LocalHub:
-    """A hub in a folder or fsspec URL (s3://, gs://, memory://, ...)."""
+    """A hub in a folder (a path or file:// URL; default $MEDFM_HUB)."""
 
     def __init__(self, root: str | None = None, **storage_options: Any):
         self.url = root or default_root()
@@ -74,16 +73,22 @@ class LocalHub:
     def _revision_path(self, repo: str, rev_id: str) -> str:
         return f"{self._repo_dir(repo)}/revisions/{rev_id}.json"
 
+    # -- publishing: the one thing FsspecHub does differently ------------------------------
+    def publish_file(self, local_file: str | Path, path: str) -> None:
+        """Copy a local file to `path` under a temporary name, renamed into place when whole."""
+        with open(local_file, "rb") as src, atomic_open(self.fs, path) as dst:
+            shutil.copyfileobj(src, dst)
+
+    def publish_bytes(self, path: str, data: bytes) -> None:
+        atomic_write_bytes(self.fs, path, data)
+
     # -- writing -------------------------------------------------------------------------
     def put_blob(self, local_file: str | Path, digest: str) -> None:
-        """Upload one file under its hash; a blob that exists is never rewritten."""
+        """Upload one file under its hash; a whole blob that exists is never rewritten."""
         final = self.blob_path(digest)
-        if self.fs.exists(final):
+        if self.fs.exists(final) and self.fs.size(final) == Path(local_file).stat().st_size:
             return
-        self.fs.makedirs(os.path.dirname(final), exist_ok=True)
-        tmp = tmp_name(final)
-        self.fs.put_file(str(local_file), tmp)
-        self.fs.mv(tmp, final)
+        self.publish_file(local_file, final)
 
     def write_revision(self, repo: str, files: dict[str, dict[str, Any]], ref: str) -> str:
         """Record a revision (whose blobs must already exist) and point `ref` at it."""
@@ -98,8 +103,8 @@ class LocalHub:
                 "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 "files": files,
             }
-            atomic_write_bytes(self.fs, path, json.dumps(record, indent=1).encode())
-        atomic_write_bytes(self.fs, f"{self._repo_dir(repo)}/refs/{ref}", rev_id.encode())
+            self.publish_bytes(path, json.dumps(record, indent=1).encode())
+        self.publish_bytes(f"{self._repo_dir(repo)}/refs/{ref}", rev_id.encode())
         self._write_index()
         return rev_id
 
@@ -114,8 +119,7 @@ class LocalHub:
         return self.write_revision(repo, files, ref)
 
     def _write_index(self) -> None:
-        index = json.dumps(self.ls(), indent=1).encode()
-        atomic_write_bytes(self.fs, f"{self.root}/index.json", index)
+        self.publish_bytes(f"{self.root}/index.json", json.dumps(self.ls(), indent=1).encode())
 
     # -- reading -------------------------------------------------------------------------
     def ls(self) -> dict[str, dict[str, str]]:
@@ -164,9 +168,13 @@ class LocalHub:
             raise HubError(f"{path}: file table does not hash to its id {rev_id} (tampered)")
         return record
 
+    def resolve(self, repo: str, rev: str | None) -> str:
+        return self.resolve_revision(repo, rev)["id"]
+
     def pull(self, repo: str, rev: str | None, dest: str | Path | None = None) -> PullReport:
         """Download a revision into `dest` (default: the pull cache), verifying every file."""
         record = self.resolve_revision(repo, rev)
+        # One cache for every embedded hub, local or fsspec: a revision id pins its content.
         dest = dest or pull_cache_dir("local", repo, record["id"])
         where = f"{repo}@{record['id'][:12]}"
         for rel in record["files"]:
