@@ -9,7 +9,8 @@ so they share one set of rules (docs/configs.md):
 - every arm of a Union is tried; ints are accepted as floats, lists as tuples;
 - `${VAR}` and `${VAR:-default}` in string values expand from the environment (an unset
   variable without a default is an error); where text does not fit the field, the expanded text
-  is read as YAML (`max_steps: ${STEPS:-100}` is an int);
+  is read as YAML (`max_steps: ${STEPS:-100}` is an int). Untyped values (`Any`: reader
+  `options`, `model`, `objectives`) expand when the dataclass that owns them validates them;
 - `key=value` overrides (`train.lr=1e-3`, `sources[1].format=png`, `objectives.0.name=mae`)
   edit the raw tree before validation, the value read as YAML.
 
@@ -101,17 +102,6 @@ def expand_env(text: str, where: str) -> str:
     return ENV_RE.sub(one, text)
 
 
-def _expand_any(value: Any, where: str) -> Any:
-    """Untyped values (reader options, encoder params): strings expanded at every depth."""
-    if isinstance(value, str):
-        return expand_env(value, where) if "${" in value else value
-    if isinstance(value, dict):
-        return {k: _expand_any(v, f"{where}.{k}") for k, v in value.items()}
-    if isinstance(value, list):
-        return [_expand_any(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    return value
-
-
 def _coerce_expanded(tp: Any, text: str, where: str) -> Any:
     """An expanded `${VAR}` value: as text where text fits, else read as YAML (a number...)."""
     try:
@@ -151,11 +141,11 @@ def _union(tp: Any, value: Any, where: str) -> Any:
 
 def _coerce(tp: Any, value: Any, where: str, expand: bool = True) -> Any:
     """`value` checked against type hint `tp`; `where` is its path for messages."""
+    if tp is Any:
+        return value  # expanded where a dataclass types it (reader options, encoder params)
     if expand and isinstance(value, str) and "${" in value:
         return _coerce_expanded(tp, expand_env(value, where), where)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return _expand_any(value, where) if expand else value
     if origin in (typing.Union, types.UnionType):
         return _union(tp, value, where)
     if origin is Literal:
