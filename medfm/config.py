@@ -90,14 +90,12 @@ def expand_env(text: str, where: str) -> str:
     def one(m: re.Match) -> str:
         name, default = m.group(1), m.group(2)
         value = os.environ.get(name)
-        if value is None:
-            if default is None:
-                raise ConfigError(
-                    f"{where}: environment variable {name} is not set "
-                    f"(write ${{{name}:-default}} for a fallback)"
-                )
-            return default
-        return value
+        if value is None and default is None:
+            raise ConfigError(
+                f"{where}: environment variable {name} is not set "
+                f"(write ${{{name}:-default}} for a fallback)"
+            )
+        return value or (default or "")  # as in the shell, `:-` also replaces an empty value
 
     return ENV_RE.sub(one, text)
 

@@ -167,6 +167,9 @@ def test_env_vars_expand_with_defaults_and_unset_ones_are_named(monkeypatch, tmp
     assert s.sources[0].root == "/data/ct/x"
     s = parse_spec({"sources": [{"name": "a", "root": "${MEDFM_TEST_UNSET:-/d}/x"}]})
     assert s.sources[0].root == "/d/x"
+    monkeypatch.setenv("MEDFM_TEST_EMPTY", "")
+    s = parse_spec({"sources": [{"name": "a", "root": "${MEDFM_TEST_EMPTY:-/e}/x"}]})
+    assert s.sources[0].root == "/e/x"  # `:-` replaces an empty value too, as in the shell
     with raises(
         "sources[1].root: environment variable MEDFM_TEST_UNSET is not set "
         "(write ${MEDFM_TEST_UNSET:-default} for a fallback)"
