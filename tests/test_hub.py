@@ -4,36 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from hub_helpers import COMMIT, hf_cache, make_folder, tree_bytes
 from typer.testing import CliRunner
 
 from medfm.cli import app
 from medfm.finetune import hub
-from medfm.finetune.hub.safety import git_blob_sha1
-
-
-def make_folder(path: Path, scale: float = 1.0) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(0)
-    save_file({"w": torch.randn(64, 64, generator=g) * scale}, path / "model.safetensors")
-    (path / "config.json").write_text(json.dumps({"dim": 64, "scale": scale}))
-    (path / "sub").mkdir(exist_ok=True)
-    (path / "sub" / "README.md").write_text("# a nested file\n")
-    return path
-
-
-def tree_bytes(path: Path) -> dict[str, bytes]:
-    return {
-        p.relative_to(path).as_posix(): p.read_bytes()
-        for p in sorted(path.rglob("*"))
-        if p.is_file() and p.name != ".medfm-hub.json"
-    }
 
 
 @pytest.fixture
@@ -211,26 +191,6 @@ def test_cli_push_pull_ls(tmp_path, store):
 
 
 # -- Hugging Face backend, offline from a cache laid out as huggingface_hub writes it ---------
-COMMIT = "a" * 40
-
-
-def hf_cache(root: Path, repo: str, files: dict[str, bytes], lfs: set[str]) -> Path:
-    """models--owner--name/{blobs/<etag>, snapshots/<commit>/<file> -> blob, refs/main}."""
-    repo_dir = root / f"models--{repo.replace('/', '--')}"
-    (repo_dir / "refs").mkdir(parents=True)
-    (repo_dir / "refs" / "main").write_text(COMMIT)
-    for name, data in files.items():
-        (repo_dir / "blobs").mkdir(exist_ok=True)
-        tmp = repo_dir / "blobs" / "tmp"
-        tmp.write_bytes(data)
-        etag = hashlib.sha256(data).hexdigest() if name in lfs else git_blob_sha1(tmp)
-        blob = tmp.rename(repo_dir / "blobs" / etag)
-        link = repo_dir / "snapshots" / COMMIT / name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    return repo_dir
-
-
 @pytest.fixture
 def offline_hf(tmp_path, monkeypatch):
     cache = tmp_path / "hf-cache"
