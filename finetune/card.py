@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-PIPELINE = {"segmentation": "image-segmentation", "regression": "tabular-regression"}
+if TYPE_CHECKING:
+    from .tasks import Task
 
 
 def _fmt(m: dict[str, Any]) -> str:
@@ -26,8 +27,9 @@ def _source_line(name: str, src: dict[str, Any]) -> str:
     )
 
 
-def model_card(meta: dict[str, Any]) -> str:
-    task, metrics = meta["task"], meta["metrics"]
+def model_card(meta: dict[str, Any], task: Task) -> str:
+    """The card of an export's `meta` (medfm.json); `task` (its Task) gives the task fields."""
+    metrics = meta["metrics"]
     values = metrics["values"]
     licences = sorted(
         {
@@ -41,15 +43,15 @@ def model_card(meta: dict[str, Any]) -> str:
     front = {
         "library_name": "peft" if meta["mode"] == "lora" else "medfm",
         "base_model": meta["base_encoder"]["uri"],
-        "tags": ["medfm", "medical-imaging", meta["mode"], task["type"]],
-        "pipeline_tag": PIPELINE.get(task["type"], "image-classification"),
+        "tags": ["medfm", "medical-imaging", meta["mode"], task.name],
+        "pipeline_tag": task.pipeline_tag,
         "license": licences[0] if len(licences) == 1 else "other",
         "model-index": [
             {
                 "name": meta["name"],
                 "results": [
                     {
-                        "task": {"type": task["type"]},
+                        "task": {"type": task.name},
                         "dataset": {
                             "name": ", ".join(meta["data"]),
                             "type": "medfm-shards",
@@ -73,7 +75,7 @@ def model_card(meta: dict[str, Any]) -> str:
 
 # {meta["name"]}
 
-A {task["type"]} model fine-tuned with medfm ({meta["mode"].replace("_", " ")}) on base encoder
+A {task.name} model fine-tuned with medfm ({meta["mode"].replace("_", " ")}) on base encoder
 `{meta["base_encoder"]["uri"]}` (weights sha256 `{meta["base_encoder"]["sha256"]}`).
 Labels: {", ".join(meta["label_names"]) or "n/a"}.
 

@@ -115,18 +115,12 @@ def load_config(
 
 
 def validate(cfg: FinetuneConfig) -> None:
+    from .tasks import task_for  # the task's own checks; tasks import torch, configs need not
+
     t = cfg.task
-    if t.type in ("binary", "multiclass", "multilabel", "segmentation") and not t.label_names:
-        raise ConfigError(f"task.label_names: a {t.type} task needs its labels table")
-    if t.type == "binary" and len(t.label_names) != 2:
-        raise ConfigError(f"task.label_names: binary tasks have 2 names, got {t.label_names}")
-    if t.type == "segmentation":
-        if t.label_values is not None and len(t.label_values) != len(t.label_names):
-            raise ConfigError("task.label_values: one label-map value per entry of label_names")
+    task_for(t).validate(cfg)
     if len(set(t.label_names)) != len(t.label_names):
         raise ConfigError(f"task.label_names: duplicate names in {t.label_names}")
-    if cfg.train.few_shot_k and t.type not in ("binary", "multiclass", "multilabel"):
-        raise ConfigError("train.few_shot_k: few-shot sampling needs a classification task")
     if cfg.data.synthetic and not 0 <= cfg.data.synthetic.ratio < 1:
         raise ConfigError(
             f"data.synthetic.ratio: must be in [0, 1), got {cfg.data.synthetic.ratio}"

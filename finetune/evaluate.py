@@ -15,8 +15,8 @@ import torch
 from .config import FinetuneConfig
 from .data import Collate, loader, split_dataset
 from .export import load
-from .metrics import score_split
-from .train import predict
+from .fit import predict
+from .tasks import SampleTask, task_for
 
 
 def evaluate_export(
@@ -28,15 +28,16 @@ def evaluate_export(
 ) -> dict[str, Any]:
     """Metrics with bootstrap CIs (and `n`, the samples scored) of an export on `split`, at
     the decision threshold recorded in the export."""
-    if cfg.task.type == "segmentation":
+    task = task_for(cfg.task)
+    if not isinstance(task, SampleTask):  # dense tasks are scored per case, not per output
         raise ValueError("evaluate_export scores classification and regression exports")
     model = load(model_ref, device=device)
     ds = split_dataset(cfg.data.shards, split, cfg, shuffle=False)
-    batches = loader(ds, Collate(model.contract, cfg.task), cfg)
+    batches = loader(ds, Collate(model.contract, task), cfg)
     outputs, targets, patients = predict(model, batches, torch.device(device))
     if not patients:
         raise ValueError(f"{cfg.data.shards}: no {split!r} samples to evaluate on")
-    threshold = model.medfm.get("threshold")  # the run's own; exports before it: 0.5
-    threshold = 0.5 if threshold is None else threshold
-    m = score_split(cfg.task, outputs, targets, patients, cfg.eval, threshold, roc_png)
+    # The run's own threshold; exports before it (and tasks without one): 0.5.
+    threshold = model.medfm.get("threshold")
+    m = task.score(outputs, targets, patients, cfg.eval, threshold, roc_png)
     return m | {"n": len(patients)}

@@ -17,13 +17,16 @@ from typing import Any
 
 from safetensors.torch import load_file
 
+from medfm.config import from_dict
 from medfm.models import build_encoder
 
 from .card import model_card
+from .config import TaskConfig
 from .data import contract_from_dict
 from .encoder import BaseEncoder, load_base_encoder
 from .hub.safety import sha256_path
-from .model import FinetuneModel, build_head
+from .model import FinetuneModel
+from .tasks import Task, task_for
 from .train import RUN_RECORD
 
 EXPORT_FORMAT = "medfm-finetune-export"
@@ -36,6 +39,11 @@ class ExportError(ValueError):
 
 class BaseEncoderMismatchError(ExportError):
     """An adapter applied to a different base encoder than the one it was trained on."""
+
+
+def recorded_task(record: dict[str, Any], where: str) -> Task:
+    """The Task of a run's or export's task record (older records lack `pool`: its default)."""
+    return task_for(from_dict(TaskConfig, record, where))
 
 
 def export(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
@@ -77,7 +85,7 @@ def export(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> Pat
         "files": files,
     }
     (tmp / "medfm.json").write_text(json.dumps(meta, indent=1))
-    (tmp / "README.md").write_text(model_card(meta))
+    (tmp / "README.md").write_text(model_card(meta, recorded_task(run["task"], "run.json: task")))
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -129,14 +137,10 @@ def load(
             from peft import PeftModel
 
             encoder = PeftModel.from_pretrained(encoder, str(folder))
-    head = build_head(
-        encoder if mode != "lora" else encoder.get_base_model(),
-        meta["task"]["type"],
-        meta["label_names"],
-    )
+    task = recorded_task(meta["task"], "medfm.json: task")
+    head = task.build_head(encoder if mode != "lora" else encoder.get_base_model())
     head.load_state_dict(load_file(folder / "head.safetensors"))
-    task = meta["task"]
-    model = FinetuneModel(encoder, head, task["type"], task.get("pool", "mean")).to(device).eval()
+    model = FinetuneModel(encoder, head, task).to(device).eval()
     model.medfm = meta
     model.contract = contract_from_dict(meta["preprocessing"])  # how to prepare inputs
     return model

@@ -34,11 +34,6 @@ class LinearHead(nn.Module):
         return self.fc(self.norm(pooled))
 
 
-def head_outputs(task_type: str, num_labels: int) -> int:
-    """Binary and regression tasks have one output; the others one per class."""
-    return 1 if task_type in ("binary", "regression") else num_labels
-
-
 class UNETRDecoder(nn.Module):
     """UNETR decoder for a ViT with isotropic power-of-two patches (2D or 3D)."""
 

@@ -1,95 +1,20 @@
 """Evaluation with patient-level bootstrap confidence intervals.
 
-Point estimates come from torchmetrics (classification, regression) and monai.metrics
-(segmentation). The interval resamples *patients* with replacement, not images: images of one
-patient are correlated, and resampling them independently would give falsely narrow intervals.
+Each task's point estimates come from its own metric functions (torchmetrics, in
+finetune/tasks/) or from monai.metrics (segmentation, here). The interval resamples *patients*
+with replacement, not images: images of one patient are correlated, and resampling them
+independently would give falsely narrow intervals.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-import torchmetrics.functional as tmf
-import torchmetrics.functional.classification as tmc
 
 MetricFns = dict[str, Callable[[torch.Tensor, torch.Tensor], float]]
-
-
-def _binary(threshold: float = 0.5) -> MetricFns:
-    t = {"threshold": threshold}
-
-    def balanced(p, y):
-        return 0.5 * (tmc.binary_recall(p, y, **t) + tmc.binary_specificity(p, y, **t))
-
-    return {
-        "auroc": tmc.binary_auroc,
-        "accuracy": lambda p, y: tmc.binary_accuracy(p, y, **t),
-        "balanced_accuracy": balanced,
-        "f1": lambda p, y: tmc.binary_f1_score(p, y, **t),
-        "sensitivity": lambda p, y: tmc.binary_recall(p, y, **t),
-        "specificity": lambda p, y: tmc.binary_specificity(p, y, **t),
-        "ece": lambda p, y: tmc.binary_calibration_error(p, y, n_bins=15),
-        "brier": lambda p, y: ((p - y.float()) ** 2).mean(),
-    }
-
-
-def _multiclass(c: int) -> MetricFns:
-    kw = {"num_classes": c, "average": "macro"}
-    return {
-        "auroc": lambda p, y: tmc.multiclass_auroc(p, y, **kw),
-        "accuracy": lambda p, y: tmc.multiclass_accuracy(p, y, num_classes=c, average="micro"),
-        "balanced_accuracy": lambda p, y: tmc.multiclass_recall(p, y, **kw),
-        "f1": lambda p, y: tmc.multiclass_f1_score(p, y, **kw),
-        "sensitivity": lambda p, y: tmc.multiclass_recall(p, y, **kw),
-        "specificity": lambda p, y: tmc.multiclass_specificity(p, y, **kw),
-        "ece": lambda p, y: tmc.multiclass_calibration_error(p, y, num_classes=c, n_bins=15),
-        "brier": lambda p, y: ((p - torch.nn.functional.one_hot(y, c).float()) ** 2).sum(1).mean(),
-    }
-
-
-def _multilabel(c: int) -> MetricFns:
-    kw = {"num_labels": c, "average": "macro"}
-
-    def ece(p, y):
-        return torch.stack(
-            [tmc.binary_calibration_error(p[:, i], y[:, i], n_bins=15) for i in range(c)]
-        ).mean()
-
-    return {
-        "auroc": lambda p, y: tmc.multilabel_auroc(p, y, **kw),
-        "accuracy": lambda p, y: tmc.multilabel_accuracy(p, y, **kw),
-        "balanced_accuracy": lambda p, y: (
-            0.5 * (tmc.multilabel_recall(p, y, **kw) + tmc.multilabel_specificity(p, y, **kw))
-        ),
-        "f1": lambda p, y: tmc.multilabel_f1_score(p, y, **kw),
-        "sensitivity": lambda p, y: tmc.multilabel_recall(p, y, **kw),
-        "specificity": lambda p, y: tmc.multilabel_specificity(p, y, **kw),
-        "ece": ece,
-        "brier": lambda p, y: ((p - y.float()) ** 2).mean(),
-    }
-
-
-def _regression() -> MetricFns:
-    return {
-        "mae": tmf.mean_absolute_error,
-        "rmse": lambda p, y: tmf.mean_squared_error(p, y, squared=False),
-        "r2": tmf.r2_score,
-        "pearson": tmf.pearson_corrcoef,
-    }
-
-
-def metric_fns(task_type: str, num_labels: int, threshold: float = 0.5) -> MetricFns:
-    if task_type == "binary":
-        return _binary(threshold)
-    if task_type == "multiclass":
-        return _multiclass(num_labels)
-    if task_type == "multilabel":
-        return _multilabel(num_labels)
-    return _regression()
 
 
 def _group_by_patient(patients: list[str]) -> list[np.ndarray]:
@@ -139,23 +64,6 @@ def bootstrap(
     return out
 
 
-def evaluate_predictions(
-    task_type: str,
-    outputs: torch.Tensor,
-    targets: torch.Tensor,
-    patients: list[str],
-    num_labels: int,
-    n_boot: int,
-    ci: float,
-    threshold: float = 0.5,
-) -> dict[str, dict[str, float]]:
-    """Metrics with CIs from raw model outputs (logits or regression values); `threshold` is
-    the binary decision threshold on the probability."""
-    preds = probabilities(task_type, outputs)
-    fns = metric_fns(task_type, num_labels, threshold)
-    return bootstrap(fns, preds, targets, patients, n_boot, ci)
-
-
 def choose_threshold(outputs: torch.Tensor, targets: torch.Tensor, rule: str) -> float:
     """Binary decision threshold on (val) outputs: the probability that maximises Youden's J
     (sensitivity + specificity - 1) or accuracy; candidates are midpoints between scores."""
@@ -167,16 +75,6 @@ def choose_threshold(outputs: torch.Tensor, targets: torch.Tensor, rule: str) ->
     sens, spec = (pos & y).sum(1) / max(y.sum(), 1), (~pos & ~y).sum(1) / max((~y).sum(), 1)
     score = sens + spec if rule == "val_youden" else (pos == y).mean(1)
     return float(cands[int(np.argmax(score))])
-
-
-def probabilities(task_type: str, outputs: torch.Tensor) -> torch.Tensor:
-    if task_type == "binary":
-        return torch.sigmoid(outputs.reshape(-1))
-    if task_type == "multiclass":
-        return torch.softmax(outputs, -1)
-    if task_type == "multilabel":
-        return torch.sigmoid(outputs)
-    return outputs.reshape(-1)
 
 
 def segmentation_case_metrics(
@@ -248,27 +146,17 @@ def segmentation_metrics(
 
 
 def plot_roc(
-    task_type: str,
-    outputs: torch.Tensor,
-    targets: torch.Tensor,
-    label_names: list[str],
-    path: Path,
-    metrics: dict,
+    curves: list[tuple[str, torch.Tensor, torch.Tensor]], path: Path, metrics: dict
 ) -> None:
-    """ROC curve(s) with the AUROC and its CI in the title."""
+    """ROC curve(s), one per (name, probabilities, 0/1 targets), with the AUROC and its CI in
+    the title; a class with one target value has no curve."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import torchmetrics.functional.classification as tmc
 
-    preds = probabilities(task_type, outputs)
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    if task_type == "binary":
-        curves = [(label_names[1], preds, targets)]
-    elif task_type == "multiclass":
-        curves = [(n, preds[:, i], (targets == i).long()) for i, n in enumerate(label_names)]
-    else:
-        curves = [(n, preds[:, i], targets[:, i].long()) for i, n in enumerate(label_names)]
     for name, p, y in curves:
         if y.min() == y.max():
             continue
@@ -285,23 +173,3 @@ def plot_roc(
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def score_split(
-    task: Any,
-    outputs: torch.Tensor,
-    targets: torch.Tensor,
-    patients: list[str],
-    eval_cfg: Any,
-    threshold: float,
-    roc_png: Path | None = None,
-) -> dict:
-    """Metrics with CIs for one scored split (`task`: TaskConfig, `eval_cfg`: EvalConfig), and
-    its ROC curve when `roc_png` is given and the task has one."""
-    m = evaluate_predictions(
-        task.type, outputs, targets, patients, len(task.label_names), eval_cfg.bootstrap,
-        eval_cfg.ci, threshold,
-    )  # fmt: skip
-    if roc_png is not None and task.type != "regression":
-        plot_roc(task.type, outputs, targets, task.label_names, Path(roc_png), m)
-    return m

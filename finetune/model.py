@@ -1,20 +1,21 @@
-"""The fine-tuned model: base encoder (frozen, LoRA-adapted or fully trained) plus a task head."""
+"""The fine-tuned model: base encoder (frozen, LoRA-adapted or fully trained) plus the head its
+task built (`Task.build_head`); the task also says how inputs reach the head."""
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from torch import nn
 
-from medfm.config import ConfigError
 from medfm.models import Encoder
 
-from .config import LoraConfig
-from .heads import LinearHead, UNETRDecoder, encoder_hidden_states, head_outputs
+if TYPE_CHECKING:
+    from .config import LoraConfig
+    from .tasks import Task
 
 
 def lora_target_regex(targets: list[str]) -> str:
@@ -36,33 +37,12 @@ def apply_lora(encoder: Encoder, cfg: LoraConfig, base_id: str) -> PeftModel:
     return get_peft_model(encoder, config)
 
 
-def build_head(encoder: Encoder, task_type: str, label_names: list[str]) -> nn.Module:
-    """The task's head: linear on the pooled embedding, or a UNETR decoder."""
-    if task_type != "segmentation":
-        return LinearHead(encoder.embed_dim, head_outputs(task_type, len(label_names)))
-    ec = encoder.config
-    patch = ec.patch_size
-    sizes = set(patch) if isinstance(patch, (tuple, list)) else {patch}
-    if len(sizes) != 1:
-        raise ConfigError(f"segmentation head: needs an isotropic encoder patch size, got {patch}")
-    img = ec.img_size if isinstance(ec.img_size, (tuple, list)) else (ec.img_size, ec.img_size)
-    p = sizes.pop()
-    return UNETRDecoder(
-        spatial_dims=len(img),
-        in_chans=ec.in_chans,
-        embed_dim=encoder.embed_dim,
-        grid=tuple(s // p for s in img),
-        patch_size=p,
-        out_channels=len(label_names),
-    )
-
-
 class FinetuneModel(nn.Module):
     """encoder + head; `forward` maps preprocessed inputs to logits (or regression values)."""
 
-    def __init__(self, encoder: nn.Module, head: nn.Module, task_type: str, pool: str = "mean"):
+    def __init__(self, encoder: nn.Module, head: nn.Module, task: Task):
         super().__init__()
-        self.encoder, self.head, self.task_type, self.pool = encoder, head, task_type, pool
+        self.encoder, self.head, self.task = encoder, head, task
 
     def base_encoder(self) -> Encoder:
         return (
@@ -70,17 +50,13 @@ class FinetuneModel(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.task_type == "segmentation":
-            enc = self.base_encoder()
-            hidden = encoder_hidden_states(enc, x, self.head.hidden_indices(len(enc.blocks)))
-            return self.head(x, hidden)
-        return self.head(self.features(x))
+        return self.task.forward(self, x)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """One embedding per sample: mean of the patch tokens (as MAE fine-tunes), or the
         class token."""
         tokens = self.base_encoder()(x)
-        return tokens[:, 1:].mean(1) if self.pool == "mean" else tokens[:, 0]
+        return tokens[:, 1:].mean(1) if self.task.cfg.pool == "mean" else tokens[:, 0]
 
 
 def param_groups(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,10 +22,13 @@ from medfm.models.contract import Contract
 from medfm.shards import Manifest, open_volume
 from medfm.shards.patches import PatchSampler
 
-from .config import FinetuneConfig
-from .data import Collate, label_lut, loader, split_dataset, split_rows
-from .metrics import segmentation_case_metrics, segmentation_metrics
+from .data import Collate, loader, manifest_record, split_dataset, split_rows
+from .fit import fit_epochs
 from .model import FinetuneModel
+
+if TYPE_CHECKING:
+    from .config import FinetuneConfig
+    from .tasks.segmentation import Segmentation
 
 # (patient id, spacing, prediction, label, overlay maker) per scored case
 Case = tuple[str, tuple[float, ...], torch.Tensor, torch.Tensor, Callable[[], tuple]]
@@ -51,13 +54,13 @@ def volume_cases(
     model, root: str, split: str, contract: Contract, cfg: FinetuneConfig, device
 ) -> Iterator[Case]:
     """Sliding-window predictions of every volume of a split, from PatchSampler grid windows."""
-    task = cfg.task
-    lut, n_cls = label_lut(task), len(task.label_names)
-    grid = PatchSampler(root, contract.patch_size, mode="grid", overlap=task.overlap)
+    task = model.task
+    lut, n_cls = task.lut, len(task.label_names)
+    grid = PatchSampler(root, contract.patch_size, mode="grid", overlap=cfg.task.overlap)
     ds = split_dataset(root, split, cfg, shuffle=False, patches=grid, kinds="volume3d")
     rows = {r["key"]: r for r in split_rows(root, split, cfg, "volume3d")}
     m = Manifest.open(root)
-    collate = Collate(contract, task, lut)
+    collate = Collate(contract, task)
     acc: dict[str, list[Any]] = {}
     model.eval()
     for batch in _batches(ds, cfg.data.batch_size):
@@ -109,14 +112,14 @@ def image_cases(
     model, root: str, split: str, contract: Contract, cfg: FinetuneConfig, device
 ) -> Iterator[Case]:
     """Whole-image predictions, resized back to each image's stored size."""
-    task = cfg.task
+    task = model.task
     ds = split_dataset(root, split, cfg, shuffle=False, kinds="image2d")
-    collate = Collate(contract, task, label_lut(task))
+    collate = Collate(contract, task)
     model.eval()
     for batch in _batches(ds, cfg.data.batch_size):
         logits = model(torch.stack([collate.input(it) for it in batch]).to(device)).float().cpu()
         for it, out in zip(batch, logits, strict=True):
-            label = collate.label_map(it)
+            label = task.label_classes(it, contract)
             size = tuple(label.shape)
             pred = F.interpolate(out[None], size=size, mode="bilinear")[0].argmax(0)
             image = it["data"].float().mean(0).numpy()
@@ -135,21 +138,9 @@ def score_split(
 ):
     """Per-case metrics and patient ids of a split (Dice only unless `full`)."""
     cases, patients = [], []
-    n_cls = len(cfg.task.label_names)
     source = volume_cases if contract.kind == "volume3d" else image_cases
     for patient, spacing, pred, label, overlay in source(model, root, split, contract, cfg, device):
-        if full:
-            cases.append(
-                segmentation_case_metrics(pred, label, n_cls, spacing, cfg.eval.nsd_tolerance_mm)
-            )
-        else:
-            from monai.metrics import compute_dice
-
-            p = F.one_hot(pred, n_cls).movedim(-1, 0)[None]
-            y = F.one_hot(label, n_cls).movedim(-1, 0)[None]
-            cases.append(
-                {"dice": compute_dice(p, y, include_background=False, ignore_empty=True)[0].numpy()}
-            )
+        cases.append(model.task.case_metrics(pred, label, spacing, cfg.eval, full))
         patients.append(patient)
         if examples is not None and len(examples) < 3:
             examples.append(overlay())
@@ -198,29 +189,23 @@ def train_dataset(root: str, contract: Contract, cfg: FinetuneConfig):
 
 
 def run_segmentation(
+    task: Segmentation,
     model: FinetuneModel,
     root: str,
     contract: Contract,
     cfg: FinetuneConfig,
     device: torch.device,
     out: Path,
-):
-    from .train import fit_epochs, manifest_record
-
-    task = cfg.task
+) -> tuple[dict, dict, dict]:
+    """Train, keep the best val epoch (Dice), score test once: (metrics, fit, sources)."""
     train_rows = split_rows(root, "train", cfg, contract.kind)
     unlabeled = [r["key"] for r in train_rows if not r["has_label_map"]]
     if unlabeled:
         raise ValueError(f"{root}: train samples without a label map: {unlabeled[:5]}")
-    dl = loader(train_dataset(root, contract, cfg), Collate(contract, task, label_lut(task)), cfg)
+    dl = loader(train_dataset(root, contract, cfg), Collate(contract, task), cfg)
 
     def val_dice() -> float:
-        cases, _ = score_split(model, root, "val", contract, cfg, device, full=False)
-        per_case = [
-            np.nanmean(c["dice"]) if np.isfinite(c["dice"]).any() else np.nan for c in cases
-        ]
-        v = float(np.nanmean(per_case)) if np.isfinite(per_case).any() else -np.inf
-        return v
+        return task.val_score(score_split(model, root, "val", contract, cfg, device, full=False)[0])
 
     fit = fit_epochs(
         model, model, lambda: ((x, y) for x, y, *_ in dl), val_dice, cfg, device, len(dl)
@@ -229,9 +214,7 @@ def run_segmentation(
     cases, patients = score_split(
         model, root, "test", contract, cfg, device, full=True, examples=examples
     )
-    metrics = segmentation_metrics(
-        cases, patients, cfg.eval.bootstrap, cfg.eval.ci, task.label_names
-    )
+    metrics = task.metrics(cases, patients, cfg.eval)
     if cfg.eval.plots and examples:
         plot_overlays(examples, out / "seg_overlays.png", metrics["dice"]["value"])
     fit["counts"] = {"train_samples": len(train_rows), "test_cases": len(cases)}

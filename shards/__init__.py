@@ -44,6 +44,7 @@ __all__ = [
     "collate_samples",
     "open_volume",
     "remove_temporaries",
+    "select_rows",
     "verify",
     "write_manifest",
 ]
@@ -55,6 +56,7 @@ _LAZY = {
     "ShardDataModule": "datamodule",
     "SourceConfig": "datamodule",
     "ShardDataset": "dataset",
+    "select_rows": "dataset",
     "ShardDataLoader": "loader",
     "collate_samples": "loader",
     "MixedDataset": "mixing",

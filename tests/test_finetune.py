@@ -16,18 +16,12 @@ from typer.testing import CliRunner
 
 from medfm.finetune import hub
 from medfm.finetune.config import load_config
-from medfm.finetune.data import (
-    Collate,
-    LabelError,
-    few_shot_keys,
-    loader,
-    split_dataset,
-    split_rows,
-    with_synthetic,
-)
+from medfm.finetune.data import Collate, loader, split_dataset, split_rows, with_synthetic
 from medfm.finetune.encoder import load_base_encoder
 from medfm.finetune.export import BaseEncoderMismatchError, export, load
-from medfm.finetune.train import predict, run
+from medfm.finetune.fit import predict
+from medfm.finetune.tasks import LabelError, task_for
+from medfm.finetune.train import run
 from medfm.models import build_encoder
 from medfm.models.contract import Contract
 from medfm.models.export import export_encoder
@@ -135,7 +129,8 @@ def outputs_on_test(model, work: dict) -> torch.Tensor:
     cfg = load_config(None, base=config(work, "x"))
     contract = model.contract
     ds = split_dataset(str(work["shards"]), "test", cfg, shuffle=False)
-    return predict(model, loader(ds, Collate(contract, cfg.task), cfg), torch.device("cpu"))[0]
+    collate = Collate(contract, task_for(cfg.task))
+    return predict(model, loader(ds, collate, cfg), torch.device("cpu"))[0]
 
 
 def expected_predictions(run_dir: Path) -> torch.Tensor:
@@ -214,7 +209,7 @@ def test_lora_export_loads_with_peft_and_medfm_identically(work, tmp_path):
     # PEFT's own loader applies the same adapter to the base encoder.
     base = load_base_encoder(str(work["encoder"])).encoder
     peft_encoder = PeftModel.from_pretrained(base, str(out))
-    x = next(iter(loader(test_ds, Collate(contract, cfg.task), cfg)))[0]
+    x = next(iter(loader(test_ds, Collate(contract, task_for(cfg.task)), cfg)))[0]
     with torch.no_grad():
         ours = model.base_encoder().pooled(x)
         theirs = peft_encoder.get_base_model().pooled(x)
@@ -278,9 +273,10 @@ def test_few_shot_draws_k_per_class_by_seed(work):
     cfg = load_config(None, base=config(work, "fs"))
     rows = split_rows(str(work["shards"]), "train", cfg)
     targets = np.array([json.loads(r["labels"])["label"] for r in rows])
-    a = few_shot_keys(rows, targets, 5, 0, cfg.task)
-    assert a == few_shot_keys(rows, targets, 5, 0, cfg.task)
-    assert a != few_shot_keys(rows, targets, 5, 1, cfg.task)
+    task = task_for(cfg.task)
+    a = task.few_shot_keys(rows, targets, 5, 0)
+    assert a == task.few_shot_keys(rows, targets, 5, 0)
+    assert a != task.few_shot_keys(rows, targets, 5, 1)
     by_key = dict(zip([r["key"] for r in rows], targets, strict=True))
     assert sorted(by_key[k] for k in a) == [0] * 5 + [1] * 5
     cfg = load_config(None, base=config(work, "fs-run", mode="linear_probe", **{

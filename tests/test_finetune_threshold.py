@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from medfm.config import ConfigError
-from medfm.finetune.config import load_config
-from medfm.finetune.metrics import choose_threshold, evaluate_predictions
-from medfm.finetune.train import augment_2d
+from medfm.finetune.config import TaskConfig, load_config
+from medfm.finetune.metrics import choose_threshold
+from medfm.finetune.samples import augment_2d
+from medfm.finetune.tasks import task_for
 
 BASE = {
     "name": "t",
@@ -33,8 +34,9 @@ def test_youden_threshold_separates_classes_and_accuracy_follows_it():
     assert 0.7 < t <= 0.8
     assert choose_threshold(outputs, targets, "val_accuracy") == pytest.approx(t)
     patients = [str(i) for i in range(6)]
-    at_half = evaluate_predictions("binary", outputs, targets, patients, 2, 10, 0.95)
-    at_t = evaluate_predictions("binary", outputs, targets, patients, 2, 10, 0.95, threshold=t)
+    binary = task_for(TaskConfig(type="binary", label_names=["a", "b"]))
+    at_half = binary.evaluate(outputs, targets, patients, 10, 0.95)
+    at_t = binary.evaluate(outputs, targets, patients, 10, 0.95, threshold=t)
     assert at_half["accuracy"]["value"] == pytest.approx(0.5)
     assert at_t["accuracy"]["value"] == pytest.approx(1.0)
     assert at_t["auroc"]["value"] == at_half["auroc"]["value"]  # ranking metric: unchanged

@@ -7,16 +7,20 @@ import torch
 
 from medfm.config import ConfigError
 from medfm.finetune.config import LoraConfig, TaskConfig, load_config
-from medfm.finetune.data import LabelError, encode_target
+from medfm.finetune.fit import fit_epochs
 from medfm.finetune.heads import UNETRDecoder
-from medfm.finetune.metrics import bootstrap, evaluate_predictions, metric_fns
-from medfm.finetune.model import FinetuneModel, apply_lora, build_head, param_groups
-from medfm.finetune.train import fit_epochs
+from medfm.finetune.metrics import bootstrap
+from medfm.finetune.model import FinetuneModel, apply_lora, param_groups
+from medfm.finetune.tasks import LabelError, task_for
 from medfm.models import build_encoder
 
 torch.set_num_threads(1)
 TINY2D = {"name": "vit2d", "size": "tiny", "embed_dim": 32, "depth": 3, "num_heads": 2,
           "img_size": 32, "patch_size": 8}  # fmt: skip
+
+
+def task(kind: str, labels: list[str] = ("a", "b")):
+    return task_for(TaskConfig(type=kind, label_names=list(labels)))
 
 
 def noisy_scores(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,7 +37,7 @@ def test_bootstrap_resamples_patients_not_images():
     logits = (
         y.float() + 0.5 * torch.randn(400, generator=g) + 2 * torch.randn(10, generator=g)[patient]
     )
-    fns = {"auroc": metric_fns("binary", 2)["auroc"]}
+    fns = {"auroc": task("binary").metric_fns()["auroc"]}
     probs = torch.sigmoid(logits)
     per_image = bootstrap(fns, probs, y, [str(i) for i in range(400)], 200, 0.95)["auroc"]
     per_patient = bootstrap(fns, probs, y, [str(int(p)) for p in patient], 200, 0.95)["auroc"]
@@ -43,32 +47,33 @@ def test_bootstrap_resamples_patients_not_images():
     assert width > 1.5 * (per_image["ci_high"] - per_image["ci_low"])
 
 
-@pytest.mark.parametrize("task", ["binary", "multiclass", "multilabel", "regression"])
-def test_every_task_reports_metrics_with_intervals(task):
+@pytest.mark.parametrize("kind", ["binary", "multiclass", "multilabel", "regression"])
+def test_every_task_reports_metrics_with_intervals(kind):
     g = torch.Generator().manual_seed(0)
     n, c = 120, 3
-    if task == "binary":
+    if kind == "binary":
         y = torch.randint(0, 2, (n,), generator=g)
         out = 2 * y.float() - 1 + torch.randn(n, generator=g)
-    elif task == "multiclass":
+    elif kind == "multiclass":
         y = torch.randint(0, c, (n,), generator=g)
         out = 2 * torch.nn.functional.one_hot(y, c).float() + torch.randn(n, c, generator=g)
-    elif task == "multilabel":
+    elif kind == "multilabel":
         y = torch.randint(0, 2, (n, c), generator=g)
         out = 2 * y.float() - 1 + torch.randn(n, c, generator=g)
     else:
         y = torch.randn(n, generator=g)
         out = y + 0.3 * torch.randn(n, generator=g)
-    m = evaluate_predictions(task, out, y, [f"p{i // 2}" for i in range(n)], c, 50, 0.95)
+    labels = ["a", "b"] if kind == "binary" else ["a", "b", "c"]
+    m = task(kind, labels).evaluate(out, y, [f"p{i // 2}" for i in range(n)], 50, 0.95)
     classification = {"auroc", "accuracy", "balanced_accuracy", "f1", "sensitivity",
                       "specificity", "ece", "brier"}  # fmt: skip
-    names = {"mae", "rmse", "r2", "pearson"} if task == "regression" else classification
+    names = {"mae", "rmse", "r2", "pearson"} if kind == "regression" else classification
     assert set(m) == names
     for name, v in m.items():
         assert v["ci_low"] <= v["ci_high"] and v["n_boot"] == 50
         if name != "ece":  # ECE is biased upwards on resamples: its point may sit below the CI
             assert v["ci_low"] <= v["value"] <= v["ci_high"], name
-    key, good = ("r2", 0.7) if task == "regression" else ("auroc", 0.8)
+    key, good = ("r2", 0.7) if kind == "regression" else ("auroc", 0.8)
     assert m[key]["value"] > good
 
 
@@ -82,9 +87,10 @@ def test_unetr_decoder_maps_vit_features_to_full_resolution(spatial):
                 "img_size": [16, 16, 8], "patch_size": [4, 4, 4]}  # fmt: skip
         enc = build_encoder(spec)
         x = torch.randn(2, 1, 16, 16, 8)
-    head = build_head(enc, "segmentation", ["bg", "a", "b"])
+    seg = task("segmentation", ["bg", "a", "b"])
+    head = seg.build_head(enc)
     assert isinstance(head, UNETRDecoder)
-    model = FinetuneModel(enc, head, "segmentation")
+    model = FinetuneModel(enc, head, seg)
     out = model(x)
     assert out.shape == (2, 3, *x.shape[2:])
     out.mean().backward()  # gradients reach the encoder through the skip connections
@@ -96,7 +102,7 @@ def test_segmentation_head_refuses_anisotropic_patches():
             "img_size": [16, 16, 8], "patch_size": [4, 4, 2]}  # fmt: skip
     enc = build_encoder(spec)
     with pytest.raises(ConfigError, match="isotropic"):
-        build_head(enc, "segmentation", ["bg", "fg"])
+        task("segmentation", ["bg", "fg"]).build_head(enc)
 
 
 def test_lora_wraps_fused_qkv_and_mlp_and_freezes_the_base():
@@ -111,7 +117,8 @@ def test_lora_wraps_fused_qkv_and_mlp_and_freezes_the_base():
 
 def test_full_finetune_layer_decay_lowers_lr_towards_the_input():
     enc = build_encoder(TINY2D)
-    model = FinetuneModel(enc, build_head(enc, "binary", ["a", "b"]), "binary")
+    binary = task("binary")
+    model = FinetuneModel(enc, binary.build_head(enc), binary)
     groups = param_groups(model, "full", lr=1e-3, weight_decay=0.05, layer_decay=0.5)
     scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     depth = len(enc.blocks)
@@ -123,16 +130,16 @@ def test_full_finetune_layer_decay_lowers_lr_towards_the_input():
 
 
 def test_targets_from_labels_tables():
-    task = TaskConfig(type="multiclass", label_names=["a", "b", "c"])
-    assert encode_target({"label": "b"}, task, "k") == 1
-    assert encode_target({"label": 2}, task, "k") == 2
+    mc = task("multiclass", ["a", "b", "c"])
+    assert mc.target({"label": "b"}, "k") == 1
+    assert mc.target({"label": 2}, "k") == 2
     with pytest.raises(LabelError, match="k: label 'd' is not in the labels table"):
-        encode_target({"label": "d"}, task, "k")
+        mc.target({"label": "d"}, "k")
     with pytest.raises(LabelError, match="no label 'label'"):
-        encode_target({"other": 1}, task, "k")
-    ml = TaskConfig(type="multilabel", label_names=["a", "b", "c"])
-    assert encode_target({"label": ["a", "c"]}, ml, "k").tolist() == [1, 0, 1]
-    assert encode_target({"label": {"b": 1, "c": 0}}, ml, "k").tolist() == [0, 1, 0]
+        mc.target({"other": 1}, "k")
+    ml = task("multilabel", ["a", "b", "c"])
+    assert ml.target({"label": ["a", "c"]}, "k").tolist() == [1, 0, 1]
+    assert ml.target({"label": {"b": 1, "c": 0}}, "k").tolist() == [0, 1, 0]
 
 
 def test_config_errors_name_the_key():
@@ -154,7 +161,8 @@ def test_an_epochs_last_batch_of_one_is_skipped_not_fatal():
             "task": {"type": "binary", "label_names": ["a", "b"]}}  # fmt: skip
     cfg = load_config(None, base=base, overrides=["train.epochs=2", "train.warmup_epochs=0"])
     enc = build_encoder(TINY2D)
-    model = FinetuneModel(enc, build_head(enc, "binary", ["a", "b"]), "binary")
+    binary = task_for(cfg.task)
+    model = FinetuneModel(enc, binary.build_head(enc), binary)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(9, 1, 32, 32, generator=g), torch.randint(0, 2, (9,), generator=g)
     before = model.head.fc.weight.detach().clone()
