@@ -24,10 +24,12 @@ class Multilabel(SampleTask):
         return len(self.label_names)
 
     def encode(self, value: Any, where: str) -> np.ndarray:
-        hot = np.zeros(len(self.label_names), np.float32)
+        # Integer 0/1: torchmetrics' multilabel metrics refuse float targets (every metric,
+        # and so the val score, came out NaN with float32 multi-hot vectors).
+        hot = np.zeros(len(self.label_names), np.int64)
         items = [k for k, on in value.items() if on] if isinstance(value, dict) else value
         for v in items if isinstance(items, (list, tuple)) else [items]:
-            hot[self.class_index(v, where)] = 1.0
+            hot[self.class_index(v, where)] = 1
         return hot
 
     def class_counts(self, targets: np.ndarray) -> np.ndarray:
