@@ -7,7 +7,6 @@ are compared in the generator's [0, 1] intensity space, read through medfm.shard
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from medfm.config import from_dict, read_tree
+from medfm.io import write_json
 from medfm.models.diffusion.contract import intensity_of
 from medfm.shards import Manifest, ShardSet, open_volume
 
@@ -233,7 +233,7 @@ def audit(synthetic: str, real: str, out: str, cfg: AuditConfig | None = None) -
         "config": asdict(cfg),
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    write_report(report, Path(out), x_syn, x_train, m, held_sims, cal)
+    write_report(report, out, x_syn, x_train, m, held_sims, cal)
     return report
 
 
@@ -241,12 +241,13 @@ def contract_generator(m: Manifest) -> str:
     return m.header["attributes"]["synthetic"].get("generator_sha256", "")
 
 
-def write_report(report, out: Path, x_syn, x_train, m, held_sims, cal) -> None:
+def write_report(report, out: str, x_syn, x_train, m, held_sims, cal) -> None:
+    """The report files, through medfm.io: `out` may be a local folder or an fsspec URL."""
     from .report import closest_pairs_png, report_png
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=1, default=float))
-    report_png(out / "report.png", report, x_syn, x_train, m, held_sims, cal)
+    out = str(out).rstrip("/")
+    write_json(f"{out}/report.json", report, indent=1, default=float)
+    report_png(f"{out}/report.png", report, x_syn, x_train, m, held_sims, cal)
     closest_pairs_png(
-        out / "closest_pairs.png", x_syn, x_train, m, report["config"]["closest_pairs"]
+        f"{out}/closest_pairs.png", x_syn, x_train, m, report["config"]["closest_pairs"]
     )

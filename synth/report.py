@@ -9,6 +9,8 @@ import matplotlib
 import numpy as np
 import torch
 
+from medfm.io import save_figure
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend first: audits run headless)
 
@@ -22,7 +24,7 @@ def _show(ax, x: torch.Tensor, title: str = "") -> None:
     ax.axis("off")
 
 
-def report_png(path: Path, report: dict[str, Any], x_syn, x_train, m, held_sims, cal) -> None:
+def report_png(path: str | Path, report: dict[str, Any], x_syn, x_train, m, held_sims, cal) -> None:
     fig = plt.figure(figsize=(11, 8))
     grid = fig.add_gridspec(4, 8)
     for i in range(min(8, len(x_syn))):
@@ -53,11 +55,11 @@ def report_png(path: Path, report: dict[str, Any], x_syn, x_train, m, held_sims,
     lines.append(f"flagged: {report['memorization']['flagged']} of {report['counts']['synthetic']}")
     ax.text(0, 1, "\n".join(lines), va="top", family="monospace", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path, dpi=90)
     plt.close(fig)
 
 
-def closest_pairs_png(path: Path, x_syn, x_train, m, n: int) -> None:
+def closest_pairs_png(path: str | Path, x_syn, x_train, m, n: int) -> None:
     """The n synthetic samples most similar (pixel correlation) to a training sample."""
     order = np.argsort(-m.pixel_similarity)[: max(1, min(n, len(x_syn)))]
     fig, axes = plt.subplots(2, len(order), figsize=(1.6 * len(order), 3.6), squeeze=False)
@@ -65,5 +67,5 @@ def closest_pairs_png(path: Path, x_syn, x_train, m, n: int) -> None:
         _show(axes[0, col], x_syn[i], f"synth r={m.pixel_similarity[i]:.3f}")
         _show(axes[1, col], x_train[m.pixel_index[i]], "nearest real")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path, dpi=90)
     plt.close(fig)

@@ -10,10 +10,9 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
-from medfm.io import TMP_MARKER, get_fs
+from medfm.io import TMP_MARKER, get_fs, write_json
 from medfm.models.diffusion.export import load_diffusion
 from medfm.shards import SampleWriter, ShardSet, write_manifest
 
@@ -66,9 +65,7 @@ def generate_audited(
     }
     report["synthetic"] = out
     report["withheld"] = withheld
-    Path(get_fs(out)[1], "audit", "report.json").write_text(
-        json.dumps(report, indent=1, default=float)
-    )
+    write_json(f"{out.rstrip('/')}/audit/report.json", report, indent=1, default=float)
     c = loaded.contract
     datasets = {f"{c['dataset']}-synthetic": {"synthetic": True, "generator": loaded.sha256}}
     header = write_manifest(out, kept_rows, kept_files, datasets=datasets, attributes=attributes)
