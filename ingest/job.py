@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from medfm.compat import ray_jobs_dead
 from medfm.io import get_fs, remove_temporaries, sha256_file
 from medfm.shards import write_manifest
 from medfm.shards.tarshard import ShardFile
@@ -403,14 +404,12 @@ def register_driver(book: Bookkeeper, ray, wait_for_previous: bool, timeout: flo
         or prev.get("job_id") == me["job_id"]
     ):
         return
-    try:
-        from ray._private import state
-    except ImportError:  # private API moved: fall back to a grace period
-        time.sleep(DRIVER_GRACE_S)
-        return
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        jobs = {j["JobID"]: j["IsDead"] for j in state.jobs()}
+        jobs = ray_jobs_dead()
+        if jobs is None:  # job states unknown: fall back to a grace period
+            time.sleep(DRIVER_GRACE_S)
+            return
         if jobs.get(prev["job_id"], True):
             break
         time.sleep(0.5)

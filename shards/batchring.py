@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
+from medfm.compat import shared_storage
+
 ALIGN = 64  # byte alignment of each tensor inside an arena
 GROWTH = 1.25  # an arena that is too small is replaced by one with this much headroom
 
@@ -111,7 +113,7 @@ class BatchRing:
         if slot in self._arenas and self._arenas[slot].numel() >= nbytes:
             return self._arenas[slot], False
         # Allocated in shared memory directly: share_memory_() would copy a private buffer
-        storage = torch.UntypedStorage._new_shared(_aligned(int(nbytes * GROWTH)))
+        storage = shared_storage(_aligned(int(nbytes * GROWTH)))
         self._arenas[slot] = torch.empty(0, dtype=torch.uint8).set_(storage)
         return self._arenas[slot], True
 

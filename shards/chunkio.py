@@ -26,11 +26,11 @@ import numcodecs.blosc
 import numpy as np
 import zarr
 from zarr.abc.store import RangeByteRequest, SuffixByteRequest
+from zarr.buffer import default_buffer_prototype
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.indexing import morton_order_iter
-from zarr.core.sync import sync
+
+from medfm.compat import morton_order, run_sync
 
 # Parallelism is across processes (Ray tasks, DataLoader workers); Blosc's own threads would
 # oversubscribe their cores. zarr never uses them either: it runs codecs off the main thread.
@@ -109,7 +109,7 @@ def _inner_codec(codecs: tuple[Any, ...]) -> numcodecs.abc.Codec | None:
 def encode_shards(layout: ShardedLayout, data: np.ndarray) -> Iterator[tuple[str, bytes]]:
     """(store key, shard file bytes) of every shard holding at least one stored chunk."""
     grid = [math.ceil(s / sh) for s, sh in zip(layout.shape, layout.shard, strict=True)]
-    order = list(morton_order_iter(layout.chunks_per_shard))
+    order = morton_order(layout.chunks_per_shard)
     for coords in np.ndindex(*grid):
         blob = _encode_shard(layout, data, coords, order)
         if blob is not None:
@@ -241,7 +241,7 @@ class ShardedArrayReader:
         async def run() -> list:
             return await asyncio.gather(*requests)
 
-        return sync(run())
+        return run_sync(run())
 
 
 def _clip(r: slice, n: int) -> tuple[int, int]:

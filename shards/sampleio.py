@@ -13,8 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 import fsspec
+from zarr.abc.buffer import Buffer, BufferPrototype
 from zarr.abc.store import ByteRequest
-from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import WrapperStore
 
 from medfm.io import is_local
