@@ -9,15 +9,15 @@ runs its own training loop: finetune/samples.py or finetune/segment.py, over fin
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import save_file
 
+from medfm.device import select_device
 from medfm.finetune import hub
+from medfm.io import save_safetensors, write_json
 from medfm.models.contract import Contract
 
 from .data import contract_for, split_rows
@@ -29,12 +29,6 @@ if TYPE_CHECKING:
     from .config import FinetuneConfig
 
 RUN_RECORD = "run.json"
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def build_model(base: BaseEncoder, cfg: FinetuneConfig, task: Task) -> FinetuneModel:
@@ -62,7 +56,7 @@ def run(cfg: FinetuneConfig) -> Path:
     torch.manual_seed(cfg.train.seed)
     out = Path(cfg.out_dir)
     (out / "checkpoint").mkdir(parents=True, exist_ok=True)
-    device = pick_device(cfg.train.device)
+    device = select_device(cfg.train.device)
     base = load_base_encoder(cfg.encoder)
     contract = contract_for(base.preprocessing, base.encoder, cfg)
     task = task_for(cfg.task)
@@ -84,8 +78,8 @@ def save_run(
     sources: dict,
 ) -> None:
     ckpt = out / "checkpoint"
-    save_file(
-        {k: v.contiguous() for k, v in model.head.state_dict().items()}, ckpt / "head.safetensors"
+    save_safetensors(
+        ckpt / "head.safetensors", {k: v.contiguous() for k, v in model.head.state_dict().items()}
     )
     if cfg.mode == "lora":
         with warnings.catch_warnings():  # PEFT looks for an HF config.json beside the base
@@ -93,8 +87,8 @@ def save_run(
             model.encoder.save_pretrained(ckpt / "adapter")
     elif cfg.mode == "full":
         enc = model.base_encoder()
-        save_file(
-            {k: v.contiguous() for k, v in enc.state_dict().items()}, ckpt / "encoder.safetensors"
+        save_safetensors(
+            ckpt / "encoder.safetensors", {k: v.contiguous() for k, v in enc.state_dict().items()}
         )
     record = {
         "name": cfg.name,
@@ -128,7 +122,7 @@ def save_run(
         "fit": fit,
         "config": cfg.to_dict(),
     }
-    (out / RUN_RECORD).write_text(json.dumps(record, indent=1))
+    write_json(out / RUN_RECORD, record, indent=1)
     summary = {
         "task": cfg.task.type,
         "mode": cfg.mode,
@@ -138,4 +132,4 @@ def save_run(
         "threshold": fit.get("threshold"),
         "metrics": metrics,
     }
-    (out / "metrics.json").write_text(json.dumps(summary, indent=1))
+    write_json(out / "metrics.json", summary, indent=1)

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 
+from medfm.device import has_gpu
 from medfm.models import Encoder
 from medfm.models.contract import Contract
 from medfm.models.export import export_encoder, save_module
@@ -93,7 +93,7 @@ def build_loggers(cfg: PretrainConfig) -> list[Any]:
 def precision_for(cfg: PretrainConfig) -> str:
     if cfg.train.precision != "auto":
         return cfg.train.precision
-    gpu = torch.cuda.is_available() and cfg.train.accelerator in ("auto", "gpu", "cuda")
+    gpu = has_gpu() and cfg.train.accelerator in ("auto", "gpu", "cuda")
     return "bf16-mixed" if gpu else "32-true"
 
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
-import torch
+
+from medfm.device import has_gpu
 
 from .dataset import ShardDataset
 from .loader import ShardDataLoader
@@ -160,7 +161,7 @@ class ShardDataModule(L.LightningDataModule):
 
     def _loader(self, ds: PlannedDataset, *, train: bool) -> ShardDataLoader:
         c = self.config
-        pin = torch.cuda.is_available() if c.pin_memory is None else c.pin_memory
+        pin = has_gpu() if c.pin_memory is None else c.pin_memory
         return ShardDataLoader(
             ds,
             c.batch_size,

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medfm.device import select_device
 from medfm.io import get_fs, remove_temporaries
 from medfm.models.diffusion.contract import intensity_of
 from medfm.models.diffusion.export import LoadedDiffusion, from_bytes, load_diffusion
@@ -74,12 +75,6 @@ def plan_jobs(loaded: LoadedDiffusion, opts: GenerateOptions) -> list[Job]:
         )
     wanted = [by_name[str(c)] for c in opts.classes] if opts.classes else known
     return [Job(i, opts.seed + i, wanted[i % len(wanted)]) for i in range(opts.n)]
-
-
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def to_sample(x: np.ndarray, job: Job, loaded: LoadedDiffusion, settings: SamplerSettings):
@@ -154,7 +149,7 @@ def run_chunk(
 def _ray_chunk(model_bytes: bytes, sidecar: dict, jobs, out, prefix, settings, batch_size):
     """Ray task body: the model travels as bytes, so workers need no access to its path."""
     loaded = from_bytes(model_bytes, sidecar)
-    return run_chunk(loaded, jobs, out, prefix, settings, batch_size, pick_device("auto"), False)
+    return run_chunk(loaded, jobs, out, prefix, settings, batch_size, select_device("auto"), False)
 
 
 def run_ray(loaded: LoadedDiffusion, jobs: list[Job], out: str, opts: GenerateOptions):
@@ -225,7 +220,7 @@ def generate_samples(
     if opts.address:
         results = run_ray(loaded, jobs, out, opts)
     else:
-        device = pick_device(opts.device)
+        device = select_device(opts.device)
         prefix = f"synth-{uuid.uuid4().hex[:6]}-0000"
         results = [run_chunk(loaded, jobs, out, prefix, opts.sampler, opts.batch_size, device)]
     rows = [r for rs, _ in results for r in rs]
