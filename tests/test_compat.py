@@ -120,3 +120,40 @@ def test_cluster_config_fallback_accepts_ours_and_refuses_a_bad_head(relative):
     for check in (compat.validate_cluster_config, compat.validate_cluster_config_public):
         with pytest.raises(Exception, match="nope|head"):
             check(bad)
+
+
+# -- declared dependencies ---------------------------------------------------------------------
+def test_every_imported_third_party_module_is_a_declared_dependency():
+    import ast
+    import re
+    from importlib.metadata import packages_distributions
+
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+
+    repo = Path(__file__).resolve().parent.parent
+    project = tomllib.loads((repo / "pyproject.toml").read_text())["project"]
+    reqs = project["dependencies"] + [
+        d for v in project["optional-dependencies"].values() for d in v
+    ]
+
+    def norm(s: str) -> str:
+        return re.sub(r"[-_.]+", "-", re.split(r"[<>=\[; ]", s)[0]).lower()
+
+    declared, dists = {norm(r) for r in reqs}, packages_distributions()
+    missing = set()
+    for folder in ("medfm", "ingest", "shards", "pretrain", "synth", "finetune", "clusters"):
+        for path in (repo / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                for top in {n.split(".")[0] for n in names} - set(sys.stdlib_module_names):
+                    if top != "medfm" and not {norm(d) for d in dists.get(top, [])} & declared:
+                        missing.add(f"{top} ({path.relative_to(repo)})")
+    assert not missing, f"imported but not declared in pyproject.toml: {sorted(missing)}"
