@@ -10,7 +10,6 @@ written to a temporary folder and renamed into place, so a half-written export n
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,13 +17,13 @@ from typing import Any
 from safetensors.torch import load_file
 
 from medfm.config import from_dict
+from medfm.io import commit, get_fs, sha256_file, write_json, write_text
 from medfm.models import build_encoder
 
 from .card import model_card
 from .config import TaskConfig
 from .data import contract_from_dict
 from .encoder import BaseEncoder, load_base_encoder
-from .hub.safety import sha256_path
 from .model import FinetuneModel
 from .tasks import Task, task_for
 from .train import RUN_RECORD
@@ -67,7 +66,7 @@ def export(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> Pat
     for extra in ("roc.png", "seg_overlays.png", "metrics.json"):
         if (run_dir / extra).is_file():
             shutil.copy2(run_dir / extra, tmp / extra)
-    files = {p.name: sha256_path(p)[0] for p in sorted(tmp.iterdir())}
+    files = {p.name: sha256_file(p)[0] for p in sorted(tmp.iterdir())}
     meta = {
         "format": EXPORT_FORMAT,
         "version": 1,
@@ -84,11 +83,9 @@ def export(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> Pat
         "data": run["data"],
         "files": files,
     }
-    (tmp / "medfm.json").write_text(json.dumps(meta, indent=1))
-    (tmp / "README.md").write_text(model_card(meta, recorded_task(run["task"], "run.json: task")))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    write_json(tmp / "medfm.json", meta, indent=1)
+    write_text(tmp / "README.md", model_card(meta, recorded_task(run["task"], "run.json: task")))
+    commit(get_fs(str(out))[0], str(tmp), str(out))  # replaces an earlier export as a whole
     return out
 
 
@@ -100,7 +97,7 @@ def read_export(folder: Path) -> dict[str, Any]:
     if meta.get("format") != EXPORT_FORMAT:
         raise ExportError(f"{path}: not a {EXPORT_FORMAT} record")
     for name, digest in meta["files"].items():
-        got = sha256_path(folder / name)[0] if (folder / name).is_file() else "missing"
+        got = sha256_file(folder / name)[0] if (folder / name).is_file() else "missing"
         if got != digest:
             raise ExportError(f"{folder / name}: sha256 {got} does not match medfm.json ({digest})")
     return meta

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader, TensorDataset
 
 from medfm.finetune import hub
+from medfm.io import save_safetensors
 from medfm.shards.mixing import RealizedRatio
 
 from .data import (
@@ -147,7 +147,7 @@ def run_samples(
     threshold = task.decision_threshold(cfg.eval.threshold, val_outputs)
     roc = out / "roc.png" if cfg.eval.plots else None
     metrics = task.score(test_out, test_y, test_p, cfg.eval, threshold, roc)
-    save_file({"outputs": test_out.contiguous()}, out / "test_outputs.safetensors")
+    save_safetensors(out / "test_outputs.safetensors", {"outputs": test_out.contiguous()})
     counts = {
         "train_rows": len(train_rows),
         "test": len(test_p),

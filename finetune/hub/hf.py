@@ -14,10 +14,12 @@ from typing import Any
 
 import fsspec
 
+from medfm.io import sha256_file
+
 from .backend import HUB_BACKENDS
 from .errors import HubError, IntegrityError, RevisionNotFoundError
 from .local import scan_folder
-from .safety import git_blob_sha1, refuse_pickles, sha256_path
+from .safety import git_blob_sha1, refuse_pickles
 from .transfer import PullReport, pull_cache_dir, pull_files
 
 TRUTHY = ("1", "true", "yes", "on")
@@ -114,7 +116,7 @@ class HfHub:
         files = {}
         for rel, want in expected.items():
             path = snapshot / rel
-            digest, size = sha256_path(path)
+            digest, size = sha256_file(path)
             if "sha256" in want:
                 ok = digest == want["sha256"]
             else:

@@ -55,15 +55,6 @@ def check_relpath(rel: str, where: str) -> str:
     return rel
 
 
-def sha256_path(path: str | Path) -> tuple[str, int]:
-    sha, n = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while block := f.read(HASH_BLOCK):
-            sha.update(block)
-            n += len(block)
-    return sha.hexdigest(), n
-
-
 def git_blob_sha1(path: str | Path) -> str:
     """Git's object id of a file: how the HF Hub names small (non-LFS) files."""
     sha = hashlib.sha1(f"blob {os.path.getsize(path)}\0".encode())

@@ -18,8 +18,10 @@ from typing import Any
 import fsspec
 from tqdm import tqdm
 
+from medfm.io import commit, get_fs, sha256_file, write_json
+
 from .errors import IntegrityError
-from .safety import HASH_BLOCK, sha256_path, sniff_pickle
+from .safety import HASH_BLOCK, sniff_pickle
 
 PULL_RECORD = ".medfm-hub.json"
 
@@ -60,15 +62,13 @@ def pull_files(
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"pull {where}", leave=False) as bar:
         for rel, info in files.items():
             target = dest / rel
-            if target.is_file() and sha256_path(target) == (info["sha256"], info["size"]):
+            if target.is_file() and sha256_file(target) == (info["sha256"], info["size"]):
                 report.reused_files.append(rel)
                 bar.update(info["size"])
                 continue
             _fetch_one(fs, sources[rel], target, info, f"{where}:{rel}", report, bar)
     record = {"repo": repo, "revision": revision, "files": files}
-    tmp = dest / f"{PULL_RECORD}.part"
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, dest / PULL_RECORD)
+    write_json(dest / PULL_RECORD, record, indent=1)
     return report
 
 
@@ -116,7 +116,7 @@ def _fetch_one(
     except Exception:
         part.unlink()
         raise
-    os.replace(part, target)
+    commit(get_fs(str(target))[0], str(part), str(target))
 
 
 def verify_folder(dest: str | Path) -> dict[str, Any]:
@@ -125,7 +125,7 @@ def verify_folder(dest: str | Path) -> dict[str, Any]:
     record = json.loads((dest / PULL_RECORD).read_text())
     for rel, info in record["files"].items():
         path = dest / rel
-        got = sha256_path(path) if path.is_file() else ("missing", 0)
+        got = sha256_file(path) if path.is_file() else ("missing", 0)
         if got != (info["sha256"], info["size"]):
             raise IntegrityError(
                 f"{path}: sha256 mismatch against {record['repo']}@{record['revision'][:12]} "
