@@ -15,19 +15,18 @@ the same logic over any fsspec filesystem and only publishes differently.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-from medfm.io import atomic_open, atomic_write_bytes, get_fs
+from medfm.io import atomic_open, atomic_write_bytes, get_fs, sha256_bytes, sha256_file
 from medfm.shards.schema import to_json
 
 from .backend import HUB_BACKENDS, default_root
 from .errors import HubError, RevisionNotFoundError
-from .safety import check_relpath, refuse_pickles, sha256_path
+from .safety import check_relpath, refuse_pickles
 from .transfer import PullReport, pull_cache_dir, pull_files
 
 REVISION_FORMAT = "medfm-hub-revision"
@@ -47,7 +46,7 @@ def scan_folder(folder: str | Path) -> dict[str, dict[str, Any]]:
         rel = path.relative_to(folder).as_posix()
         if path.name in SKIP_NAMES or path.name.endswith(".part"):
             continue
-        digest, size = sha256_path(path)
+        digest, size = sha256_file(path)
         files[rel] = {"sha256": digest, "size": size}
     if not files:
         raise HubError(f"{folder}: nothing to push (empty folder)")
@@ -194,4 +193,4 @@ def check_repo(repo: str) -> str:
 
 
 def revision_id(files: dict[str, dict[str, Any]]) -> str:
-    return hashlib.sha256(to_json({"files": files}).encode()).hexdigest()
+    return sha256_bytes(to_json({"files": files}).encode())
