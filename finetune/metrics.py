@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medfm.io import save_figure
+
 MetricFns = dict[str, Callable[[torch.Tensor, torch.Tensor], float]]
 
 
@@ -171,5 +173,5 @@ def plot_roc(
     ax.set_ylabel("sensitivity")
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medfm.io import save_figure
 from medfm.models.contract import Contract
 from medfm.shards import Manifest, open_volume
 from medfm.shards.patches import PatchSampler
@@ -168,7 +169,7 @@ def plot_overlays(examples: list, path: Path, dice: float) -> None:
             ax.axis("off")
     fig.suptitle(f"test Dice {dice:.3f}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 

@@ -10,7 +10,6 @@ sources). An already-initialised Ray (tests, notebooks) is used as it is.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import time
 from collections import defaultdict
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from medfm.compat import ray_jobs_dead
-from medfm.io import get_fs, remove_temporaries, sha256_file
+from medfm.io import get_fs, remove_temporaries, sha256_bytes, sha256_file
 from medfm.shards import write_manifest
 from medfm.shards.tarshard import ShardFile
 
@@ -168,7 +167,7 @@ def plan_tasks(items: list[SourceItem], spec: IngestSpec) -> list[Task]:
         tasks.append(cur)
     out = []
     for batch in tasks:
-        digest = hashlib.sha256("\0".join(i.item_id for i in batch).encode()).hexdigest()
+        digest = sha256_bytes("\0".join(i.item_id for i in batch).encode())
         out.append(Task(f"t{digest[:20]}", batch, sum(i.nbytes for i in batch)))
     return out
 

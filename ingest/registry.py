@@ -34,7 +34,6 @@ Contract for a reader (imaging here; signals and EHR register theirs the same wa
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import tempfile
@@ -109,7 +108,7 @@ class SourceItem:
         if "part" in self.info:  # items that share files (EHR patient buckets) differ by part
             parts.append(str(self.info["part"]))
         text = "\0".join(parts)
-        return hashlib.sha256(text.encode()).hexdigest()[:24]
+        return sha256_bytes(text.encode())[:24]
 
     @property
     def rel(self) -> str:

@@ -10,7 +10,6 @@ reader's constructor. Reading a spec file (checked against the registered reader
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import Any, ClassVar, Literal
 
 from medfm import config
 from medfm.config import ConfigError
+from medfm.io import sha256_bytes
 from medfm.registry import Registry
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_]{0,39}$")
@@ -171,7 +171,7 @@ class IngestSpec:
         """Hash of the settings that change outputs (resume refuses a different spec)."""
         d = dataclasses.asdict(self)
         d.pop("base_dir")
-        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+        return sha256_bytes(json.dumps(d, sort_keys=True, default=str).encode())
 
     def settings(self) -> dict[str, Any]:
         """Transform settings recorded in provenance (no paths, nothing identifying)."""

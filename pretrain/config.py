@@ -9,13 +9,13 @@ parameters are validated against the config dataclass their registry entry owns.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from medfm.config import ConfigError, from_dict, read_tree
+from medfm.io import sha256_bytes
 
 
 @dataclass
@@ -108,7 +108,7 @@ class PretrainConfig:
         d["data"].pop("num_workers")
         for k in ("log_every", "checkpoint_every", "plots", "loggers", "compile", "ledger"):
             d["train"].pop(k)
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        return sha256_bytes(json.dumps(d, sort_keys=True).encode())[:16]
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None):

@@ -9,6 +9,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from medfm.io import save_figure
+
 PREVIEW_SEED = 1234  # fixed, so grids at different steps show the same masks
 
 
@@ -26,7 +28,7 @@ def loss_curve(history: list[tuple[int, float]], path: Path) -> None:
     ax.set_yscale("log" if min(losses) > 0 else "linear")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -62,7 +64,7 @@ def preview_grid(rows: dict[str, torch.Tensor], path: Path, title: str) -> None:
                 ax.set_ylabel(name, fontsize=7)
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 

@@ -5,7 +5,6 @@ masking (an MAE encoder sees only the visible tokens), as in nanoGPT and torchti
 
 from __future__ import annotations
 
-import json
 import resource
 import time
 from pathlib import Path
@@ -13,6 +12,8 @@ from typing import Any
 
 import lightning as L
 import torch
+
+from medfm.io import write_json
 
 # Dense bf16 tensor-core peaks (FLOP/s) from vendor data sheets; matched on the device name.
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
@@ -107,4 +108,4 @@ class ThroughputMonitor(L.Callback):
         )
         if trainer.is_global_zero:
             path = Path(self.out_dir) / "throughput.json"
-            path.write_text(json.dumps(self.summary, indent=1))
+            write_json(path, self.summary, indent=1)

@@ -3,7 +3,6 @@ export. The CLI and the bench call this; so can a Python user."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import lightning as L
 
 from medfm.device import has_gpu
+from medfm.io import write_json
 from medfm.models import Encoder
 from medfm.models.contract import Contract
 from medfm.models.export import export_encoder, save_module
@@ -154,7 +154,7 @@ def run(cfg: PretrainConfig, *, resume: bool = False, force_resume: bool = False
         default_root_dir=cfg.out_dir,
     )
     if trainer.is_global_zero:
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        write_json(out / "config.json", cfg.to_dict(), indent=1)
     trainer.fit(module, datamodule=data.module, ckpt_path=str(ckpt) if ckpt else None)
     trainer.save_checkpoint(checkpoint_dir(cfg) / LAST, weights_only=False)  # end state, always
     summary = {"steps": trainer.global_step, "throughput": throughput.summary}

@@ -6,6 +6,8 @@ import json
 
 import typer
 
+from medfm.io import write_text
+
 from .manifest import Manifest
 from .summary import LS_COLUMNS, ls_rows, stats
 from .verify import verify
@@ -91,8 +93,7 @@ def pairs_cmd(
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     if out:
-        with open(out, "w") as f:
-            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in report.rows)
+        write_text(out, "".join(json.dumps(r, sort_keys=True) + "\n" for r in report.rows))
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=1, sort_keys=True))
     else:

@@ -15,7 +15,6 @@ what the lower level loses; Blosc's default block size at level 1 (tens of KB) c
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -46,7 +45,7 @@ def volume_codec() -> BloscCodec:
 def array_sha256(arr: np.ndarray) -> str:
     """Hash of the decoded voxels: C-order, little-endian bytes."""
     a = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
-    return hashlib.sha256(a).hexdigest()  # the buffer itself: no bytes copy
+    return sha256_bytes(a)  # the buffer itself: no bytes copy
 
 
 def shard_shape(shape: tuple[int, ...], chunks: tuple[int, ...]) -> tuple[int, ...]:

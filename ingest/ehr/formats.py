@@ -10,11 +10,10 @@ then tokenizes one bucket into one sample per patient (or admission).
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 from collections.abc import Iterator
 from typing import Any
 
-from medfm.io import atomic_write_bytes, get_fs
+from medfm.io import atomic_write_bytes, get_fs, sha256_bytes
 from medfm.shards import Sample
 
 from ..privacy import Keyring, split_for
@@ -143,7 +142,7 @@ class EHRReader(Reader):
                 rx = glob_regex(t.time_from.path)
                 joins = [f.path for f in tables if rx.match(f.rel)]
             for f in by_name[f"@{name}"]:
-                tag = f"{safe_name(name)}-{hashlib.sha256(f.rel.encode()).hexdigest()[:12]}"
+                tag = f"{safe_name(name)}-{sha256_bytes(f.rel.encode())[:12]}"
                 jobs.append(PartitionJob(f.path, f.rel, t, joins, tag))
         return jobs
 

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from medfm.io import write_text
+
 
 @dataclass(frozen=True)
 class Scale:
@@ -93,7 +95,7 @@ def stage_xrays(npz: Path, dest: Path, limit: int) -> int:
             name = f"{split}_{i:05d}"
             Image.fromarray(images[i]).save(images_dir / f"{name}.png")
             lines.append(f"{name},pneumoniamnist-{name},{int(labels[i])}")
-    (dest / "labels.csv").write_text("\n".join(lines) + "\n")
+    write_text(dest / "labels.csv", "\n".join(lines) + "\n")
     return len(lines) - 1
 
 
@@ -288,5 +290,5 @@ def write_yaml(tree: dict[str, Any], path: Path, comment: str) -> Path:
     """The config as YAML, headed by how to run it on its own."""
     path.parent.mkdir(parents=True, exist_ok=True)
     body = yaml.safe_dump(tree, sort_keys=False, default_flow_style=None, width=100)
-    path.write_text(f"# Written by `medfm demo`. {comment}\n{body}")
+    write_text(path, f"# Written by `medfm demo`. {comment}\n{body}")
     return path

@@ -15,7 +15,6 @@ so each stage can be rerun alone with the commands printed at the end. Data that
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -24,6 +23,8 @@ import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+from medfm.io import write_json, write_text
 
 from . import configs as dc
 from .report import print_table, write_report
@@ -47,7 +48,7 @@ def prepare(out: Path, overwrite: bool) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     key = out / "deid.key"  # kept across reruns: same key, same pseudonyms and splits
     if not key.is_file():
-        key.write_text(os.urandom(32).hex() + "\n")
+        write_text(key, os.urandom(32).hex() + "\n")
         key.chmod(0o600)
     return key
 
@@ -113,7 +114,7 @@ def run_demo(out: str, overwrite: bool = True, quick: bool = False) -> dict[str,
         **d.results,
     }
     write_report(d.out / "report.html", summary, d.figures)
-    (d.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    write_json(d.out / "summary.json", summary, indent=1, default=str)
     print_table(d.rows, total)
     print(f"\nreport: {d.out / 'report.html'}\n\nEach stage alone, with the same configs:")
     for cmd in d.commands:

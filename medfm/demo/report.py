@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from medfm.io import write_text
+
 COLUMNS = ("stage", "wall s", "items", "key metric")
 
 
@@ -78,7 +80,9 @@ def write_report(path: Path, summary: dict[str, Any], figures: list[tuple[str, s
     commands = "\n".join(_esc(c) for c in summary["commands"])
     data = summary["sample_data"] or "unset (pip-shipped files only)"
     mode = "quick (reduced step counts)" if summary["quick"] else "full"
-    path.write_text(f"""<!doctype html>
+    write_text(
+        path,
+        f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>medfm demo report</title>
 <style>
 body {{ font-family: sans-serif; margin: 2em; max-width: 75em; }}
@@ -99,4 +103,5 @@ Output: <code>{_esc(summary["out"])}</code>.</p>
 <p>The demo ran exactly the specs and configs in <code>configs/</code>; edit one and rerun:</p>
 <pre>{commands}</pre>
 </body></html>
-""")
+""",
+    )
