@@ -16,12 +16,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import medfm
+import medfm.clusters
 
 BIN = Path(sys.executable).parent
 MEDFM = str(BIN / "medfm")
 RAY = str(BIN / "ray")
-LOCAL_SLURM = Path(medfm.__file__).parent / "clusters" / "slurm" / "local_cluster.sh"
+LOCAL_SLURM = Path(medfm.clusters.__file__).parent / "slurm" / "local_cluster.sh"
 
 
 def free_port() -> int:

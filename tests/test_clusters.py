@@ -15,13 +15,13 @@ import pytest
 import ray
 import yaml
 
-import medfm
+import medfm.clusters
 from medfm.clusters.launch_ray import RayJobRequest, dashboard_url, entrypoint, runtime_env
 from medfm.clusters.launch_slurm import SlurmJob, pick_template, render_sbatch
 from medfm.clusters.templates import template_path
 from medfm.compat import validate_cluster_config
 
-CLUSTERS = Path(medfm.__file__).parent / "clusters"
+CLUSTERS = Path(medfm.clusters.__file__).parent
 LAUNCHER_CONFIGS = ["ray/aws.yaml", "ray/gcp.yaml"]
 KUBERAY = [
     "ray/kuberay/raycluster.yaml",
@@ -337,7 +337,7 @@ def test_run_entrypoint_refuses_a_version_mismatch(capsys):
 
 def docs_launch_commands() -> list[list[str]]:
     """Each `medfm launch ...` line of docs/clusters.md's bash blocks, continuations joined."""
-    text = (Path(medfm.__file__).parent / "docs" / "clusters.md").read_text()
+    text = (Path(__file__).resolve().parents[1] / "docs" / "clusters.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
     lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
     launches = [line for line in lines if line.strip().startswith("medfm launch")]

@@ -106,7 +106,7 @@ def test_quick_demo_without_sample_data_skips_what_needs_it(medfm_exe, tmp_path)
 
 
 def test_rerun_replaces_only_the_demo_outputs(tmp_path):
-    from medfm.demo import prepare
+    from medfm.demo.job import prepare
 
     out = tmp_path / "out"
     key = prepare(out, overwrite=False)
