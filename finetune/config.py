@@ -38,7 +38,9 @@ class DataConfig:
 
 @dataclass
 class TaskConfig:
-    type: Literal["binary", "multiclass", "multilabel", "regression", "segmentation"]
+    # A name in medfm.finetune.TASKS (binary, multiclass, multilabel, regression, segmentation
+    # or a plugin's); checked by validate() so a typo fails with a suggestion before any data.
+    type: str
     label_key: str = "label"  # key of Sample.labels holding the target (not for segmentation)
     # The labels table: index -> name. Classification and segmentation need it.
     label_names: list[str] = field(default_factory=list)

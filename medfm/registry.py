@@ -58,6 +58,11 @@ class Registry:
 
         return wrap
 
+    def unregister(self, name: str) -> None:
+        """Remove `name` (a test's temporary entry, a plug-in reloaded in a notebook)."""
+        self._entries.pop(name, None)
+        self._lazy.pop(name, None)
+
     def register_lazy(self, name: str, module: str) -> None:
         """`name` is registered by importing `module`, which happens on its first lookup."""
         if name in self._entries or name in self._lazy:

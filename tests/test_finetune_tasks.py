@@ -100,6 +100,23 @@ def test_task_specific_config_checks():
         load_config(None, base=config("segmentation", label_values=[0]))
     with pytest.raises(ConfigError, match="task.type"):
         task_for(TaskConfig(type="binarry", label_names=["a", "b"]))
+    with pytest.raises(ConfigError, match="did you mean 'binary'"):
+        load_config(None, base=config("binary", type="binarry"))
+
+
+def test_a_new_task_is_one_registered_class():
+    """A plug-in's task loads through the config like a built-in one: no list to edit."""
+
+    class Ordinal(TASKS.get("binary")):
+        pass
+
+    TASKS.register("ordinal")(Ordinal)
+    try:
+        cfg = load_config(None, base=config("binary", type="ordinal"))
+        assert cfg.task.type == "ordinal" and isinstance(task_for(cfg.task), Ordinal)
+    finally:
+        TASKS.unregister("ordinal")
+    assert "ordinal" not in TASKS
 
 
 def test_every_task_trains_its_head_on_a_real_encoder(name):

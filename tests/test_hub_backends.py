@@ -259,10 +259,9 @@ class MirrorHub(LocalHub):
 def mirror(tmp_path, monkeypatch):
     monkeypatch.setenv("MEDFM_HUB_CACHE", str(tmp_path / "pull-cache"))
     monkeypatch.setattr(MirrorHub, "base", tmp_path / "mirror", raising=False)
-    # The registry gets its entry back out when the test ends.
-    monkeypatch.setattr(HUB_BACKENDS, "_entries", dict(HUB_BACKENDS._entries))
     HUB_BACKENDS.register("mirror")(MirrorHub)
-    return tmp_path / "mirror"
+    yield tmp_path / "mirror"
+    HUB_BACKENDS.unregister("mirror")  # the next test sees the built-in backends only
 
 
 def test_a_registered_backend_is_picked_by_its_scheme(tmp_path, mirror):
