@@ -32,6 +32,8 @@ from zarr.codecs.sharding import ShardingCodecIndexLocation
 
 from medfm.compat import morton_order, run_sync
 
+from .codecs import limits
+
 # Parallelism is across processes (Ray tasks, DataLoader workers); Blosc's own threads would
 # oversubscribe their cores. zarr never uses them either: it runs codecs off the main thread.
 numcodecs.blosc.use_threads = False
@@ -54,19 +56,27 @@ class ShardedLayout:
 
     @classmethod
     def of(cls, arr: zarr.Array) -> ShardedLayout | None:
+        """The layout, or None for another layout zarr reads itself. An array outside the
+        format (a codec not in ALLOWED_CODECS, chunks or a size over `limits()`) raises
+        ValueError here, before any chunk is fetched."""
+        check_array(arr)
         meta = arr.metadata
-        if getattr(meta, "zarr_format", None) != 3 or len(meta.codecs) != 1:
-            return None
-        sharding = meta.codecs[0]
-        if not isinstance(sharding, ShardingCodec) or not _plain_index(sharding):
-            return None
-        codec = _inner_codec(sharding.codecs)
+        sharding = meta.codecs[0] if len(meta.codecs) == 1 else None
+        plain = isinstance(sharding, ShardingCodec) and _plain_index(sharding)
+        codec = _inner_codec(sharding.codecs) if plain else None
         if codec is None:
+            # zarr reads this layout itself, and may decode all of it at once: cap all of it.
+            _cap(arr.store_path.path or "array", "array", tuple(arr.shape),
+                 np.dtype(arr.dtype), limits().array_bytes)  # fmt: skip
             return None
         dtype = np.dtype(arr.dtype).newbyteorder("<")
         return cls(tuple(arr.shape), tuple(meta.chunk_grid.chunk_shape),
                    tuple(sharding.chunk_shape), dtype, np.array(meta.fill_value, dtype), codec,
                    arr)  # fmt: skip
+
+    @property
+    def chunk_nbytes(self) -> int:
+        return math.prod(self.chunk) * self.dtype.itemsize
 
     @property
     def chunks_per_shard(self) -> tuple[int, ...]:
@@ -76,6 +86,61 @@ class ShardedLayout:
         """The shard file's key in the store (an array at the store's root has no prefix)."""
         key = self.array.metadata.encode_chunk_key(coords)
         return f"{self.array.store_path.path}/{key}" if self.array.store_path.path else key
+
+
+# The codecs of docs/shard-format.md section 5. Anything else (gzip, lzma, bz2, transpose, a
+# numcodecs plug-in) is refused: an unlisted codec is an unreviewed decoder of outside bytes.
+ALLOWED_CODECS = (ShardingCodec, BytesCodec, BloscCodec, ZstdCodec, Crc32cCodec)
+
+
+def check_array(arr: zarr.Array) -> None:
+    """Refuse (ValueError) an array whose metadata leave the format or the decode limits."""
+    name = arr.store_path.path or "array"
+    meta = arr.metadata
+    if getattr(meta, "zarr_format", None) != 3:
+        raise ValueError(f"array {name!r}: not a Zarr v3 array")
+    dtype = np.dtype(arr.dtype)
+    if dtype.kind not in "biuf":
+        raise ValueError(f"array {name!r}: dtype {dtype} is not a numeric voxel type")
+    inner, shard = _check_codecs(meta.codecs, name), tuple(meta.chunk_grid.chunk_shape)
+    chunk = inner or shard
+    lim = limits()
+    _cap(name, "inner chunk", chunk, dtype, lim.chunk_bytes)
+    if inner is not None:
+        if any(o % i for o, i in zip(shard, inner, strict=True)):
+            raise ValueError(f"array {name!r}: shard {shard} is not whole chunks of {inner}")
+        per = math.prod(o // i for o, i in zip(shard, inner, strict=True))
+        if per > lim.chunks_per_shard:
+            raise ValueError(
+                f"array {name!r}: {per} chunks per shard, over the {lim.chunks_per_shard} limit"
+            )
+
+
+def _check_codecs(codecs: tuple[Any, ...], name: str) -> tuple[int, ...] | None:
+    """Every codec allowed, sharding only outermost; returns the inner chunk shape if sharded."""
+    inner = None
+    for i, c in enumerate(codecs):
+        if not isinstance(c, ALLOWED_CODECS):
+            raise ValueError(f"array {name!r}: codec {type(c).__name__} is not in the format")
+        if isinstance(c, ShardingCodec):
+            if i or len(codecs) != 1:
+                raise ValueError(f"array {name!r}: sharding must be the only outer codec")
+            for sub in (*c.codecs, *c.index_codecs):
+                if not isinstance(sub, ALLOWED_CODECS) or isinstance(sub, ShardingCodec):
+                    raise ValueError(
+                        f"array {name!r}: codec {type(sub).__name__} is not in the format"
+                    )
+            inner = tuple(c.chunk_shape)
+    return inner
+
+
+def _cap(name: str, what: str, shape: tuple[int, ...], dtype: np.dtype, cap: int) -> None:
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > cap:
+        raise ValueError(
+            f"array {name!r}: {what} {'x'.join(map(str, shape))} of {dtype} decodes to "
+            f"{nbytes} bytes, over the {cap}-byte limit; refused"
+        )
 
 
 def _plain_index(sharding: ShardingCodec) -> bool:
@@ -168,6 +233,8 @@ class ShardedArrayReader:
         """The voxels of `region` (slices clipped to the array, as zarr and numpy clip)."""
         lay = self.layout
         bounds = [_clip(r, n) for r, n in zip(region, lay.shape, strict=True)]
+        _cap(self.layout.array.store_path.path or "array", "region",
+             tuple(b - a for a, b in bounds), lay.dtype, limits().array_bytes)  # fmt: skip
         out = np.empty([b - a for a, b in bounds], lay.dtype)
         if out.size == 0:
             return out
@@ -225,13 +292,33 @@ class ShardedArrayReader:
         n = math.prod(self.layout.chunks_per_shard)
         if len(raw) != 16 * n + 4 or np.uint32(google_crc32c.value(raw[:-4])).tobytes() != raw[-4:]:
             raise ValueError(f"shard {self.layout.shard_key(shard)!r}: index checksum fails")
-        return np.frombuffer(raw[:-4], "<u8").reshape(*self.layout.chunks_per_shard, 2)
+        index = np.frombuffer(raw[:-4], "<u8").reshape(*self.layout.chunks_per_shard, 2)
+        offsets, sizes = index[..., 0], index[..., 1]
+        empty = offsets == EMPTY
+        # A stored chunk is at most its raw size plus the codec's worst-case overhead (zstd:
+        # 1/256 + a frame header; blosc: 16 bytes); an entry naming more is not a chunk.
+        bound = self.layout.chunk_nbytes + self.layout.chunk_nbytes // 128 + 4096
+        bad = (empty != (sizes == EMPTY)) | (~empty & ((sizes > bound) | (offsets > 2**62)))
+        if bad.any():
+            raise ValueError(f"shard {self.layout.shard_key(shard)!r}: index entries out of range")
+        return index
 
     def _decode(self, blob: Any, nbytes: int, shard: tuple[int, ...]) -> np.ndarray:
+        """Into a buffer of exactly one chunk, after checking the size the compressed frame
+        declares: a frame that would decode to more or less than one chunk is refused."""
+        where = f"shard {self.layout.shard_key(shard)!r}"
         if blob is None or len(blob) != nbytes:
-            raise ValueError(f"shard {self.layout.shard_key(shard)!r} is truncated")
-        raw = self.layout.codec.decode(blob.as_numpy_array())
-        return np.frombuffer(raw, self.layout.dtype).reshape(self.layout.chunk)
+            raise ValueError(f"{where} is truncated")
+        buf = blob.as_numpy_array()
+        declared = _declared_size(self.layout.codec, buf[:32].tobytes(), len(buf))
+        if declared != self.layout.chunk_nbytes:
+            raise ValueError(
+                f"{where}: a chunk frame declares {declared} decoded bytes, a chunk holds "
+                f"{self.layout.chunk_nbytes}"
+            )
+        out = np.empty(self.layout.chunk, self.layout.dtype)
+        self.layout.codec.decode(buf, out=out)
+        return out
 
     @staticmethod
     def _gather(requests: list) -> list:
@@ -242,6 +329,28 @@ class ShardedArrayReader:
             return await asyncio.gather(*requests)
 
         return run_sync(run())
+
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def _declared_size(codec: numcodecs.abc.Codec, head: bytes, size: int) -> int | None:
+    """The decoded size a Blosc or zstd frame declares in its header (None: it declares none,
+    or its header is not one); a Blosc frame must also fill the buffer exactly."""
+    if isinstance(codec, numcodecs.Blosc):
+        if len(head) < 16 or int.from_bytes(head[12:16], "little") != size:
+            return None
+        return int.from_bytes(head[4:8], "little")
+    if len(head) < 6 or head[:4] != ZSTD_MAGIC:
+        return None
+    fhd = head[4]
+    single, dict_len = (fhd >> 5) & 1, (0, 1, 2, 4)[fhd & 3]
+    field = (single, 2, 4, 8)[fhd >> 6]  # frame content size field length
+    at = 5 + (0 if single else 1) + dict_len
+    if not field or len(head) < at + field:
+        return None
+    value = int.from_bytes(head[at : at + field], "little")
+    return value + 256 if field == 2 else value
 
 
 def _clip(r: slice, n: int) -> tuple[int, int]:

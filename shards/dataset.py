@@ -23,11 +23,12 @@ from medfm.io import get_fs, sha256_bytes
 from .batchring import DeferredTensor
 from .codecs import decode as decode_payload
 from .errors import ShardFormatError
-from .manifest import Manifest
+from .manifest import Manifest, row_json, row_members
 from .order import epoch_order, per_rank, remaining_for_rank
 from .patches import PatchSampler
 from .planned import PlannedDataset, item_seed
 from .sampleio import HandleCache, TarRangeReader, VolumeReader, read_region
+from .tarshard import BLOCK, check_member_header
 from .transforms import apply_transform
 
 # Load Pillow's format plugins once here, so forked DataLoader workers inherit them instead of
@@ -275,8 +276,8 @@ class ShardDataset(PlannedDataset):
     # --- decoding -------------------------------------------------------------------------
     def _meta(self, row: dict[str, Any]) -> dict[str, Any]:
         meta = {f: row[f] for f in META_FIELDS}
-        meta["labels"] = json.loads(row["labels"])
-        meta["meta"] = json.loads(row["meta"])
+        meta["labels"] = row_json(row, "labels")
+        meta["meta"] = row_json(row, "meta")
         return meta
 
     def _item(self, row: dict[str, Any], data: Any) -> dict[str, Any]:
@@ -288,16 +289,23 @@ class ShardDataset(PlannedDataset):
         return item
 
     def _load_tar(self, row: dict[str, Any]) -> dict[str, Any]:
-        members = json.loads(row["members"])
-        first = min(m["offset"] for m in members.values())
+        members = row_members(row)
+        first = min(m["offset"] for m in members.values()) - BLOCK  # from the first header
         end = max(m["offset"] + m["size"] for m in members.values())
+        if end - first > sum(BLOCK + m["size"] + -m["size"] % BLOCK for m in members.values()):
+            raise ShardFormatError(
+                f"{row['shard']}:{row['key']}: the sample's members are not consecutive in the "
+                "tar; refused"
+            )
         span = self._tar.read(row["shard"], first, end - first)  # one read for the whole sample
         arrays = {}
         for ext, loc in members.items():
+            at = loc["offset"] - first
+            where = f"{row['shard']}:{row['key']}.{ext}"
+            check_member_header(span[at - BLOCK : at], f"{row['key']}.{ext}", loc["size"], where)
             if ext == "json":  # the row already holds the metadata
                 continue
-            raw = span[loc["offset"] - first : loc["offset"] - first + loc["size"]]
-            where = f"{row['shard']}:{row['key']}.{ext}"
+            raw = span[at : at + loc["size"]]
             if self.check_hash and sha256_bytes(raw) != loc["sha256"]:
                 raise ShardFormatError(f"{where}: sha256 mismatch (corrupt shard)")
             arrays[ext] = decode_payload(ext, raw, where)

@@ -8,22 +8,33 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from medfm.io import atomic_write_bytes, get_fs, sha256_bytes
 
+from .codecs import limits
 from .errors import SchemaVersionError, ShardFormatError
 from .schema import FORMAT_NAME, JSON_COLUMNS, MANIFEST_SCHEMA, SCHEMA_VERSION
-from .tarshard import ShardFile
+from .tarshard import TAR_DIR, ShardFile
+from .volume import VOLUME_STORE
 
 HEADER_NAME = "manifest.json"
 ROWS_NAME = "manifest.parquet"
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+PATH_PART_RE = re.compile(r"[A-Za-z0-9_.-]{1,255}")
+# Where rows may point (RE2 syntax, for Arrow): a tar directly under tars/, named as the tar
+# writer names it, or the row's own Zarr group. Nothing else, so no row reaches outside the set.
+TAR_SHARD_RE = r"^tars/[A-Za-z0-9_-]{1,80}(\.[a-z0-9_]{1,12})?\.tar$"
+KEY_RE2 = r"^[A-Za-z0-9_-]{1,80}$"
+NULLABLE = {"sampling_rate"}
 
 
 def medfm_version() -> str:
@@ -78,10 +89,12 @@ def write_manifest(
 
 
 def check_header(header: Any, where: str) -> dict[str, Any]:
+    """Refuse a header that is not a medfm header, is too new, or holds a value of the wrong
+    type or a path that leaves the set, before anything is read through it."""
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
         raise ShardFormatError(f"{where}: not a medfm shard-set header")
     version = header.get("schema_version")
-    if not isinstance(version, int):
+    if not _is_int(version):
         raise ShardFormatError(f"{where}: schema_version missing or not an integer")
     if version > SCHEMA_VERSION:
         raise SchemaVersionError(
@@ -92,7 +105,148 @@ def check_header(header: Any, where: str) -> dict[str, Any]:
     for field in ("manifest", "files", "num_samples"):
         if field not in header:
             raise ShardFormatError(f"{where}: header lacks {field!r}")
+    if not _is_int(header["num_samples"]) or header["num_samples"] < 0:
+        raise ShardFormatError(f"{where}: num_samples is not a non-negative integer")
+    for field in ("datasets", "attributes"):
+        if not isinstance(header.get(field, {}), dict):
+            raise ShardFormatError(f"{where}: {field} is not an object")
+    _check_file_record(header["manifest"], "manifest", where)
+    check_relpath(header["manifest"]["path"], "manifest.path", where)
+    if not isinstance(header["files"], dict):
+        raise ShardFormatError(f"{where}: files is not an object")
+    for rel, rec in header["files"].items():
+        check_relpath(rel, "files key", where)
+        if rel.split("/", 1)[0] not in (TAR_DIR, VOLUME_STORE):
+            raise ShardFormatError(
+                f"{where}: files key {rel[:80]!r} is outside {TAR_DIR}/ and {VOLUME_STORE}/"
+            )
+        _check_file_record(rec, f"files[{rel!r}]", where)
     return header
+
+
+def check_relpath(path: Any, what: str, where: str) -> str:
+    """A path relative to the set's root: plain names joined by '/', no '..', '.', empty part,
+    leading '/', backslash, scheme or control character, so it can never leave the root."""
+    if not isinstance(path, str) or not all(
+        PATH_PART_RE.fullmatch(p) and p not in (".", "..") for p in path.split("/")
+    ):
+        raise ShardFormatError(
+            f"{where}: {what} {str(path)[:80]!r} is not a relative path inside the shard set; "
+            "refused"
+        )
+    return path
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_file_record(rec: Any, what: str, where: str) -> None:
+    ok = (
+        isinstance(rec, dict)
+        and isinstance(rec.get("sha256"), str)
+        and SHA256_RE.fullmatch(rec["sha256"])
+        and _is_int(rec.get("bytes"))
+        and rec["bytes"] >= 0
+    )
+    if not ok:
+        raise ShardFormatError(f"{where}: {what} is not {{sha256: hex, bytes: int}}")
+
+
+def check_rows(table: pa.Table, where: str) -> pa.Table:
+    """Column types as the schema says, no nulls, and every row's `shard` inside the set: a tar
+    under tars/ or the row's own group volumes.zarr/<key>. Vectorised: runs on every open."""
+    missing = set(MANIFEST_SCHEMA.names) - set(table.column_names)
+    if missing:
+        raise ShardFormatError(f"{where}: missing columns {sorted(missing)}")
+    try:
+        table = table.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
+        raise ShardFormatError(f"{where}: columns of the wrong type ({e})") from e
+    for name in MANIFEST_SCHEMA.names:
+        if name not in NULLABLE and table[name].null_count:
+            raise ShardFormatError(f"{where}: column {name!r} holds nulls")
+    storage, shard, key = table["storage"], table["shard"], table["key"]
+    is_tar, is_zarr = pc.equal(storage, "tar"), pc.equal(storage, "zarr")
+    good = pc.and_(
+        pc.match_substring_regex(key, KEY_RE2),
+        pc.or_(
+            pc.and_(is_tar, pc.match_substring_regex(shard, TAR_SHARD_RE)),
+            pc.and_(is_zarr, pc.equal(shard, pc.binary_join_element_wise(
+                f"{VOLUME_STORE}/", key, "")))
+        ),
+    )  # fmt: skip
+    bad = pc.invert(good)
+    if pc.any(bad).as_py():
+        rows = table.filter(bad).select(["key", "storage", "shard"]).slice(0, 3).to_pylist()
+        shown = ", ".join(f"{str(r)[:160]}" for r in rows)
+        raise ShardFormatError(
+            f"{where}: {pc.sum(bad).as_py()} rows have an invalid key, storage or a shard path "
+            f"outside the set (tars/<name>.tar or {VOLUME_STORE}/<key>), e.g. {shown}; refused"
+        )
+    return table
+
+
+EXT_RE = re.compile(r"[a-z0-9_]{1,12}(\.[a-z0-9_]{1,12})?")
+VOLUME_MEMBERS = ("image", "label")
+
+
+def row_members(row: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A row's `members` record, decoded and checked (names, types, sizes) before any reader
+    seeks or allocates by it; anything else is a ShardFormatError naming the shard and key."""
+    where = f"{row['shard']}:{row['key']}"
+    members = row_json(row, "members")
+    if not isinstance(members, dict) or not members:
+        raise ShardFormatError(f"{where}: members is not a non-empty object")
+    tar, cap = row["storage"] == "tar", limits().member_bytes
+    for ext, rec in members.items():
+        if tar:
+            ok = (
+                EXT_RE.fullmatch(ext)
+                and len(f"{row['key']}.{ext}") <= 100
+                and isinstance(rec, dict)
+                and isinstance(rec.get("sha256"), str)
+                and _is_int(rec.get("offset"))
+                and _is_int(rec.get("size"))
+                and rec["offset"] >= 512
+                and 0 <= rec["size"] <= cap
+            )
+        else:
+            ok = (
+                ext in VOLUME_MEMBERS
+                and isinstance(rec, dict)
+                and isinstance(rec.get("sha256"), str)
+                and isinstance(rec.get("dtype"), str)
+            )
+        if not ok:
+            raise ShardFormatError(
+                f"{where}: members entry {str(ext)[:40]!r} is malformed or over the "
+                f"{cap}-byte member limit"
+            )
+    if tar and row["member"] not in members:
+        raise ShardFormatError(f"{where}: primary member {row['member']!r} not in members")
+    return members
+
+
+def row_json(row: dict[str, Any], column: str) -> Any:
+    """One JSON column of a row, decoded; bad JSON is a ShardFormatError naming the sample."""
+    try:
+        return json.loads(row[column])
+    except (ValueError, RecursionError) as e:
+        raise ShardFormatError(
+            f"{row['shard']}:{row['key']}: column {column} is not JSON ({type(e).__name__})"
+        ) from e
+
+
+def read_rows(data: bytes, where: str) -> pa.Table:
+    """Parquet bytes to a table; any failure of the decoder is a ShardFormatError."""
+    try:
+        # Single-threaded: with pyarrow 26, a threaded read of an in-memory buffer sometimes
+        # aborts the process at interpreter exit ("terminate called without an active
+        # exception"). Manifests decode in milliseconds either way.
+        return pq.read_table(pa.BufferReader(data), use_threads=False)
+    except (pa.ArrowException, OSError, ValueError, TypeError, IndexError) as e:
+        raise ShardFormatError(f"{where}: corrupt Parquet ({type(e).__name__}: {e})") from e
 
 
 @dataclass
@@ -113,8 +267,8 @@ class Manifest:
             raise ShardFormatError(f"{root}: no {HEADER_NAME}; not a finished shard set")
         try:
             header = json.loads(fs.cat_file(hpath))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ShardFormatError(f"{hpath}: corrupt header ({e})") from e
+        except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, absurd nesting
+            raise ShardFormatError(f"{hpath}: corrupt header ({type(e).__name__}: {e})") from e
         check_header(header, hpath)
         rpath = f"{path}/{header['manifest']['path']}"
         try:
@@ -123,16 +277,12 @@ class Manifest:
             raise ShardFormatError(f"{rpath}: manifest rows missing") from e
         if check_hash and sha256_bytes(data) != header["manifest"]["sha256"]:
             raise ShardFormatError(f"{rpath}: sha256 does not match {HEADER_NAME}")
-        try:
-            # Single-threaded: with pyarrow 26, a threaded read of an in-memory buffer sometimes
-            # aborts the process at interpreter exit ("terminate called without an active
-            # exception"). Manifests decode in milliseconds either way.
-            table = pq.read_table(pa.BufferReader(data), use_threads=False)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise ShardFormatError(f"{rpath}: corrupt Parquet ({e})") from e
-        missing = set(MANIFEST_SCHEMA.names) - set(table.column_names)
-        if missing:
-            raise ShardFormatError(f"{rpath}: missing columns {sorted(missing)}")
+        table = check_rows(read_rows(data, rpath), rpath)
+        if table.num_rows != header["num_samples"]:
+            raise ShardFormatError(
+                f"{hpath}: num_samples {header['num_samples']} but {ROWS_NAME} holds "
+                f"{table.num_rows} rows"
+            )
         return cls(root, fs, path, header, table)
 
     def __len__(self) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -10,8 +9,10 @@ from medfm.io import read_range, sha256_bytes
 
 from .codecs import decode
 from .errors import ShardFormatError
-from .manifest import Manifest
+from .manifest import Manifest, row_json, row_members
+from .sampleio import read_region
 from .schema import Sample
+from .tarshard import BLOCK, check_member_header
 from .volume import open_volume
 
 
@@ -29,23 +30,33 @@ class ShardSet:
         return self.manifest.rows()
 
     def read_member(self, row: dict[str, Any], ext: str, check: bool = True) -> bytes:
-        """The raw bytes of one tar member, by byte range (no scan of the shard)."""
-        loc = json.loads(row["members"])[ext]
-        where = f"{row['shard']}:{row['key']}.{ext}"
+        """The raw bytes of one tar member, by byte range (no scan of the shard), with the tar
+        header before them: a regular file of the recorded name and size, never a link."""
+        members = row_members(row)
+        if ext not in members:
+            raise ShardFormatError(f"{row['shard']}:{row['key']}: no member {ext!r}")
+        loc = members[ext]
+        name = f"{row['key']}.{ext}"
+        where = f"{row['shard']}:{name}"
+        start = loc["offset"] - BLOCK
         try:
-            data = read_range(self.fs, f"{self.path}/{row['shard']}", loc["offset"], loc["size"])
+            span = read_range(self.fs, f"{self.path}/{row['shard']}", start, BLOCK + loc["size"])
         except FileNotFoundError as e:
             raise ShardFormatError(f"{where}: shard file is missing") from e
-        if len(data) != loc["size"]:
+        except OSError as e:
+            raise ShardFormatError(f"{where}: cannot read ({e})") from e
+        if len(span) != BLOCK + loc["size"]:
             raise ShardFormatError(f"{where}: shard is truncated")
+        check_member_header(span[:BLOCK], name, loc["size"], where)
+        data = span[BLOCK:]
         if check and sha256_bytes(data) != loc["sha256"]:
             raise ShardFormatError(f"{where}: sha256 mismatch (corrupt shard)")
         return data
 
     def read_sample(self, row: dict[str, Any], check: bool = True) -> Sample:
         """Decode a full sample (volumes are read whole; use PatchSampler for patches)."""
-        members = json.loads(row["members"])
-        meta = json.loads(row["meta"])
+        members = row_members(row)
+        meta = row_json(row, "meta")
         common = dict(
             key=row["key"],
             kind=row["kind"],
@@ -55,21 +66,22 @@ class ShardSet:
             split=row["split"],
             study_id=row["study_id"],
             series_id=row["series_id"],
-            labels=json.loads(row["labels"]),
+            labels=row_json(row, "labels"),
             sampling_rate=row["sampling_rate"],
             channels=list(row["channels"] or []),
             synthetic=row["synthetic"],
             generator=row["generator"],
             licence=row["licence"],
-            provenance=json.loads(row["provenance"]),
+            provenance=row_json(row, "provenance"),
             meta=meta,
         )
         if row["storage"] == "zarr":
             vol = open_volume(self.fs, self.path, row)
+            label = vol.label
             return Sample(
-                data=vol.image[...],
+                data=read_region(vol.image, row["shard"], ...),
                 geometry=vol.geometry,
-                label_map=vol.label[...] if vol.label is not None else None,
+                label_map=read_region(label, row["shard"], ...) if label is not None else None,
                 **common,
             )
         where = f"{row['shard']}:{row['key']}"

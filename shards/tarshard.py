@@ -16,6 +16,7 @@ import fsspec
 
 from medfm.io import HashingWriter, commit, fsync_file, sha256_bytes, tmp_name
 
+from .codecs import limits
 from .errors import ShardFormatError, UnsafeMemberError
 from .schema import MEMBER_RE
 
@@ -23,6 +24,9 @@ from .schema import MEMBER_RE
 # for efficient sequential reads from object stores, small enough to spread over many workers.
 DEFAULT_SHARD_BYTES = 512 * 1024 * 1024
 TAR_DIR = "tars"
+BLOCK = 512
+NUL_BLOCK = bytes(BLOCK)
+READ_PIECE = 16 * 1024 * 1024
 
 
 @dataclass
@@ -57,7 +61,7 @@ class TarShardWriter:
         prefix: str,
         max_bytes: int = DEFAULT_SHARD_BYTES,
     ):
-        if not MEMBER_RE.match(f"{prefix}.tar"):
+        if not MEMBER_RE.fullmatch(f"{prefix}.tar"):
             raise ValueError(f"invalid shard prefix {prefix!r}")
         self.fs, self.root, self.prefix, self.max_bytes = fs, root, prefix, max_bytes
         self.finished: list[ShardFile] = []
@@ -81,7 +85,7 @@ class TarShardWriter:
         out = {}
         for ext, payload in members.items():
             name = f"{key}.{ext}"
-            if not MEMBER_RE.match(name) or len(name) > 100:  # USTAR's name field is 100 bytes
+            if not MEMBER_RE.fullmatch(name) or len(name) > 100:  # USTAR's name field is 100 bytes
                 raise ValueError(f"invalid tar member name {name!r}")
             info = tarfile.TarInfo(name)
             info.size, info.mode, info.mtime = len(payload), 0o444, 0
@@ -150,26 +154,80 @@ def check_member(info: tarfile.TarInfo, shard: str) -> None:
         raise UnsafeMemberError(f"{shard}: member {info.name!r} is a {kind}; refused")
     if info.name.startswith("/") or ".." in info.name.split("/") or "/" in info.name:
         raise UnsafeMemberError(f"{shard}: member path {info.name!r} escapes the shard; refused")
-    if not MEMBER_RE.match(info.name):
+    # fullmatch: MEMBER_RE's `$` would also accept a name ending in a newline.
+    if not MEMBER_RE.fullmatch(info.name):
         raise UnsafeMemberError(f"{shard}: member name {info.name!r} is not <key>.<ext>; refused")
 
 
-def iter_members(f: IO[bytes], shard: str) -> Iterator[tuple[str, int, bytes]]:
-    """Stream (name, data offset, bytes) of every member of a tar, validating each first."""
+def check_member_header(block: bytes, name: str, size: int, where: str) -> None:
+    """The 512-byte header right before a member's data, as a byte-range reader sees it: a
+    regular file of exactly `name` and `size` (the writer writes plain ustar, so a member's own
+    header always precedes its data). A link, a renamed or resized member is refused."""
     try:
-        with tarfile.open(fileobj=f, mode="r|") as tar:
-            for info in tar:
-                check_member(info, shard)
-                fobj = tar.extractfile(info)
-                data = fobj.read() if fobj else b""
-                if len(data) != info.size:
-                    raise ShardFormatError(
-                        f"{shard}: member {info.name!r} is truncated "
-                        f"({len(data)} of {info.size} bytes)"
-                    )
-                yield info.name, info.offset_data, data
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise ShardFormatError(f"{shard}: corrupt or truncated tar ({e})") from e
+        info = tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
+    except (tarfile.HeaderError, ValueError) as e:
+        raise ShardFormatError(f"{where}: no valid tar header before the member ({e})") from e
+    check_member(info, where)
+    if info.name != name or info.size != size:
+        raise ShardFormatError(
+            f"{where}: the tar header before the recorded offset is {info.name!r} of "
+            f"{info.size} bytes, not {name!r} of {size}; refused"
+        )
+
+
+def iter_members(f: IO[bytes], shard: str) -> Iterator[tuple[str, int, bytes]]:
+    """Stream (name, data offset, bytes) of every member of a tar, validating each header before
+    reading its data. Plain ustar only, as the writer writes: a pax or GNU extension header is a
+    member of another type and refused, so no header can make the reader allocate more than
+    the member size limit."""
+    cap, offset = limits().member_bytes, 0
+    while True:
+        block = _read_exact(f, BLOCK, shard)
+        if block is None or block == NUL_BLOCK:  # end of the archive
+            return
+        where = f"{shard}: member at byte {offset}"
+        try:
+            info = tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
+        except (tarfile.HeaderError, ValueError) as e:
+            raise ShardFormatError(f"{where}: corrupt tar header ({e})") from e
+        check_member(info, shard)
+        if info.size > cap:
+            raise ShardFormatError(
+                f"{shard}: member {info.name!r} declares {info.size} bytes, over the "
+                f"{cap}-byte member limit; refused"
+            )
+        data = _read_exact(f, info.size, shard) if info.size else b""
+        if data is None or len(data) != info.size:
+            got = 0 if data is None else len(data)
+            raise ShardFormatError(
+                f"{shard}: member {info.name!r} is truncated ({got} of {info.size} bytes)"
+            )
+        yield info.name, offset + BLOCK, data
+        padding = -info.size % BLOCK
+        if padding and len(f.read(padding)) != padding:
+            raise ShardFormatError(f"{shard}: member {info.name!r} is truncated (padding)")
+        offset += BLOCK + info.size + padding
+
+
+def _read_exact(f: IO[bytes], n: int, shard: str) -> bytes | None:
+    """n bytes, fewer at the end of the file, None at its very end. Read in pieces, so a
+    declared size larger than the file costs no more memory than the file holds."""
+    parts, left = [], n
+    try:
+        while left:
+            piece = f.read(min(left, READ_PIECE))
+            if not piece:
+                break
+            parts.append(piece)
+            left -= len(piece)
+    except OSError as e:
+        raise ShardFormatError(f"{shard}: cannot read ({e})") from e
+    if not parts:
+        return None
+    data = b"".join(parts)
+    if len(data) < n and n == BLOCK:
+        raise ShardFormatError(f"{shard}: corrupt or truncated tar (partial header block)")
+    return data
 
 
 def iter_samples(f: IO[bytes], shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
