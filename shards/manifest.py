@@ -22,7 +22,7 @@ from medfm.io import atomic_write_bytes, get_fs, sha256_bytes
 
 from .codecs import limits
 from .errors import SchemaVersionError, ShardFormatError
-from .schema import FORMAT_NAME, JSON_COLUMNS, MANIFEST_SCHEMA, SCHEMA_VERSION
+from .schema import EHR_DIR, FORMAT_NAME, JSON_COLUMNS, MANIFEST_SCHEMA, SCHEMA_VERSION
 from .tarshard import TAR_DIR, ShardFile
 from .volume import VOLUME_STORE
 
@@ -116,9 +116,10 @@ def check_header(header: Any, where: str) -> dict[str, Any]:
         raise ShardFormatError(f"{where}: files is not an object")
     for rel, rec in header["files"].items():
         check_relpath(rel, "files key", where)
-        if rel.split("/", 1)[0] not in (TAR_DIR, VOLUME_STORE):
+        if rel.split("/", 1)[0] not in (TAR_DIR, VOLUME_STORE, EHR_DIR):
             raise ShardFormatError(
-                f"{where}: files key {rel[:80]!r} is outside {TAR_DIR}/ and {VOLUME_STORE}/"
+                f"{where}: files key {rel[:80]!r} is outside {TAR_DIR}/, {VOLUME_STORE}/ "
+                f"and {EHR_DIR}/"
             )
         _check_file_record(rec, f"files[{rel!r}]", where)
     return header

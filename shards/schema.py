@@ -18,6 +18,7 @@ SCHEMA_VERSION = 1
 FORMAT_NAME = "medfm-shards"
 KINDS = ("image2d", "volume3d", "signal", "ehr")
 SPLITS = ("train", "val", "test")
+EHR_DIR = "ehr"  # EHR vocabularies and MEDS datasets: ehr/<dataset>/vocab.json, .../meds/
 
 # Keys become tar member prefixes and Zarr group names: no dots (WebDataset splits the key from
 # the extension at the first dot), no slashes, nothing a shell or filesystem would reinterpret.
