@@ -162,8 +162,9 @@ def test_ct_small_in_hounsfield_units():
     s = one_sample({"sources": [src(PYDICOM_FILES, include=["CT_small.dcm"], format="dicom")]})
     ds = pydicom.dcmread(PYDICOM_FILES / "CT_small.dcm")
     hu = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-    assert s.kind == "volume3d" and s.modality == "CT" and s.data.dtype == np.int16
-    assert np.array_equal(np.sort(s.data.ravel()), np.sort(hu.ravel().astype(np.int16)))
+    # One slice is an image, not a one-slice volume with a made-up z spacing.
+    assert s.kind == "image2d" and s.modality == "CT" and s.data.dtype == np.int16
+    assert np.array_equal(s.data, hu.astype(np.int16))
     assert s.meta["dicom"]["PatientIdentityRemoved"] == "YES"
     assert s.meta["dicom"].get("StudyDate") != ds.StudyDate
     assert s.patient_id.startswith("P") and ds.PatientID not in s.patient_id

@@ -10,6 +10,7 @@ enhanced objects become volumes from their per-frame functional groups.
 from __future__ import annotations
 
 import copy
+import posixpath
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -46,6 +47,10 @@ SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 HEADER_DEFER = "2 KB"  # large header values stay on disk while scanning
 TILT_TOL = np.tan(np.deg2rad(0.5))
 SPACING_RTOL = 0.05
+AMBIGUOUS = (
+    "ambiguous series: no SeriesInstanceUID, and files of one folder, frame of reference, "
+    "orientation, size, echo and acquisition share slice positions"
+)
 
 
 def _read(path_or_file: Any, **kw: Any) -> Dataset:
@@ -181,8 +186,12 @@ def multiframe_frames(ds: Dataset) -> list[Frame]:
     ]
 
 
-def stack_frames(frames: list[Frame], thickness: float | None) -> sitk.Image:
-    """Order frames along the slice normal, check the geometry, return a 3D image."""
+def stack_frames(frames: list[Frame]) -> sitk.Image:
+    """Order frames along the slice normal, check the geometry, return a 3D image. The slice
+    spacing comes from the positions only: SliceThickness is not the distance between slices
+    (overlapping or gapped reconstructions), and one slice has no spacing at all."""
+    if len(frames) < 2:
+        raise GeometryError("a single slice is not a volume")
     ori = frames[0].orientation
     for f in frames[1:]:
         if not np.allclose(f.orientation, ori, atol=1e-4):
@@ -197,30 +206,23 @@ def stack_frames(frames: list[Frame], thickness: float | None) -> sitk.Image:
         raise GeometryError("ImageOrientationPatient is not two orthonormal vectors")
     frames = sorted(frames, key=lambda f: float(f.position @ normal))
     proj = np.array([f.position @ normal for f in frames])
-    if len(frames) > 1:
-        gaps = np.diff(proj)
-        if np.any(gaps < 1e-3):
-            raise GeometryError(
-                "duplicate slice positions (several stacks or echoes in one series)"
-            )
-        span = frames[-1].position - frames[0].position
-        lateral = span - (span @ normal) * normal
-        if np.linalg.norm(lateral) > TILT_TOL * abs(span @ normal):
-            deg = np.degrees(np.arctan2(np.linalg.norm(lateral), abs(span @ normal)))
-            raise GeometryError(f"gantry tilt or sheared stack ({deg:.1f} degrees)")
-        step = float(np.median(gaps))
-        if gaps.max() > 1.5 * step:
-            missing = int(round(gaps.max() / step)) - 1
-            raise GeometryError(
-                f"missing slice(s): a gap of {gaps.max():.2f} mm where the spacing is "
-                f"{step:.2f} mm (about {missing} slice(s) missing)"
-            )
-        if np.abs(gaps - step).max() > SPACING_RTOL * step:
-            raise GeometryError(
-                f"inconsistent slice spacing ({gaps.min():.2f} to {gaps.max():.2f} mm)"
-            )
-    else:
-        step = float(thickness or 1.0)
+    gaps = np.diff(proj)
+    if np.any(gaps < 1e-3):
+        raise GeometryError("duplicate slice positions (several stacks or echoes in one series)")
+    span = frames[-1].position - frames[0].position
+    lateral = span - (span @ normal) * normal
+    if np.linalg.norm(lateral) > TILT_TOL * abs(span @ normal):
+        deg = np.degrees(np.arctan2(np.linalg.norm(lateral), abs(span @ normal)))
+        raise GeometryError(f"gantry tilt or sheared stack ({deg:.1f} degrees)")
+    step = float(np.median(gaps))
+    if gaps.max() > 1.5 * step:
+        missing = int(round(gaps.max() / step)) - 1
+        raise GeometryError(
+            f"missing slice(s): a gap of {gaps.max():.2f} mm where the spacing is "
+            f"{step:.2f} mm (about {missing} slice(s) missing)"
+        )
+    if np.abs(gaps - step).max() > SPACING_RTOL * step:
+        raise GeometryError(f"inconsistent slice spacing ({gaps.min():.2f} to {gaps.max():.2f} mm)")
     arr = np.stack([f.pixels for f in frames])
     if arr.ndim != 3:
         raise UnsupportedInput("colour volumes are not supported")
@@ -256,6 +258,107 @@ def _dtype_for_volume(frames: list[Frame]) -> None:
             f.pixels = f.pixels.astype(dtype)
 
 
+def _stack_keys(ds: Dataset, f: SourceFile) -> dict[str, Any]:
+    """The header values that decide which stack a single-frame slice belongs to."""
+
+    def numbers(kw: str, n: int) -> list[float] | None:
+        try:
+            a = [float(x) for x in ds.get(kw) or []]
+        except (TypeError, ValueError):
+            return None
+        return a if len(a) == n else None
+
+    return {
+        "folder": posixpath.dirname(f.rel),
+        "frame_of_ref": str(ds.get("FrameOfReferenceUID", "")),
+        "modality": str(ds.get("Modality", "")),
+        "sop": str(ds.get("SOPInstanceUID", "")),
+        "size": (int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)),
+        "iop": numbers("ImageOrientationPatient", 6),
+        "ipp": numbers("ImagePositionPatient", 3),
+        "echo": str(ds.get("EchoNumbers", "") or ds.get("EchoTime", "")),
+        "acq": str(ds.get("AcquisitionNumber", "")),
+    }
+
+
+def _series_key(scan: dict[str, Any]) -> tuple[str, ...]:
+    """SeriesInstanceUID when there is one; exports that blank it are grouped by what a
+    stack shares instead (orientation, size and echo split further in `_substacks`)."""
+    if scan["series"]:
+        return ("uid", scan["series"])
+    return ("folder", scan["folder"], scan["frame_of_ref"], scan["modality"])
+
+
+def _substacks(members: list[SourceFile], scans: dict[str, Any]) -> list[list[SourceFile]]:
+    """Split by orientation (within the tolerance `stack_frames` checks), size and echo."""
+    planes: list[np.ndarray] = []
+    parts: dict[tuple[Any, ...], list[SourceFile]] = defaultdict(list)
+    for f in members:
+        s = scans[f.rel]
+        plane = -1  # no orientation: `_slice` names the missing attribute
+        if s["iop"] is not None:
+            v = np.asarray(s["iop"])
+            plane = next((i for i, p in enumerate(planes) if np.allclose(p, v, atol=1e-4)), -1)
+            if plane < 0:
+                planes.append(v)
+                plane = len(planes) - 1
+        parts[(plane, tuple(s["size"]), s["echo"])].append(f)
+    return list(parts.values())
+
+
+def _shares_positions(part: list[SourceFile], scans: dict[str, Any]) -> bool:
+    """Two distinct instances at one slice position: more than one stack in `part`."""
+    first = scans[part[0].rel]
+    if first["iop"] is None or any(scans[f.rel]["ipp"] is None for f in part):
+        return False
+    normal = np.cross(first["iop"][:3], first["iop"][3:])
+    seen: dict[float, str] = {}
+    for f in part:
+        s = scans[f.rel]
+        z = round(float(np.asarray(s["ipp"]) @ normal), 3)
+        if z in seen and (not s["sop"] or seen[z] != s["sop"]):
+            return True
+        seen[z] = s["sop"]
+    return False
+
+
+def _by_acquisition(part: list[SourceFile], scans: dict[str, Any]) -> list[list[SourceFile]]:
+    """Split by AcquisitionNumber only where that separates stacks sharing positions: many
+    CT series number each slice's acquisition, and those must stay one stack."""
+    if not _shares_positions(part, scans):
+        return [part]
+    acqs: dict[str, list[SourceFile]] = defaultdict(list)
+    for f in part:
+        acqs[scans[f.rel]["acq"]].append(f)
+    subs = list(acqs.values())
+    if len(subs) > 1 and not any(_shares_positions(p, scans) for p in subs):
+        return subs
+    return [part]
+
+
+def _split_series(
+    members: list[SourceFile], scans: dict[str, Any], source: Any, fmt: str, by_uid: bool
+) -> Iterator[SourceItem | Quarantine]:
+    """One group of slices -> one item per stack, as dcm2niix splits mixed series.
+
+    A series whose stacks are all single slices (a localizer) gives one image per slice; a
+    series where a lone slice strays from the others stays whole, and `stack_frames` names
+    the defect. Files without a SeriesInstanceUID whose stacks cannot be told apart (shared
+    positions) are quarantined: guessing would mix two acquisitions in one volume.
+    """
+    parts = _substacks(members, scans)
+    sizes = [len(p) for p in parts]
+    if by_uid and len(parts) > 1 and min(sizes) == 1 and max(sizes) > 1:
+        parts = [members]
+    stacks = [sub for p in parts for sub in _by_acquisition(p, scans)]
+    for stack in sorted(stacks, key=lambda p: p[0].rel):
+        if not by_uid and _shares_positions(stack, scans):
+            for f in stack:
+                yield Quarantine(f.rel, AMBIGUOUS, source.name, "GeometryError")
+        else:
+            yield SourceItem(source.name, fmt, tuple(stack), info={"kind": "series"})
+
+
 @register_reader("dicom", extensions=(".dcm", ".dicom", ".ima"))
 class DicomReader(Reader):
     """DICOM files (any name): series -> volume3d, single-frame projections -> image2d."""
@@ -280,13 +383,16 @@ class DicomReader(Reader):
             kind = "multiframe"
         elif ds.get("Modality") in PROJECTION_MODALITIES or "ImagePositionPatient" not in ds:
             kind = "image2d"
-        return {"kind": kind, "series": str(ds.get("SeriesInstanceUID", "")),
+        scan = {"kind": kind, "series": str(ds.get("SeriesInstanceUID", "")),
                 "sop_class": str(ds.get("SOPClassUID", ""))}  # fmt: skip
+        if kind == "series":
+            scan.update(_stack_keys(ds, f))
+        return scan
 
     def group(
         self, files: list[SourceFile], scans: dict[str, Any], source: Any
     ) -> Iterable[SourceItem | Quarantine]:
-        series: dict[str, list[SourceFile]] = defaultdict(list)
+        series: dict[tuple[str, ...], list[SourceFile]] = defaultdict(list)
         for f in files:
             s = scans.get(f.rel) or {"error": "header scan missing"}
             if "error" in s:
@@ -301,12 +407,12 @@ class DicomReader(Reader):
                     f.rel, f"DICOM object without pixel data (SOP class {s['sop_class']})",
                     source.name, "UnsupportedInput",
                 )  # fmt: skip
-            elif s["kind"] == "series" and s["series"]:
-                series[s["series"]].append(f)
+            elif s["kind"] == "series":
+                series[_series_key(s)].append(f)
             else:
                 yield SourceItem(source.name, self.name, (f,), info={"kind": s["kind"]})
-        for _, members in sorted(series.items(), key=lambda kv: kv[1][0].rel):
-            yield SourceItem(source.name, self.name, tuple(members), info={"kind": "series"})
+        for key, members in sorted(series.items(), key=lambda kv: kv[1][0].rel):
+            yield from _split_series(members, scans, source, self.name, by_uid=key[0] == "uid")
 
     def read(self, item: SourceItem, ctx: ReadContext) -> Iterator[Sample | Quarantine]:
         kind = item.info.get("kind", "series")
@@ -316,19 +422,18 @@ class DicomReader(Reader):
                 datasets.append(_read(fh))
         first = datasets[0]
         _check_burned_in(first, ctx)
-        if kind == "image2d":
-            yield self._image2d(item, first, ctx)
+        if kind == "image2d" or (kind == "series" and len(datasets) == 1):
+            yield self._image2d(item, first, ctx)  # a lone slice is an image, not a volume
             return
         if kind == "multiframe":
             frames = multiframe_frames(first)
         else:
             frames = unique_instances(datasets, [self._slice(ds) for ds in datasets])
+            if len(frames) == 1:  # copies of one instance
+                yield self._image2d(item, first, ctx)
+                return
         _dtype_for_volume(frames)
-        thickness = first.get("SpacingBetweenSlices") or first.get("SliceThickness")
-        if kind == "multiframe" and thickness is None:
-            meas = _frame_group(first, 0, "PixelMeasuresSequence")
-            thickness = meas.get("SliceThickness") if meas is not None else None
-        img = stack_frames(frames, float(thickness) if thickness else None)
+        img = stack_frames(frames)
         raw_pid, pid, study, labels = identity(
             ctx, item, str(first.get("PatientID", "")), str(first.get("StudyInstanceUID", ""))
         )
@@ -382,7 +487,7 @@ class DicomReader(Reader):
             split=ctx.split(pid),
             data=arr,
             study_id=study,
-            series_id=ctx.uid(str(ds.get("SeriesInstanceUID", sop)), "series")[:20],
+            series_id=ctx.uid(str(ds.get("SeriesInstanceUID", "")) or sop, "series")[:20],
             spacing=tuple(float(s) for s in spacing) if spacing and not spec.size else None,
             labels=labels,
             licence=ctx.source.licence,

@@ -1,0 +1,156 @@
+"""DICOM as exported in the wild, on pydicom's real files: blanked UIDs, mixed series, palette
+colour, modality/VOI LUTs, colour spaces, and quarantine records per input file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from ingest_helpers import PYDICOM_FILES, read_all, small_ct, write_series
+from pydicom.uid import RLELossless, generate_uid
+
+CT5N = PYDICOM_FILES / "dicomdirtests" / "98892001" / "CT5N"
+
+
+def src(root, **kw):
+    return {"name": kw.pop("name", "t"), "root": str(root), "format": "dicom", **kw}
+
+
+def samples(got):
+    return [g[2] for g in got if g[0] == "S"]
+
+
+def sitk_series(folder: Path) -> sitk.Image:
+    """The reference: SimpleITK's ImageSeriesReader over GDCM's position-sorted file list."""
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    return sitk.DICOMOrient(reader.Execute(), "LPS")
+
+
+def export_ct5n(folder: Path, *, blank: bool, thickness: str = "3.0", **changes) -> list[Path]:
+    """pydicom's real 5-slice CT series re-saved RLE lossless; `blank` empties the Study,
+    Series and SOP instance UIDs as some exporters do. The slices lie 2.5 mm apart while
+    SliceThickness says 3.0 (an overlapping reconstruction's header)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for p in sorted(CT5N.iterdir()):
+        ds = pydicom.dcmread(p)
+        ds.SliceThickness = thickness
+        if blank:
+            ds.StudyInstanceUID = ds.SeriesInstanceUID = ds.SOPInstanceUID = ""
+            ds.file_meta.MediaStorageSOPInstanceUID = ""
+        for kw, value in changes.items():
+            if callable(value):
+                value(ds)
+            else:
+                setattr(ds, kw, value)
+        ds.compress(RLELossless)
+        ds.save_as(folder / p.name)
+        out.append(folder / p.name)
+    return out
+
+
+# ---------------------------------------------------------------- series without UIDs
+
+
+def test_blank_uid_series_is_one_volume_spaced_by_position(tmp_path):
+    export_ct5n(tmp_path / "ct", blank=True)
+    got = read_all({"sources": [src(tmp_path)]})
+    assert [g[0] for g in got] == ["S"], got
+    s, ref = got[0][2], sitk_series(tmp_path / "ct")
+    assert s.kind == "volume3d" and s.data.shape == ref.GetSize() == (16, 16, 5)
+    assert s.geometry.spacing == pytest.approx(ref.GetSpacing(), abs=1e-4)
+    assert s.geometry.spacing[2] == pytest.approx(2.5, abs=1e-4)  # not SliceThickness (3.0)
+    assert np.array_equal(s.data, sitk.GetArrayFromImage(ref).T)
+
+
+def test_lone_ct_slice_is_an_image_not_a_volume(tmp_path):
+    paths = export_ct5n(tmp_path, blank=True)
+    for p in paths[1:]:
+        p.unlink()
+    got = read_all({"sources": [src(tmp_path)]})
+    ds = pydicom.dcmread(paths[0])
+    assert [g[0] for g in got] == ["S"] and got[0][2].kind == "image2d"
+    hu = ds.pixel_array.astype(np.int32) * int(ds.RescaleSlope) + int(ds.RescaleIntercept)
+    assert np.array_equal(got[0][2].data, hu)
+
+
+def test_blank_uid_stacks_sharing_positions_are_quarantined_per_file(tmp_path):
+    export_ct5n(tmp_path / "ct", blank=True)
+    for p in export_ct5n(tmp_path / "tmp", blank=True):  # a second stack, same positions
+        p.rename(tmp_path / "ct" / f"b{p.name}")
+    got = read_all({"sources": [src(tmp_path)]})
+    assert [g[0] for g in got] == ["Q"] * 10
+    assert len({g[1] for g in got}) == 10 and all("ambiguous series" in g[2] for g in got)
+
+
+def test_blank_uid_series_in_two_folders_stay_apart(tmp_path):
+    export_ct5n(tmp_path / "a", blank=True)
+    export_ct5n(tmp_path / "b", blank=True)
+    got = read_all({"sources": [src(tmp_path)]})
+    assert [(g[0], g[2].data.shape) for g in got] == [("S", (16, 16, 5))] * 2
+
+
+# ---------------------------------------------------------------- mixed series
+
+
+def test_two_echoes_in_one_series_become_two_volumes(tmp_path):
+    series = generate_uid()
+
+    def echo(n):
+        def change(ds):
+            ds.SeriesInstanceUID, ds.EchoNumbers = series, n
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            if n == 2:
+                ds.PixelData = (ds.pixel_array // 2).astype(ds.pixel_array.dtype).tobytes()
+
+        return change
+
+    export_ct5n(tmp_path / "e1", blank=False, Echo=echo(1))
+    export_ct5n(tmp_path / "e2", blank=False, Echo=echo(2))
+    got = read_all({"sources": [src(tmp_path)]})
+    assert [g[0] for g in got] == ["S", "S"], got
+    ref1, ref2 = sitk_series(tmp_path / "e1"), sitk_series(tmp_path / "e2")
+    want = {sitk.GetArrayFromImage(r).T.astype(np.int32).tobytes() for r in (ref1, ref2)}
+    assert {s.data.astype(np.int32).tobytes() for s in samples(got)} == want
+    assert all(s.geometry.spacing[2] == pytest.approx(2.5, abs=1e-4) for s in samples(got))
+
+
+def test_two_orientations_in_one_series_become_two_volumes(tmp_path):
+    vol = small_ct()
+    series = generate_uid()
+    write_series(vol, tmp_path / "axial", series_uid=series)
+    sag = sitk.PermuteAxes(vol, [2, 0, 1])  # the same voxels stacked along another axis
+    write_series(sag, tmp_path / "sagittal", series_uid=series)
+    got = read_all({"sources": [src(tmp_path)], "intensity": {"ct": "raw"}})
+    assert [g[0] for g in got] == ["S", "S"], got
+    for s, img in zip(samples(got), (vol, sag), strict=True):
+        ref = sitk.DICOMOrient(img, "LPS")
+        assert s.data.shape == ref.GetSize()
+        assert np.allclose(s.geometry.spacing, ref.GetSpacing(), atol=1e-4)
+
+
+def test_two_acquisitions_at_the_same_positions_become_two_volumes(tmp_path):
+    series = generate_uid()
+
+    def acq(n):
+        def change(ds):
+            ds.SeriesInstanceUID, ds.AcquisitionNumber = series, n
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+
+        return change
+
+    export_ct5n(tmp_path / "a1", blank=False, Acq=acq(1))
+    export_ct5n(tmp_path / "a2", blank=False, Acq=acq(2))
+    got = read_all({"sources": [src(tmp_path)]})
+    assert [(g[0], g[2].data.shape) for g in got] == [("S", (16, 16, 5))] * 2
+
+
+@pytest.mark.parametrize("folder, n", [("98892001/CT2N", 2), ("98892003/MR2", 7)])
+def test_real_localizer_of_lone_planes_gives_one_image_per_plane(folder, n):
+    # Real scouts: each series holds one slice per plane (CT2N: 2 planes in one series).
+    got = read_all({"sources": [src(PYDICOM_FILES / "dicomdirtests" / folder)]})
+    assert [(g[0], g[2].kind) for g in got] == [("S", "image2d")] * n
