@@ -6,6 +6,7 @@ machine are left alone). Plus the small real inputs the cluster jobs run on."""
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -52,28 +53,111 @@ class RayCluster:
     env: dict[str, str]
 
 
+# Every port option of `ray start` (Ray 2.60), set on every node: an option left out falls back to
+# a default (10001, 8265, 52365) or a random port that can land inside another node's worker
+# range. A worker node binds no dashboard or client server, but Ray still reserves both numbers
+# on it and refuses to start when one lies in its own worker range. `--port` (GCS) is head-only.
+NODE_PORT_OPTIONS = (
+    "dashboard-port",
+    "ray-client-server-port",
+    "node-manager-port",
+    "object-manager-port",
+    "metrics-export-port",
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "runtime-env-agent-port",
+)
+HEAD_PORT_OPTIONS = ("port", *NODE_PORT_OPTIONS)
+WORKER_PORTS = 400  # per node; the test jobs start a few dozen worker processes at most
+# Worker ranges are drawn below Linux's default ephemeral range (32768-60999), where the kernel
+# picks the single ports (free_port) and the client ends of connections: a connection made while
+# the cluster runs cannot then sit on a worker's port. Disjointness never relies on this: every
+# draw is checked against all ports already taken, whatever the machine's ephemeral range.
+WORKER_RANGE_SPAN = (20000, 32000)
+MAX_DRAWS = 200
+
+
+@dataclass(frozen=True)
 class NodePorts:
-    """Every port a Ray node opens, explicit: two nodes on one host must not collide. The
-    worker range is fixed first, and every single port (the head's GCS, dashboard and client
-    ports included) is drawn outside it: Ray refuses a component port inside the worker range."""
+    """All the ports of one Ray node: single ports by `ray start` option, and the worker range."""
 
-    def __init__(self):
-        low = free_port() // 1000 * 1000 % 50000 + 10000
-        self.workers = range(low, low + 401)
-
-    def outside(self) -> int:
-        port = free_port()
-        while port in self.workers:
-            port = free_port()
-        return port
+    single: dict[str, int]
+    workers: range
 
     def args(self) -> list[str]:
-        names = ["node-manager", "object-manager", "metrics-export", "dashboard-agent-listen",
-                 "dashboard-agent-grpc", "runtime-env-agent"]  # fmt: skip
-        return [f"--{name}-port={self.outside()}" for name in names] + [
+        return [f"--{name}={port}" for name, port in self.single.items()] + [
             f"--min-worker-port={self.workers.start}",
             f"--max-worker-port={self.workers.stop - 1}",
         ]
+
+
+def allocate_ports(nodes: int = 2, rng: random.Random | None = None) -> list[NodePorts]:
+    """Ports for `nodes` Ray nodes on one host, the head first. No port or range overlaps any
+    other on any node (Ray checks only within one node, and two nodes here share one host), and
+    each was free when drawn."""
+    rng = rng or random.Random()
+    taken: set[int] = set()
+    ranges = [_draw_range(rng, taken) for _ in range(nodes)]
+    return [
+        NodePorts(
+            {name: _draw_port(taken) for name in (NODE_PORT_OPTIONS if i else HEAD_PORT_OPTIONS)},
+            workers,
+        )
+        for i, workers in enumerate(ranges)
+    ]
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _draw_range(rng: random.Random, taken: set[int]) -> range:
+    low, high = WORKER_RANGE_SPAN
+    for _ in range(MAX_DRAWS):
+        start = rng.randrange(low, high - WORKER_PORTS)
+        workers = range(start, start + WORKER_PORTS)
+        if taken.isdisjoint(workers) and all(_is_free(p) for p in workers):
+            taken.update(workers)
+            return workers
+    raise RuntimeError(f"no {WORKER_PORTS} free consecutive ports in {low}-{high} on 127.0.0.1")
+
+
+def _draw_port(taken: set[int]) -> int:
+    for _ in range(MAX_DRAWS):
+        port = free_port()
+        if port not in taken:
+            taken.add(port)
+            return port
+    raise RuntimeError("the kernel keeps handing out ports this cluster already uses")
+
+
+def ray_start_args(
+    head: NodePorts, worker: NodePorts, temp_dir: Path
+) -> tuple[list[str], list[str]]:
+    """The `ray start` arguments of the head (1 CPU, resource `medfm_head`) and of the second
+    node (1 CPU, `medfm_worker`)."""
+    common = ["--num-cpus=1", "--object-store-memory=200000000", "--node-ip-address=127.0.0.1"]
+    head_args = [
+        "--head",
+        f"--temp-dir={temp_dir}",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        '--resources={"medfm_head": 1}',
+        *common,
+        *head.args(),
+    ]
+    worker_args = [
+        f"--address=127.0.0.1:{head.single['port']}",
+        '--resources={"medfm_worker": 1}',
+        *common,
+        *worker.args(),
+    ]
+    return head_args, worker_args
 
 
 def _ray_start(args: list[str], env: dict[str, str]) -> None:
@@ -107,34 +191,12 @@ def local_ray_cluster(env_extra: dict[str, str] | None = None):
     # Short path: Ray's unix sockets live under it (108-byte limit).
     temp_dir = Path(tempfile.mkdtemp(prefix="mray", dir="/tmp"))
     env = cluster_env(**(env_extra or {}))
-    head = NodePorts()
-    port, dash = head.outside(), head.outside()
-    common = ["--num-cpus=1", "--object-store-memory=200000000", "--node-ip-address=127.0.0.1"]
+    head, worker = allocate_ports(2)
+    head_args, worker_args = ray_start_args(head, worker, temp_dir)
+    port, dash = head.single["port"], head.single["dashboard-port"]
     try:
-        _ray_start(
-            [
-                "--head",
-                f"--port={port}",
-                f"--temp-dir={temp_dir}",
-                "--include-dashboard=true",
-                "--dashboard-host=127.0.0.1",
-                f"--dashboard-port={dash}",
-                f"--ray-client-server-port={head.outside()}",
-                '--resources={"medfm_head": 1}',
-                *common,
-                *head.args(),
-            ],
-            env,
-        )
-        _ray_start(
-            [
-                f"--address=127.0.0.1:{port}",
-                '--resources={"medfm_worker": 1}',
-                *common,
-                *NodePorts().args(),
-            ],
-            env,
-        )
+        _ray_start(head_args, env)
+        _ray_start(worker_args, env)
         cluster = RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", temp_dir, env)
         wait_for_nodes(cluster, 2)
         yield cluster
