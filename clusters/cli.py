@@ -97,6 +97,7 @@ def slurm_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the script, submit nothing."),
 ):
     """Render an sbatch script for `-- medfm ...` and submit it with sbatch."""
+    from .command import SingleWriterRefused
     from .launch_slurm import SlurmJob, render_sbatch, submit
 
     job = SlurmJob(
@@ -116,6 +117,9 @@ def slurm_cmd(
     )
     try:
         script = render_sbatch(job, list(ctx.args), template=template)
+    except SingleWriterRefused as err:
+        typer.echo(f"medfm launch slurm: refused: {err}", err=True)
+        raise typer.Exit(2) from err
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err
     if dry_run:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 
@@ -55,3 +56,41 @@ def with_layout(
         if value is not None and not any(a.startswith(f"train.{key}=") for a in command)
     ]
     return command + extra
+
+
+# Sub-commands whose copies cooperate when a launcher starts several: Lightning reads the ranks
+# from the launcher (srun, torchrun), splits the data between them and only rank 0 writes the
+# run's outputs. Every other command is a single writer: run N times, N processes write the same
+# outputs (16 `medfm demo`s into one folder). `finetune` is one plain process per run: it has no
+# ranks, so its copies would overwrite each other's checkpoint and metrics.
+MULTI_PROCESS_SAFE = {"pretrain"}
+COMMAND_GROUPS = {"synth", "shards", "hub", "finetune"}  # named with their sub-command
+
+
+class SingleWriterRefused(ValueError):
+    """A launch that would start several independent copies of a single-writer command."""
+
+
+def check_copies(command: list[str], copies: int, layout: str) -> None:
+    """Refuse `copies` > 1 processes of a single-writer `command`; `layout` says where the
+    copies come from (e.g. "4 node(s) x 8 task(s)") for the message."""
+    stage = stage_of(command)
+    if copies <= 1 or stage in MULTI_PROCESS_SAFE:
+        return
+    words = normalize_command(command)[:3]
+    if len(words) == 3 and (stage not in COMMAND_GROUPS or words[2].startswith("-")):
+        words = words[:2]
+    name = shlex.join(words)
+    if runs_on_ray(command):
+        instead = (
+            "run it once as the driver of a Ray cluster: `medfm launch slurm --template ray` "
+            "(the default for this command) starts Ray on every node and runs one "
+            f"`{name} ... --address HEAD`; on a running Ray cluster use `medfm launch ray`"
+        )
+    else:
+        instead = "launch one copy (`--nodes 1 --tasks-per-node 1`)"
+    raise SingleWriterRefused(
+        f"`{name}` would start {copies} independent copies ({layout}), each writing the same "
+        f"outputs; it is a single-writer command (only `medfm pretrain` runs as cooperating "
+        f"ranks). Instead, {instead}."
+    )

@@ -23,7 +23,13 @@ from dataclasses import dataclass, field
 
 from medfm import __version__
 
-from .command import needs_ray_address, normalize_command, runs_on_ray, with_layout
+from .command import (
+    check_copies,
+    needs_ray_address,
+    normalize_command,
+    runs_on_ray,
+    with_layout,
+)
 from .templates import render
 
 TEMPLATES = {"train": "slurm/train.sbatch.j2", "ray": "slurm/ray.sbatch.j2"}
@@ -84,7 +90,9 @@ def render_sbatch(job: SlurmJob, command: list[str], template: str = "auto") -> 
     template = pick_template(command) if template == "auto" else template
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; choose one of {sorted(TEMPLATES)}")
-    if template == "train":
+    if template == "train":  # srun starts the command once per task; the ray template runs it once
+        tasks = job.ntasks_per_node
+        check_copies(command, job.nodes * tasks, f"srun: {job.nodes} node(s) x {tasks} task(s)")
         command = with_layout(command, job.nodes, job.ntasks_per_node, job.gpus_per_node)
     return render(
         TEMPLATES[template],

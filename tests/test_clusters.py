@@ -16,6 +16,7 @@ import ray
 import yaml
 
 import medfm.clusters
+from medfm.clusters.command import SingleWriterRefused, check_copies
 from medfm.clusters.launch_ray import RayJobRequest, dashboard_url, entrypoint, runtime_env
 from medfm.clusters.launch_slurm import SlurmJob, pick_template, render_sbatch
 from medfm.clusters.templates import template_path
@@ -284,6 +285,65 @@ def test_launch_slurm_without_sbatch_fails_clearly(tmp_path):
         "launch", "slurm", "--log-dir", str(tmp_path / "l"), "--", "pretrain", env=no_sbatch
     )
     assert r.exit_code == 1 and "sbatch` not found" in r.stderr
+
+
+SINGLE_WRITERS = [
+    ["medfm", "demo", "--out", "/shared/demo"],
+    ["medfm", "ingest", "s.yaml", "--out", "/shared/x"],
+    ["medfm", "ingest", "s.yaml", "--out", "/shared/x", "--address", "h:6379"],
+    ["medfm", "synth", "generate", "--model", "m", "--n", "8", "--out", "/shared/y"],
+    ["medfm", "synth", "audit", "/shared/y"],
+    ["medfm", "shards", "verify", "/shared/x"],
+    ["medfm", "hub", "push", "run", "hub://org/model"],
+    ["medfm", "finetune", "--config", "ft.yaml"],  # one plain process, no ranks
+]
+
+
+def dry_run_slurm(*options: str, command: list[str]):
+    return medfm_cli("launch", "slurm", *options, "--dry-run", "--", *command)
+
+
+@pytest.mark.parametrize("command", SINGLE_WRITERS, ids=lambda c: " ".join(c[1:3]))
+@pytest.mark.parametrize("layout", [("--nodes", "16"), ("--nodes", "1", "--gpus-per-node", "4")])
+def test_launch_slurm_refuses_copies_of_a_single_writer_command(command, layout):
+    # `--template train` is what puts ingest and synth generate under srun; the others get it
+    # by default.
+    r = dry_run_slurm(*layout, "--template", "train", command=command)
+    copies = 16 if "16" in layout else 4
+    assert r.exit_code == 2 and r.stdout == "", r.stdout[-500:]
+    assert f"{copies} independent copies" in r.stderr and "single-writer" in r.stderr, r.stderr
+    if command[1] in ("ingest", "synth") and command[2] != "audit":
+        assert "--template ray" in r.stderr and "--address HEAD" in r.stderr
+        assert "medfm launch ray" in r.stderr
+        instead = dry_run_slurm(*layout, "--template", "ray", command=command)
+    else:
+        assert "`--nodes 1 --tasks-per-node 1`" in r.stderr
+        instead = dry_run_slurm("--nodes", "1", "--tasks-per-node", "1", command=command)
+    # What the message says to do instead renders: one copy, as the script's last command.
+    assert instead.exit_code == 0, instead.stderr
+    assert instead.stdout.count(shlex.join(command)) == 1, instead.stdout
+
+
+def test_launch_slurm_accepts_pretrain_ranks_and_a_ray_driver():
+    r = dry_run_slurm("--nodes", "16", "--gpus-per-node", "8", command=["pretrain", "-c", "c.yaml"])
+    assert r.exit_code == 0, r.stderr
+    assert "srun --kill-on-bad-exit=1 medfm pretrain -c c.yaml train.num_nodes=16\n" in r.stdout
+    # The default template for ingest runs it once, as the driver of the allocation's Ray.
+    r = dry_run_slurm("--nodes", "16", command=SINGLE_WRITERS[1][1:])
+    assert r.exit_code == 0, r.stderr
+    assert not any(line.startswith("srun") and "medfm" in line for line in r.stdout.splitlines())
+    assert 'medfm ingest s.yaml --out /shared/x --address "${RAY_ADDRESS}"\n' in r.stdout
+
+
+def test_kubeflow_pytorchjob_starts_cooperating_ranks_only():
+    doc = load("k8s/pytorchjob-pretrain.yaml")
+    replicas = sum(r["replicas"] for r in doc["spec"]["pytorchReplicaSpecs"].values())
+    copies = replicas * int(doc["spec"]["nprocPerNode"])
+    (container,) = doc["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"]
+    command = container["command"][container["command"].index("medfm") :]
+    check_copies(command, copies, "PyTorchJob")  # pretrain ranks: accepted
+    with pytest.raises(SingleWriterRefused, match=f"{copies} independent copies"):
+        check_copies(["medfm", "demo"], copies, "PyTorchJob")
 
 
 def test_torchrun_recipe_is_valid_bash():
