@@ -84,13 +84,15 @@ class ShardSet:
                 label_map=read_region(label, row["shard"], ...) if label is not None else None,
                 **common,
             )
-        where = f"{row['shard']}:{row['key']}"
-        data = decode(row["member"], self.read_member(row, row["member"], check), where)
+        data = self._decode(row, row["member"], check)
         label_map, extras = None, {}
         for ext in members:
             if ext.startswith("label."):
-                label_map = decode(ext, self.read_member(row, ext, check), where)
+                label_map = self._decode(row, ext, check)
             elif ext.endswith(".npy"):
-                extras[ext[:-4]] = decode(ext, self.read_member(row, ext, check), where)
+                extras[ext[:-4]] = self._decode(row, ext, check)
         spacing = tuple(row["spacing"]) if row["spacing"] else None
         return Sample(data=data, label_map=label_map, extras=extras, spacing=spacing, **common)
+
+    def _decode(self, row: dict[str, Any], ext: str, check: bool):
+        return decode(ext, self.read_member(row, ext, check), f"{row['shard']}:{row['key']}.{ext}")

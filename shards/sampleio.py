@@ -178,6 +178,4 @@ def read_region(arr: VolumeArray, where: str, region: tuple[slice, ...]) -> Any:
     except ShardFormatError:
         raise
     except Exception as e:  # noqa: BLE001 - codecs raise many types for corrupt bytes
-        raise ShardFormatError(
-            f"{where}: corrupt or unreadable chunk ({type(e).__name__}: {e})"
-        ) from e
+        raise ShardFormatError(f"{where}: unreadable volume data ({type(e).__name__}: {e})") from e
