@@ -76,6 +76,15 @@ def quarantine_record(spec, keyring, item_or_rel, source: str, exc: BaseExceptio
     return Quarantine(shown_path(spec, keyring, rel), reason, source, error).to_dict()
 
 
+def quarantine_item(spec, keyring, item: SourceItem, exc: BaseException) -> list[dict]:
+    """One record per input file of a rejected item (every slice of a DICOM series), so
+    quarantine.jsonl accounts for each file. Items that share files with other items (EHR
+    patient buckets, told apart by `part`) are listed by their first file only."""
+    files = item.files[:1] if "part" in item.info else item.files
+    first = quarantine_record(spec, keyring, item, item.source, exc)
+    return [first] + [{**first, "path": shown_path(spec, keyring, f.rel)} for f in files[1:]]
+
+
 def scan_files(
     spec: IngestSpec, keyring: Keyring, source: str, fmt: str, files: list[SourceFile]
 ) -> dict[str, Any]:
@@ -120,7 +129,7 @@ def iter_samples(
                 else:
                     yield item, out
         except Exception as e:  # noqa: BLE001 - quarantine and carry on with the next item
-            part.quarantine.append(quarantine_record(spec, keyring, item, item.source, e))
+            part.quarantine.extend(quarantine_item(spec, keyring, item, e))
 
 
 def provenance(

@@ -9,8 +9,14 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from ingest_helpers import PYDICOM_FILES, read_all, small_ct, write_series
+from ingest_helpers import KEY, PYDICOM_FILES, read_all, small_ct, write_series
 from pydicom.uid import RLELossless, generate_uid
+
+from medfm.ingest.load import parse_spec
+from medfm.ingest.privacy import Keyring
+from medfm.ingest.registry import ReadContext, create_reader
+from medfm.ingest.sources import list_files
+from medfm.ingest.tasks import PartResult, Task, iter_samples
 
 CT5N = PYDICOM_FILES / "dicomdirtests" / "98892001" / "CT5N"
 
@@ -154,3 +160,22 @@ def test_real_localizer_of_lone_planes_gives_one_image_per_plane(folder, n):
     # Real scouts: each series holds one slice per plane (CT2N: 2 planes in one series).
     got = read_all({"sources": [src(PYDICOM_FILES / "dicomdirtests" / folder)]})
     assert [(g[0], g[2].kind) for g in got] == [("S", "image2d")] * n
+
+
+# ---------------------------------------------------------------- quarantine records
+
+
+def test_quarantined_series_lists_every_file(tmp_path):
+    """The conversion task's records (tasks.iter_samples, no Ray): one line per slice file."""
+    paths = write_series(small_ct(), tmp_path)
+    paths[10].unlink()  # a missing slice: the whole series is refused
+    spec = parse_spec({"sources": [src(tmp_path)]})
+    src_spec = spec.sources[0]
+    fs, files, _ = list_files(src_spec)
+    reader = create_reader("dicom")
+    ctx = ReadContext(fs, src_spec, spec, Keyring(KEY))
+    items = list(reader.group(files, {f.rel: reader.scan(f, ctx) for f in files}, src_spec))
+    part = PartResult("t0")
+    assert list(iter_samples(Task("t0", items), spec, Keyring(KEY), {}, part)) == []
+    assert sorted(q["path"] for q in part.quarantine) == sorted(f.rel for f in files)
+    assert len(files) == 24 and all("missing slice" in q["reason"] for q in part.quarantine)

@@ -97,7 +97,7 @@ def test_real_inputs_convert_verify_and_bad_ones_are_quarantined(ray_rt, tmp_pat
     by_ds = {}
     for r in rows:
         by_ds.setdefault(r["dataset"], []).append(r)
-    assert len(by_ds["ct_small"]) == 1 and by_ds["ct_small"][0]["kind"] == "volume3d"
+    assert len(by_ds["ct_small"]) == 1 and by_ds["ct_small"][0]["kind"] == "image2d"  # 1 slice
     assert len(by_ds["mr_variants"]) == 1  # four encodings of one SOP instance collapse
     assert {r["kind"] for r in by_ds["dicomdir"]} == {"volume3d", "image2d"}  # CT5N/CT2N + CR
     assert len(by_ds["nib"]) == 3 and len(by_ds["built"]) == 1
