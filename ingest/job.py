@@ -449,4 +449,7 @@ def run_ingest(
     parts = {t.task_id: parts[t.task_id] for t in tasks}  # only this job's tasks, in order
     summary.wall_s = round(time.monotonic() - t0, 3)
     finish(spec, keyring, dest, book, parts, bad, stats, summary)
+    for prep in stats.values():  # Reader.prepare's work files (EHR: every raw code), once done
+        if prep.get("scratch") and book.fs.exists(prep["scratch"]):
+            book.fs.rm(prep["scratch"], recursive=True)
     return summary

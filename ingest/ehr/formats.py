@@ -10,6 +10,7 @@ then tokenizes one bucket into one sample per patient (or admission).
 from __future__ import annotations
 
 import datetime as dt
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,6 +29,7 @@ from ..registry import (
     register_reader,
 )
 from ..sources import glob_regex
+from .meds_out import write_meds_bucket, write_meds_metadata
 from .pipeline import (
     PartitionJob,
     bucket_path,
@@ -35,6 +37,7 @@ from .pipeline import (
     merge_statistics,
     partition_file,
     read_parquet,
+    scan_identifiers,
     tokenize_bucket,
 )
 from .spec import EventTable, parse_ehr_options
@@ -68,7 +71,10 @@ class EHRReader(Reader):
         if not any(matched.values()):
             yield Quarantine("", "no file matches any EHR table path", source.name, "IngestError")
             return
-        tables = [(f.path, f.rel, f.size) for fs in matched.values() for f in fs]
+        # A file may serve several tables (MIMIC admissions: admissions and discharges): list it
+        # once, or it would be partitioned, counted and quarantined once per listing.
+        unique = {f.path: f for fs in matched.values() for f in fs}
+        tables = [(f.path, f.rel, f.size) for f in unique.values()]
         for k in range(self.ehr.buckets):
             yield SourceItem(source.name, self.name, (), info={"part": f"b{k:04d}", "bucket": k,
                              "tables": tables})  # fmt: skip
@@ -91,17 +97,24 @@ class EHRReader(Reader):
         ray, src = ctx.ray, ctx.source
         tables = [SourceFile(p, r, s) for p, r, s in items[0].info["tables"]]
         jobs = self.partition_jobs(tables)
+        self.refuse_identifiers(ray, jobs, src)
         namespace = ctx.spec.deid.patient_namespace
         remote = ray.remote(num_cpus=1, max_retries=3)(_partition_safe)
         parts = ray.get([remote.remote(j, self.ehr, ctx.keyring, namespace, ctx.work_dir,
                                        src.root, src.storage_options) for j in jobs])  # fmt: skip
         quarantine = []
+        uses = Counter(j.rel for j in jobs)
         for job, part in zip(jobs, parts, strict=True):
+            # A file serving several tables is reported per table, each line saying which.
+            which = (
+                f" (table {getattr(job.table, 'name', 'patients')})" if uses[job.rel] > 1 else ""
+            )
             if "error" in part:
-                quarantine.append(Quarantine(job.rel, part["error"], src.name, part["type"]))
+                error = part["error"] + which
+                quarantine.append(Quarantine(job.rel, error, src.name, part["type"]))
                 continue
             for reason in quarantine_reasons(part["counts"]):
-                quarantine.append(Quarantine(job.rel, reason, src.name, "BadRows"))
+                quarantine.append(Quarantine(job.rel, reason + which, src.name, "BadRows"))
         split_of = SplitOf(ctx.keyring, ctx.spec.split.fractions, ctx.spec.split.seed)
         clean = ray.remote(num_cpus=1, max_retries=3)(clean_bucket)
         stats = ray.get([clean.remote(k, self.ehr, ctx.work_dir, split_of, ctx.spec.split.seed)
@@ -111,10 +124,12 @@ class EHRReader(Reader):
         rel = vocab_rel(src.name)
         dest_fs, dest = get_fs(ctx.dest)
         atomic_write_bytes(dest_fs, f"{dest}/{rel}", vocab.to_json().encode())
+        meds_files = self.write_meds(ray, ctx, f"{dest}/{rel}", split_of) if self.ehr.meds else []
         return {
             "work": ctx.work_dir,
+            "scratch": ctx.work_dir,  # every raw code and value: removed once the job is done
             "vocab": f"{dest}/{rel}",
-            "artifacts": [rel],
+            "artifacts": [rel, *meds_files],
             "inputs": {
                 j.rel: p["sha256"] for j, p in zip(jobs, parts, strict=True) if "sha256" in p
             },
@@ -129,6 +144,27 @@ class EHRReader(Reader):
                 }
             },  # fmt: skip
         }
+
+    def refuse_identifiers(self, ray: Any, jobs: list[PartitionJob], src: Any) -> None:
+        """Stop the job (exit 2) if a code column's values look like identifiers."""
+        scan = ray.remote(num_cpus=1, max_retries=3)(scan_identifiers)
+        found = ray.get([scan.remote(j, self.ehr, src.root, src.storage_options) for j in jobs])
+        for job, columns in zip(jobs, found, strict=True):
+            for column, why in sorted(columns.items()):
+                table = getattr(job.table, "name", "patients")
+                raise IngestError(
+                    f"{job.rel}: column {column!r} (table {table}) looks like an identifier "
+                    f"or free text: {why}; nothing was converted. List it under "
+                    "options.allow_columns only if it is neither"
+                )
+
+    def write_meds(self, ray: Any, ctx: PrepareContext, vocab: str, split_of: SplitOf) -> list:
+        """The cleaned buckets as a MEDS dataset (Ray tasks); returns the files written."""
+        write = ray.remote(num_cpus=1, max_retries=3)(write_meds_bucket)
+        parts = ray.get([write.remote(k, bucket_path(ctx.work_dir, k), vocab, self.ehr, ctx.dest,
+                                      ctx.source.name, split_of)
+                         for k in range(self.ehr.buckets)])  # fmt: skip
+        return write_meds_metadata(parts, ctx.dest, ctx.source.name, ctx.source.licence)
 
     def partition_jobs(self, tables: list[SourceFile]) -> list[PartitionJob]:
         by_name = self.table_files(tables)

@@ -26,14 +26,17 @@ import pyarrow.parquet as pq
 from medfm.io import atomic_write_bytes, commit, get_fs, sha256_file, tmp_name
 
 from ..privacy import Keyring
+from ..registry import IngestError
 from .spec import EHRSpec, EventTable, PatientTable
 from .tables import (
     EVENT_SCHEMA,
     KIND_BIRTH,
     KIND_EVENT,
     KIND_STATIC,
+    SCAN_ROWS,
     Pseudonymizer,
     event_batches,
+    identifier_reason,
     load_time_join,
     open_batches,
     patient_batches,
@@ -67,6 +70,32 @@ class PartitionJob:
     table: EventTable | PatientTable
     join_paths: list[str]  # time_from table files, if any
     tag: str  # unique, deterministic name of this job's bucket files
+
+
+def scan_identifiers(
+    job: PartitionJob, spec: EHRSpec, source_root: str, storage_options: dict | None = None
+) -> dict[str, str]:
+    """{column: reason} for the code columns of one table file whose first SCAN_ROWS values
+    look like identifiers. Runs before anything is partitioned, so a refused column's values
+    are never written; columns in `allow_columns` are not scanned."""
+    cols = [c for c in job.table.code_columns() if c not in spec.allow_columns]
+    if not cols:
+        return {}
+    fs, _ = get_fs(source_root, **(storage_options or {}))
+    batches, rows = [], 0
+    try:
+        for batch in open_batches(fs, job.path, cols, min(spec.batch_rows, SCAN_ROWS)):
+            batches.append(batch)
+            rows += batch.num_rows
+            if rows >= SCAN_ROWS:
+                break
+    except IngestError:
+        return {}  # unreadable, or a column missing: the partition pass quarantines the file
+    if not batches:
+        return {}
+    table = pa.Table.from_batches(batches)
+    found = {c: identifier_reason(table.column(c).combine_chunks()) for c in cols}
+    return {c: why for c, why in found.items() if why}
 
 
 def partition_file(
@@ -138,6 +167,12 @@ def read_parquet(fs: Any, path: str) -> pa.Table:
         return pq.read_table(f, use_threads=False)
 
 
+def parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
 def bucket_path(work: str, k: int) -> str:
     return f"{work}/clean/b{k:04d}.parquet"
 
@@ -163,9 +198,7 @@ def clean_bucket(
         table = table.set_column(table.schema.get_field_index("kind"), "kind", kind)
     table, before = drop_before_birth(table, spec)
     table = table.sort_by([("pid", "ascending"), ("t", "ascending"), ("code", "ascending")])
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
-    atomic_write_bytes(wfs, bucket_path(work, k), sink.getvalue().to_pybytes())
+    atomic_write_bytes(wfs, bucket_path(work, k), parquet_bytes(table))
     out = train_statistics(table, spec, split_of, seed + k)
     out["before_birth"] = before
     atomic_write_bytes(wfs, stats_path, json.dumps(out, sort_keys=True).encode())

@@ -15,15 +15,35 @@ from medfm.config import suggest
 from ..spec import SpecError, from_dict
 
 TEMPLATE_FIELD = re.compile(r"\{([A-Za-z0-9_]+)\}")
-# Column names that hold free text or direct identifiers (HIPAA Safe Harbor list). A code
-# template, value or admission column matching one of these is refused unless the spec lists
-# it under `allow_columns`.
-IDENTIFYING_COLUMN = re.compile(
-    r"(^|_)(name|first_?name|last_?name|address|street|city|zip|postcode|phone|fax|email|"
-    r"ssn|mrn|medical_record|account|licen[cs]e|vehicle|device_serial|url|ip_address|"
-    r"text|note|notes|comment|comments|narrative|report|free_?text|event_txt)($|_)",
-    re.I,
+# Column names that hold free text or direct identifiers (the HIPAA Safe Harbor list, and the
+# columns of Synthea's and common EHR exports). A name is split into lower-case words at
+# underscores, punctuation and camelCase ("DRIVERS", "BIRTHPLACE", "memberId"); a column with
+# one of these words (or word pairs), or whose whole name is one of WHOLE_NAMES (words that are
+# harmless inside other names, as MIMIC's first_careunit), is refused unless the spec lists it
+# under `allow_columns`.
+IDENTIFYING_WORDS = frozenset(
+    "name names firstname lastname surname fullname maiden prefix suffix nickname alias "
+    "ssn social_security nhs_number drivers driver licence license passport mrn "
+    "medical_record member_id memberid account insurance_id address addr street city county "
+    "zip zipcode postcode postal fips lat lon lng latitude longitude coordinates "
+    "birthplace birth_place phone telephone mobile fax email e_mail url ip_address udi serial "
+    "owner vehicle plate text note notes comment comments narrative report free_text event_txt "
+    "signature photo".split()
 )
+WHOLE_NAMES = frozenset("first middle last given family".split())
+
+
+def column_words(column: str) -> list[str]:
+    """Lower-case words of a column name: "DRIVERS" -> [drivers], "memberId" -> [member, id]."""
+    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", column)
+    return [w for w in re.split(r"[^a-z0-9]+", spaced.lower()) if w]
+
+
+def identifying_column(column: str) -> bool:
+    """Whether a column's name says it holds a direct identifier or free text."""
+    words = column_words(column)
+    pairs = [f"{a}_{b}" for a, b in zip(words, words[1:], strict=False)]
+    return "_".join(words) in WHOLE_NAMES or any(w in IDENTIFYING_WORDS for w in words + pairs)
 
 
 @dataclass
@@ -41,7 +61,8 @@ class EventTable:
     """One event table (CSV, CSV.gz or Parquet; `path` is a glob under the source root).
 
     `code` is a template over columns: "LAB//{itemid}", "ICD{icd_version}//{icd_code}".
-    `time` lists time columns, first non-empty wins; numeric times need `time_unit`.
+    `time` lists time columns, first non-empty wins: ISO-8601 text (offsets converted to UTC),
+    Parquet timestamps or dates, or numbers since 1970 in `time_unit` (ms, s, m, h or d).
     """
 
     name: str
@@ -51,9 +72,13 @@ class EventTable:
     time: list[str] = field(default_factory=list)
     value: str = ""
     admission: str = ""
-    time_unit: Literal["", "s", "m", "h", "d"] = ""
+    time_unit: Literal["", "ms", "s", "m", "h", "d"] = ""
     time_from: TimeJoin | None = None
     null_time: Literal["quarantine", "skip", "static"] = "quarantine"
+
+    def code_columns(self) -> list[str]:
+        """The columns whose text is stored (as codes): checked for identifiers."""
+        return list(dict.fromkeys(TEMPLATE_FIELD.findall(self.code)))
 
     def columns(self) -> list[str]:
         cols = [self.patient, *self.time, *TEMPLATE_FIELD.findall(self.code)]
@@ -74,6 +99,9 @@ class PatientTable:
     age: str = ""
     age_year: str = ""
     codes: list[str] = field(default_factory=list)
+
+    def code_columns(self) -> list[str]:
+        return list(dict.fromkeys(f for t in self.codes for f in TEMPLATE_FIELD.findall(t)))
 
     def columns(self) -> list[str]:
         cols = [self.patient] + [c for c in (self.birth, self.age, self.age_year) if c]
@@ -100,6 +128,7 @@ class EHRSpec:
     time_tokens: bool = True  # CEHR-BERT style interval tokens between events a day+ apart
     age_cap: float = 90.0  # ages over 89 become 90 (HIPAA Safe Harbor)
     allow_columns: list[str] = field(default_factory=list)
+    meds: bool = True  # also write the cleaned events as a MEDS dataset (ehr/<source>/meds/)
 
     def check(self, where: str) -> None:
         if not self.tables:
@@ -123,7 +152,7 @@ class EHRSpec:
 
     def _check_columns(self, where: str, cols: list[str]) -> None:
         for c in cols:
-            if c and IDENTIFYING_COLUMN.search(c) and c not in self.allow_columns:
+            if c and identifying_column(c) and c not in self.allow_columns:
                 raise SpecError(
                     f"{where}: column {c!r} looks like free text or a direct identifier; "
                     "list it under allow_columns to use it anyway"

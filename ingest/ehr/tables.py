@@ -36,10 +36,21 @@ EVENT_SCHEMA = pa.schema(
         ("table", pa.string()),
     ]
 )
-TIME_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d")
-UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+ISO_8601 = r"^\d{4}-\d{2}-\d{2}([T ]\d{2}(:\d{2}(:\d{2}(\.\d+)?)?)?)?(Z|[+-]\d{2}(:?\d{2})?)?$"
+ISO_ZONE = r"[T ][0-9:.]+(Z|[+-]\d{2}(:?\d{2})?)$"
+UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 MISSING = "UNK"  # an empty code-template field renders as this (MEDS-ETL convention)
+# Values that are identifiers whatever their column is called. Code-template columns are
+# checked on the first SCAN_ROWS values of every file before anything is partitioned.
+IDENTIFIER_PATTERNS = {
+    "SSN": r"^\d{3}-\d{2}-\d{4}$",
+    "phone number": r"^(\+?\d{1,3}[\s.-]?)?(\(\d{3}\)\s?|\d{3}[\s.-])\d{3}[\s.-]\d{4}$",
+    "e-mail address": r"^[^@\s]+@[^@\s]+\.[A-Za-z]{2,}$",
+}
+SCAN_ROWS = 10000
+FREE_TEXT_MIN_VALUES = 100  # fewer values cannot tell names from codes
+FREE_TEXT_UNIQUE = 0.5  # share of distinct values above which mixed-case text is free text
 
 
 class Pseudonymizer:
@@ -139,27 +150,84 @@ def as_strings(col: pa.Array) -> tuple[pa.Array, np.ndarray]:
 
 
 def parse_times(col: pa.Array, unit: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(seconds int64, missing mask, invalid mask) from a timestamp, text or numeric column."""
+    """(seconds int64, missing mask, invalid mask) from a timestamp, text or numeric column.
+
+    Text is ISO-8601: a date, or a date and time (`T` or space; minutes, seconds and a fraction
+    optional) with an optional `Z` or `+hh:mm`/`-hhmm`/`+hh` offset, which is converted to UTC;
+    times without an offset are taken as they stand. Numbers need `time_unit` (an epoch offset).
+    """
     if pa.types.is_timestamp(col.type) or pa.types.is_date(col.type):
-        ts = pc.cast(pc.cast(col, pa.timestamp("s")), pa.int64())
-        missing = np.asarray(pc.is_null(ts))
-        return np.asarray(ts.fill_null(0)), missing, np.zeros(len(col), bool)
+        us = pc.cast(pc.cast(col, pa.timestamp("us", tz=getattr(col.type, "tz", None))), pa.int64())
+        missing = np.asarray(pc.is_null(us))
+        secs = np.floor_divide(np.asarray(us.fill_null(0)), 1_000_000)
+        return secs, missing, np.zeros(len(col), bool)
     strings, _ = as_strings(col)
-    empty = pc.or_kleene(pc.is_null(strings), pc.equal(pc.utf8_trim_whitespace(strings), ""))
-    missing = np.asarray(empty.fill_null(True))
+    strings = pc.utf8_trim_whitespace(strings)
+    missing = np.asarray(pc.or_kleene(pc.is_null(strings), pc.equal(strings, "")).fill_null(True))
     if unit:
         ok = pc.match_substring_regex(strings, NUMBER).fill_null(False)
         nums = pc.cast(pc.if_else(ok, strings, None), pa.float64())
-        secs = np.asarray(nums.fill_null(np.nan)) * UNIT_SECONDS[unit]
+        secs = np.floor(np.asarray(nums.fill_null(np.nan)) * UNIT_SECONDS[unit])
         invalid = ~missing & (~np.isfinite(secs) | (secs < 0))  # NaN or negative offsets
         return np.where(np.isfinite(secs), secs, 0).astype(np.int64), missing, invalid
-    out = pa.nulls(len(strings), pa.timestamp("s"))
-    for fmt in TIME_FORMATS:
-        parsed = pc.strptime(strings, format=fmt, unit="s", error_is_null=True)
-        out = pc.coalesce(out, parsed)
-    ts = pc.cast(out, pa.int64())
-    invalid = ~missing & np.asarray(pc.is_null(ts))
-    return np.asarray(ts.fill_null(0)), missing, invalid
+    us = _iso_microseconds(strings)
+    invalid = ~missing & np.isnan(us)
+    secs = np.floor_divide(np.where(np.isnan(us), 0, us), 1_000_000).astype(np.int64)
+    return secs, missing, invalid
+
+
+def _iso_microseconds(strings: pa.Array) -> np.ndarray:
+    """ISO-8601 strings -> float64 microseconds since 1970 UTC (NaN where not ISO-8601).
+
+    Arrow parses the whole array at once; zoned and naive values are cast separately (a zoned
+    cast refuses naive strings and vice versa), and a batch with an impossible date (February
+    30) falls back to one value at a time so that only that row is invalid."""
+    shaped = pc.match_substring_regex(strings, ISO_8601).fill_null(False)
+    text = pc.replace_substring_regex(strings, r"(\.\d{6})\d+", r"\1")  # Arrow parses to us
+    zoned = pc.and_(shaped, pc.match_substring_regex(text, ISO_ZONE).fill_null(False))
+    naive = pc.and_(shaped, pc.invert(zoned))
+    out = np.full(len(strings), np.nan)
+    for mask, tz in ((naive, None), (zoned, "UTC")):
+        idx = np.flatnonzero(np.asarray(mask))
+        if len(idx):
+            out[idx] = _cast_us(text.take(pa.array(idx)), pa.timestamp("us", tz=tz))
+    return out
+
+
+def _cast_us(strings: pa.Array, target: pa.DataType) -> np.ndarray:
+    try:
+        return np.asarray(pc.cast(pc.cast(strings, target), pa.int64()), np.float64)
+    except pa.ArrowInvalid:
+        out = np.full(len(strings), np.nan)
+        for i, v in enumerate(strings.to_pylist()):
+            try:
+                out[i] = pc.cast(pc.cast(pa.array([v]), target), pa.int64())[0].as_py()
+            except pa.ArrowInvalid:
+                pass  # this value alone is invalid
+        return out
+
+
+def identifier_reason(values: pa.Array) -> str:
+    """Why a column's values look like identifiers, or "" if they do not: SSN, phone or e-mail
+    patterns in at least 1 % of the values, or high-cardinality free text (mostly distinct,
+    mostly mixed-case words, as names and addresses are; codes are upper case or digits)."""
+    strings, _ = as_strings(values)
+    strings = pc.drop_null(pc.utf8_trim_whitespace(strings))
+    strings = strings.filter(pc.not_equal(strings, ""))
+    n = len(strings)
+    if not n:
+        return ""
+    for what, pattern in IDENTIFIER_PATTERNS.items():
+        hits = pc.sum(pc.match_substring_regex(strings, pattern)).as_py() or 0
+        if hits and hits >= 0.01 * n:
+            return f"{hits} of {n} values look like a {what}"
+    distinct = pc.unique(strings)
+    if n < FREE_TEXT_MIN_VALUES or len(distinct) <= FREE_TEXT_UNIQUE * n:
+        return ""
+    mixed = pc.sum(pc.match_substring_regex(distinct, "[a-z]")).as_py() or 0
+    if mixed > 0.5 * len(distinct):
+        return f"{len(distinct)} distinct values in {n}, mostly mixed-case text (free text)"
+    return ""
 
 
 def render_code(template: str, batch: pa.RecordBatch, bad: np.ndarray) -> pa.Array:

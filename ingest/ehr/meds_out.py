@@ -1,0 +1,148 @@
+"""The cleaned events as a MEDS dataset (https://medical-event-data-standard.github.io), beside
+the token shards, so that MEDS tools (meds_reader, MEDS-Transforms) read what ingest cleaned.
+
+Layout under `ehr/<source>/meds/` (the MEDS root): `data/bNNNN.parquet` (one file per patient
+bucket, so one subject lives in one file, sorted by subject and time), `metadata/dataset.json`,
+`metadata/codes.parquet` and `metadata/subject_splits.parquet`, all in the `meds` package's
+schemas. What it holds is what the token shards hold: pseudonymous subject ids (the first 60 bits
+of the patient pseudonym), date-shifted times, codes of the vocabulary only (any other code is
+`[UNK]` and loses its value), and birth moved so that no age exceeds `age_cap` (HIPAA).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import meds
+import numpy as np
+import pyarrow as pa
+
+from medfm.io import atomic_write_bytes, get_fs
+
+from .pipeline import YEAR_S, parquet_bytes, read_parquet
+from .spec import EHRSpec
+from .tables import BIRTH_CODE, KIND_BIRTH, KIND_STATIC
+from .vocab import Vocabulary
+
+SPLITS = {"train": meds.train_split, "val": meds.tuning_split, "test": meds.held_out_split}
+
+
+def meds_root(source: str) -> str:
+    """The MEDS dataset of a source, relative to the shard set."""
+    return f"ehr/{source}/meds"
+
+
+def subject_id(pid: str) -> int:
+    """A MEDS subject id (int64) from a patient pseudonym ("P" + hex): its first 60 bits."""
+    return int(pid[1:16], 16)
+
+
+def meds_events(table: pa.Table, vocab: Vocabulary, age_cap: float) -> pa.Table:
+    """A cleaned bucket (pid, t, code, value, kind) as MEDS data rows, sorted for MEDS."""
+    kind = np.asarray(table.column("kind"))
+    pids = table.column("pid").to_pylist()
+    codes = np.asarray(table.column("code").to_numpy(zero_copy_only=False), dtype=object)
+    known = np.array([c in vocab.index for c in codes], bool)
+    code = np.where(kind == KIND_BIRTH, BIRTH_CODE, np.where(known, codes, "[UNK]"))
+    t = np.asarray(table.column("t").fill_null(0), np.int64).copy()
+    value = np.asarray(table.column("value").fill_null(np.nan), np.float64).copy()
+    value[~known] = np.nan  # a rare code's value would identify as much as the code
+    _cap_births(pids, t, kind, age_cap)
+    out = pa.table(
+        {
+            "subject_id": pa.array([subject_id(p) for p in pids], pa.int64()),
+            "time": pa.array(t * 1_000_000, pa.timestamp("us"), mask=kind == KIND_STATIC),
+            "code": pa.array(code.astype(str), pa.string()),
+            "numeric_value": pa.array(value, pa.float32(), mask=np.isnan(value)),
+        }
+    )
+    order = [("subject_id", "ascending"), ("time", "ascending"), ("code", "ascending")]
+    out = out.sort_by(order, null_placement="at_start")  # static rows first, as MEDS sorts
+    return conform(meds.DataSchema, out)
+
+
+def conform(schema: Any, table: pa.Table) -> pa.Table:
+    """The table in a `meds` schema's column order and types, validated (raises if not MEDS)."""
+    table = schema.align(table)
+    schema.validate(table)
+    return table
+
+
+def _cap_births(pids: list[str], t: np.ndarray, kind: np.ndarray, age_cap: float) -> None:
+    """Move each birth (in place) so that the patient is at most age_cap at the last event."""
+    last: dict[str, int] = {}
+    for p, ti, k in zip(pids, t, kind, strict=True):
+        if k != KIND_STATIC and k != KIND_BIRTH and ti > last.get(p, np.iinfo(np.int64).min):
+            last[p] = int(ti)
+    for i in np.flatnonzero(kind == KIND_BIRTH):
+        if pids[i] in last:
+            t[i] = max(int(t[i]), last[pids[i]] - int(age_cap * YEAR_S))
+
+
+def write_meds_bucket(
+    k: int,
+    clean_path: str,
+    vocab_path: str,
+    spec: EHRSpec,
+    dest: str,
+    source: str,
+    split_of: Callable[[str], str],
+) -> dict[str, Any]:
+    """Write bucket k's MEDS data file; returns its relative path, subjects and codes."""
+    fs, path = get_fs(clean_path)
+    table = read_parquet(fs, path)
+    vfs, vpath = get_fs(vocab_path)
+    vocab = Vocabulary.from_json(vfs.cat_file(vpath).decode())
+    if not table.num_rows:
+        return {"rel": "", "subjects": [], "codes": []}
+    events = meds_events(table, vocab, spec.age_cap)
+    rel = f"{meds_root(source)}/{meds.data_subdirectory}/b{k:04d}.parquet"
+    dfs, droot = get_fs(dest)
+    atomic_write_bytes(dfs, f"{droot}/{rel}", parquet_bytes(events))
+    pids = sorted(set(table.column("pid").to_pylist()))
+    return {
+        "rel": rel,
+        "subjects": [[subject_id(p), SPLITS[split_of(p)]] for p in pids],
+        "codes": sorted(set(events.column("code").to_pylist())),
+    }
+
+
+def write_meds_metadata(
+    parts: list[dict[str, Any]], dest: str, source: str, licence: str
+) -> list[str]:
+    """dataset.json, codes.parquet and subject_splits.parquet; returns every MEDS file written
+    (relative to the shard set), data files included."""
+    from medfm import __version__
+
+    root = meds_root(source)
+    subjects = sorted(tuple(s) for p in parts for s in p["subjects"])
+    ids = [s for s, _ in subjects]
+    if len(set(ids)) != len(ids):  # 60-bit pseudonym prefixes: a clash is ~never, but refuse it
+        raise ValueError("two patient pseudonyms share a MEDS subject id")
+    splits = pa.table({"subject_id": pa.array(ids, pa.int64()),
+                       "split": pa.array([s for _, s in subjects], pa.string())})  # fmt: skip
+    codes = sorted({c for p in parts for c in p["codes"]})
+    code_table = pa.table({
+        "code": pa.array(codes, pa.string()),
+        "description": pa.nulls(len(codes), pa.string()),
+        "parent_codes": pa.nulls(len(codes), pa.list_(pa.string())),
+    })  # fmt: skip
+    dataset = {
+        "dataset_name": source,
+        "etl_name": "medfm ingest",
+        "etl_version": __version__,
+        "meds_version": meds.__version__,
+        **({"license": licence} if licence else {}),
+    }
+    meds.DatasetMetadataSchema.validate(dataset)
+    fs, droot = get_fs(dest)
+    files = {
+        meds.dataset_metadata_filepath: json.dumps(dataset, sort_keys=True, indent=1).encode(),
+        meds.code_metadata_filepath: parquet_bytes(conform(meds.CodeMetadataSchema, code_table)),
+        meds.subject_splits_filepath: parquet_bytes(conform(meds.SubjectSplitSchema, splits)),
+    }
+    for rel, data in files.items():
+        atomic_write_bytes(fs, f"{droot}/{root}/{rel}", data)
+    return [p["rel"] for p in parts if p["rel"]] + [f"{root}/{rel}" for rel in files]
