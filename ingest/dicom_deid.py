@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
@@ -89,6 +90,8 @@ SAFE_META = (
     "MagneticFieldStrength", "KVP", "SliceThickness", "PhotometricInterpretation",
     "BitsStored", "ViewPosition", "ImageType", "ConvolutionKernel", "RepetitionTime",
     "EchoTime", "FlipAngle", "ContrastBolusAgent", "StudyDate", "SeriesDate",
+    "RescaleSlope", "RescaleIntercept", "RescaleType", "WindowCenter", "WindowWidth",
+    "VOILUTFunction",
 )  # fmt: skip
 
 
@@ -129,9 +132,27 @@ def _clean(ds: Dataset, keyring: Keyring, pid: str) -> None:
             elem.value = new if elem.VM > 1 else new[0]
 
 
+def _lut_items(seq: Sequence) -> list[dict[str, list[int]]]:
+    """A VOI LUT Sequence's tables (descriptor + data, no free-text explanation)."""
+    items = []
+    for item in seq:
+        desc = [int(v) for v in item.get("LUTDescriptor") or []]
+        data = item.get("LUTData")
+        if len(desc) != 3 or data is None:
+            continue
+        if isinstance(data, bytes):  # OW: 16-bit words unless the table is one byte per entry
+            n = desc[0] or 65536
+            data = np.frombuffer(data, "<u2" if len(data) >= 2 * n else "u1")[:n]
+        items.append({"LUTDescriptor": desc, "LUTData": [int(v) for v in data]})
+    return items
+
+
 def safe_meta(ds: Dataset) -> dict[str, Any]:
-    """Whitelisted technical attributes of a de-identified dataset, as plain JSON values."""
+    """Whitelisted technical attributes of a de-identified dataset, as plain JSON values,
+    and the VOI LUT tables a viewer would apply (kept so the VOI transform can be redone)."""
     out: dict[str, Any] = {}
+    if ds.get("VOILUTSequence"):
+        out["VOILUTSequence"] = _lut_items(ds.VOILUTSequence)
     for kw in SAFE_META:
         value = ds.get(kw)
         if value is None or value == "":

@@ -10,6 +10,8 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from ingest_helpers import KEY, PYDICOM_FILES, read_all, small_ct, write_series
+from pydicom.data import get_testdata_file
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 from pydicom.uid import RLELossless, generate_uid
 
 from medfm.ingest.load import parse_spec
@@ -179,3 +181,88 @@ def test_quarantined_series_lists_every_file(tmp_path):
     assert list(iter_samples(Task("t0", items), spec, Keyring(KEY), {}, part)) == []
     assert sorted(q["path"] for q in part.quarantine) == sorted(f.rel for f in files)
     assert len(files) == 24 and all("missing slice" in q["reason"] for q in part.quarantine)
+
+
+# ---------------------------------------------------------------- pixel conventions
+
+PYDICOM_DATA = Path(get_testdata_file("OBXXXX1A.dcm")).parent  # pydicom-data's store
+ALLOW = {"deid": {"allow_burned_in": True}}  # these US/OT test images carry no such flag
+
+
+def read_with(root: Path, names: list[str], options: dict | None = None, **spec_kw):
+    """Like read_all, with the source's reader `options:` handed to the reader."""
+    spec = parse_spec({"sources": [src(root, include=names, options=options or {})], **spec_kw})
+    s, kr = spec.sources[0], Keyring(KEY)
+    fs, files, _ = list_files(s)
+    reader = create_reader("dicom", **s.options)
+    ctx = ReadContext(fs, s, spec, kr)
+    out = []
+    for item in reader.group(files, {f.rel: reader.scan(f, ctx) for f in files}, s):
+        out += list(reader.read(item, ReadContext(fs, s, spec, kr, {}, item)))
+    return out
+
+
+def one(root: Path, name: str, options: dict | None = None, **spec_kw):
+    got = read_with(root, [name], options, **spec_kw)
+    assert len(got) == 1 and got[0].kind == "image2d", got
+    return got[0]
+
+
+@pytest.mark.parametrize("name", ["OBXXXX1A.dcm", "OBXXXX1A_rle.dcm", "OBXXXX1A_expb.dcm"])
+def test_palette_color_is_stored_as_rgb(name):
+    ds = pydicom.dcmread(PYDICOM_DATA / name)
+    assert ds.PhotometricInterpretation == "PALETTE COLOR"
+    s = one(PYDICOM_DATA, name, **ALLOW)
+    want = apply_color_lut(ds.pixel_array, ds)
+    assert s.data.shape == (600, 800, 3) and np.array_equal(s.data, want)
+    assert s.meta["dicom"]["PhotometricInterpretation"] == "RGB"
+    assert s.meta["dicom"]["SourcePhotometricInterpretation"] == "PALETTE COLOR"
+
+
+def test_modality_lut_sequence_is_applied():
+    ds = pydicom.dcmread(PYDICOM_DATA / "mlut_18.dcm")
+    s = one(PYDICOM_DATA, "mlut_18.dcm", **ALLOW)
+    want = apply_modality_lut(ds.pixel_array, ds)
+    assert not np.array_equal(want, ds.pixel_array) and np.array_equal(s.data, want)
+    assert s.meta["dicom"]["PixelTransforms"] == ["modality_lut"]
+
+
+def test_voi_lut_is_kept_in_meta_and_applied_only_on_request():
+    ds = pydicom.dcmread(PYDICOM_DATA / "vlut_04.dcm")
+    raw = one(PYDICOM_DATA, "vlut_04.dcm", **ALLOW)
+    assert np.array_equal(raw.data, ds.pixel_array)  # off by default
+    (lut,) = raw.meta["dicom"]["VOILUTSequence"]
+    assert lut["LUTDescriptor"] == [256, 0, 16] and lut["LUTData"] == list(
+        ds.VOILUTSequence[0].LUTData
+    )
+    voi = one(PYDICOM_DATA, "vlut_04.dcm", {"voi_lut": True}, **ALLOW)
+    assert np.array_equal(voi.data, apply_voi_lut(ds.pixel_array, ds))
+    assert voi.meta["dicom"]["PixelTransforms"] == ["voi"]
+
+
+def test_window_is_kept_and_ct_stays_in_hu_by_default():
+    ds = pydicom.dcmread(PYDICOM_FILES / "MR_small.dcm")
+    s = one(PYDICOM_FILES, "MR_small.dcm")
+    assert s.meta["dicom"]["WindowCenter"] == float(ds.WindowCenter)
+    assert s.meta["dicom"]["WindowWidth"] == float(ds.WindowWidth)
+    assert np.array_equal(s.data, ds.pixel_array)
+    windowed = one(PYDICOM_FILES, "MR_small.dcm", {"voi_lut": True})
+    assert np.array_equal(windowed.data, apply_voi_lut(ds.pixel_array, ds).astype(np.float32))
+    ct = pydicom.dcmread(PYDICOM_FILES / "CT_small.dcm")
+    hu = one(PYDICOM_FILES, "CT_small.dcm").data
+    assert np.array_equal(hu, ct.pixel_array * int(ct.RescaleSlope) + int(ct.RescaleIntercept))
+
+
+@pytest.mark.parametrize(
+    "name, ref, tol",
+    [("SC_ybr_full_uncompressed.dcm", "SC_rgb.dcm", 6),  # YBR -> RGB rounds
+     ("US1_J2KR.dcm", "US1_UNCR.dcm", 0)],  # JPEG 2000 reversible colour: exact
+)  # fmt: skip
+def test_photometric_interpretation_records_what_is_stored(name, ref, tol):
+    ds = pydicom.dcmread(PYDICOM_DATA / name)
+    assert ds.PhotometricInterpretation.startswith("YBR")
+    s = one(PYDICOM_DATA, name, **ALLOW)
+    assert s.meta["dicom"]["PhotometricInterpretation"] == "RGB"
+    assert s.meta["dicom"]["SourcePhotometricInterpretation"] == ds.PhotometricInterpretation
+    want = pydicom.dcmread(PYDICOM_DATA / ref).pixel_array.astype(int)
+    assert np.abs(s.data.astype(int) - want).max() <= tol

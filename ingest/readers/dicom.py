@@ -21,6 +21,8 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder
+from pydicom.pixels.utils import as_pixel_options
 
 from medfm.shards import Sample
 
@@ -98,21 +100,66 @@ def _rescale(arr: np.ndarray, slope: Any, intercept: Any) -> np.ndarray:
 
 def _invert_monochrome1(ds: Dataset, arr: np.ndarray) -> np.ndarray:
     """MONOCHROME1 shows low values white; store the MONOCHROME2 convention."""
-    if str(ds.get("PhotometricInterpretation", "")).upper() != "MONOCHROME1":
-        return arr
     if np.issubdtype(arr.dtype, np.unsignedinteger):
         top = (1 << int(ds.get("BitsStored", arr.dtype.itemsize * 8))) - 1
         return (top - np.minimum(arr, top)).astype(arr.dtype)
     return (arr.max() + arr.min() - arr).astype(arr.dtype)
 
 
-def _pixels(ds: Dataset) -> np.ndarray:
+def _pixels(ds: Dataset) -> tuple[np.ndarray, str]:
+    """Decoded pixels and the photometric interpretation they come out in: pydicom converts
+    YBR_FULL(_422) and JPEG 2000's YBR_ICT/RCT to RGB, so the header's value is not it."""
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     try:
-        return ds.pixel_array
+        if ts is None:
+            raise AttributeError("no TransferSyntaxUID")
+        arr, info = get_decoder(ts).as_array(ds, validate=True, **as_pixel_options(ds, as_rgb=True))
     except Exception as e:  # noqa: BLE001 - every decoder has its own exception types
-        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = ts.name if ts is not None else "unknown transfer syntax"
         raise UnreadableInput(f"cannot decode pixel data ({name}: {type(e).__name__})") from None
+    pi = info.get("photometric_interpretation") or ds.get("PhotometricInterpretation", "")
+    return arr, str(pi).upper()
+
+
+@dataclass
+class Stored:
+    """Pixels as medfm stores them, with their photometric interpretation and the steps
+    that led there from the file's values (recorded in meta.dicom)."""
+
+    pixels: np.ndarray
+    photometric: str
+    steps: list[str]
+
+
+def stored_pixels(ds: Dataset, voi: bool = False) -> Stored:
+    """Decode and bring to the stored convention: palette indices become RGB; grey values go
+    through the Modality LUT Sequence (or rescale slope/intercept), then the VOI transform
+    only when asked (`voi`: window or VOI LUT), and MONOCHROME1 is inverted."""
+    arr, pi = _pixels(ds)
+    header_pi = str(ds.get("PhotometricInterpretation", "")).upper()
+    steps = [f"{header_pi.lower()}_to_rgb"] if pi == "RGB" and header_pi not in ("RGB", "") else []
+    if pi == "PALETTE COLOR":
+        try:
+            arr = apply_color_lut(arr, ds)
+        except (ValueError, KeyError, AttributeError, IndexError) as e:
+            raise UnsupportedInput(f"PALETTE COLOR image with an unusable palette: {e}") from None
+        return Stored(arr, "RGB", ["palette"])
+    if not pi.startswith("MONOCHROME"):
+        return Stored(arr, pi, steps)
+    if "ModalityLUTSequence" in ds:
+        arr = apply_modality_lut(arr, ds)
+        steps.append("modality_lut")
+    else:
+        scaled = _rescale(arr, ds.get("RescaleSlope"), ds.get("RescaleIntercept"))
+        steps += ["rescale"] if scaled is not arr else []
+        arr = scaled
+    if voi and ("VOILUTSequence" in ds or "WindowCenter" in ds):
+        arr = apply_voi_lut(arr, ds).astype(np.float32)
+        steps.append("voi")
+    if pi == "MONOCHROME1":
+        arr = _invert_monochrome1(ds, arr)
+        steps.append("invert_monochrome1")
+    return Stored(arr, "MONOCHROME2", steps)
 
 
 def _check_burned_in(ds: Dataset, ctx: ReadContext) -> None:
@@ -145,7 +192,7 @@ def _frame_group(ds: Dataset, i: int, name: str) -> Dataset | None:
 
 def multiframe_frames(ds: Dataset) -> list[Frame]:
     """Frames of an enhanced (functional groups) or legacy (GridFrameOffsetVector) object."""
-    pixels = _pixels(ds)
+    pixels, _ = _pixels(ds)
     n = int(ds.get("NumberOfFrames", 1))
     if pixels.ndim == 2:
         pixels = pixels[None]
@@ -425,10 +472,13 @@ class DicomReader(Reader):
         if kind == "image2d" or (kind == "series" and len(datasets) == 1):
             yield self._image2d(item, first, ctx)  # a lone slice is an image, not a volume
             return
+        stored = None
         if kind == "multiframe":
             frames = multiframe_frames(first)
         else:
-            frames = unique_instances(datasets, [self._slice(ds) for ds in datasets])
+            stored = [stored_pixels(ds, self.voi) for ds in datasets]
+            slices = [self._slice(ds, st.pixels) for ds, st in zip(datasets, stored, strict=True)]
+            frames = unique_instances(datasets, slices)
             if len(frames) == 1:  # copies of one instance
                 yield self._image2d(item, first, ctx)
                 return
@@ -449,28 +499,29 @@ class DicomReader(Reader):
             patient_id=pid,
             study_id=study,
             series_id=ctx.uid(series_uid, "series")[:20],
-            meta={"dicom": self._meta(first, raw_pid, ctx), "slices": len(frames)},
+            meta={
+                "dicom": self._meta(first, raw_pid, ctx, stored and stored[0]),
+                "slices": len(frames),
+            },  # fmt: skip
         )
         sample.labels = labels
         yield sample
 
-    def _slice(self, ds: Dataset) -> Frame:
+    def _slice(self, ds: Dataset, pixels: np.ndarray) -> Frame:
         if "ImageOrientationPatient" not in ds or "ImagePositionPatient" not in ds:
             raise GeometryError("slice without ImagePositionPatient/ImageOrientationPatient")
-        px = _rescale(_pixels(ds), ds.get("RescaleSlope"), ds.get("RescaleIntercept"))
         return Frame(
             _floats(ds.ImagePositionPatient, 3, "ImagePositionPatient"),
             _floats(ds.ImageOrientationPatient, 6, "ImageOrientationPatient"),
             tuple(_floats(ds.get("PixelSpacing", [1, 1]), 2, "PixelSpacing")),
-            _invert_monochrome1(ds, px),
+            pixels,
         )
 
     def _image2d(self, item: SourceItem, ds: Dataset, ctx: ReadContext) -> Sample:
-        arr = _pixels(ds)
+        stored = stored_pixels(ds, self.voi)
+        arr = stored.pixels
         if arr.ndim == 3 and arr.shape[-1] not in (3, 4):
             raise UnsupportedInput("multi-frame projection image (cine) is not converted")
-        arr = _rescale(arr, ds.get("RescaleSlope"), ds.get("RescaleIntercept"))
-        arr = _invert_monochrome1(ds, arr)
         spec = ctx.spec.image2d
         arr = fit_2d(arr, spec.size, spec.mode)
         raw_pid, pid, study, labels = identity(
@@ -491,14 +542,28 @@ class DicomReader(Reader):
             spacing=tuple(float(s) for s in spacing) if spacing and not spec.size else None,
             labels=labels,
             licence=ctx.source.licence,
-            meta={"dicom": self._meta(ds, raw_pid, ctx)},
+            meta={"dicom": self._meta(ds, raw_pid, ctx, stored)},
         )
 
-    def _meta(self, ds: Dataset, raw_pid: str, ctx: ReadContext) -> dict[str, Any]:
+    @property
+    def voi(self) -> bool:
+        """Source option `voi_lut`: store the VOI transform's output (window or VOI LUT)
+        instead of modality values. Off by default: CT keeps HU, the others their values."""
+        return bool(self.options.get("voi_lut", False))
+
+    def _meta(
+        self, ds: Dataset, raw_pid: str, ctx: ReadContext, stored: Stored | None = None
+    ) -> dict[str, Any]:
         clean = copy.deepcopy(ds)
         if "PixelData" in clean:
             del clean.PixelData
         deidentify(clean, ctx.keyring, raw_pid, ctx.spec.deid.keep_private_tags)
         meta = safe_meta(clean)
         meta["PatientIdentityRemoved"] = str(clean.PatientIdentityRemoved)
+        if stored is None:
+            stored = Stored(np.empty(0), meta.get("PhotometricInterpretation", ""), [])
+        if stored.photometric != meta.get("PhotometricInterpretation"):  # what is stored
+            meta["SourcePhotometricInterpretation"] = meta.get("PhotometricInterpretation", "")
+            meta["PhotometricInterpretation"] = stored.photometric
+        meta["PixelTransforms"] = stored.steps
         return meta
