@@ -86,7 +86,10 @@ class VolumeStoreWriter:
         zarr.open_group(zarr_store(self.fs, tmp), mode="w")
         self.fs.makedirs(self.store_path, exist_ok=True)
         commit(self.fs, f"{tmp}/zarr.json", meta)  # an atomic rename: readers never see half
-        self.fs.rm(tmp, recursive=True)
+        # On object stores (s3://, memory://) a prefix exists only while it holds a file: the
+        # move above took its only one, so there may be nothing left to delete.
+        if self.fs.exists(tmp):
+            self.fs.rm(tmp, recursive=True)
 
     def add(self, sample: Sample) -> tuple[str, dict[str, dict[str, Any]], list[ShardFile]]:
         """Store a volume (and label map); returns (group path, members, files written)."""
