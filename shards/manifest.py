@@ -111,7 +111,7 @@ def check_header(header: Any, where: str) -> dict[str, Any]:
         if not isinstance(header.get(field, {}), dict):
             raise ShardFormatError(f"{where}: {field} is not an object")
     _check_file_record(header["manifest"], "manifest", where)
-    check_relpath(header["manifest"]["path"], "manifest.path", where)
+    check_relpath(header["manifest"].get("path"), "manifest.path", where)
     if not isinstance(header["files"], dict):
         raise ShardFormatError(f"{where}: files is not an object")
     for rel, rec in header["files"].items():
@@ -245,7 +245,9 @@ def read_rows(data: bytes, where: str) -> pa.Table:
         # Single-threaded: with pyarrow 26, a threaded read of an in-memory buffer sometimes
         # aborts the process at interpreter exit ("terminate called without an active
         # exception"). Manifests decode in milliseconds either way.
-        return pq.read_table(pa.BufferReader(data), use_threads=False)
+        table = pq.read_table(pa.BufferReader(data), use_threads=False)
+        table.column_names  # noqa: B018 - decodes every name: a bad one fails here, not later
+        return table
     except (pa.ArrowException, OSError, ValueError, TypeError, IndexError) as e:
         raise ShardFormatError(f"{where}: corrupt Parquet ({type(e).__name__}: {e})") from e
 

@@ -47,6 +47,9 @@ def verify(root: str, **storage_options: Any) -> VerifyReport:
     except ShardError as e:
         report.errors.append(str(e))
         return report
+    except Exception as e:  # noqa: BLE001 - a reader bug must still end in a report
+        report.errors.append(f"{root}: cannot open ({type(e).__name__}: {e})")
+        return report
     stage = "files"
     try:
         _check_files(m, report)
