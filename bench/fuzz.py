@@ -442,8 +442,9 @@ def wfdb_setup(work: Path) -> list[bytes]:
     if not (src / "100.hea").exists():
         return []
     (work / "case").mkdir(exist_ok=True)
-    for ext in ("dat", "atr"):
-        shutil.copy2(src / f"100.{ext}", work / "case" / f"100.{ext}")
+    for p in [*src.glob("100.*"), *src.glob("s0010_re.*")]:
+        if p.suffix != ".hea":  # the signal files both headers name
+            shutil.copy2(p, work / "case" / p.name)
     return [(src / "100.hea").read_bytes(), (src / "s0010_re.hea").read_bytes()]
 
 
