@@ -620,7 +620,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="3 s per case: under 60 s in all")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--input-seconds", type=float, default=5.0, help="slower inputs are findings")
-    ap.add_argument("--findings", type=Path, default=Path("bench/fuzz-findings"))
+    ap.add_argument("--findings", type=Path, default=Path(tempfile.gettempdir(), "medfm-fuzz"),
+                    help="where inputs that caused findings are saved")  # fmt: skip
     ap.add_argument("--engine", choices=("random", "atheris"), default="random")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--results", type=Path, help=argparse.SUPPRESS)
