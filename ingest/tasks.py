@@ -76,13 +76,17 @@ def quarantine_record(spec, keyring, item_or_rel, source: str, exc: BaseExceptio
     return Quarantine(shown_path(spec, keyring, rel), reason, source, error).to_dict()
 
 
-def quarantine_item(spec, keyring, item: SourceItem, exc: BaseException) -> list[dict]:
+def quarantine_item(
+    spec, keyring, item: SourceItem, exc: BaseException, listed: frozenset[str] = frozenset()
+) -> list[dict]:
     """One record per input file of a rejected item (every slice of a DICOM series), so
-    quarantine.jsonl accounts for each file. Items that share files with other items (EHR
-    patient buckets, told apart by `part`) are listed by their first file only."""
+    quarantine.jsonl accounts for each file; files the reader already quarantined on their own
+    (`listed`) keep that record. Items that share files with other items (EHR patient buckets,
+    told apart by `part`) are listed by their first file only."""
     files = item.files[:1] if "part" in item.info else item.files
     first = quarantine_record(spec, keyring, item, item.source, exc)
-    return [first] + [{**first, "path": shown_path(spec, keyring, f.rel)} for f in files[1:]]
+    rels = [f.rel for f in files if f.rel not in listed] or [item.rel]
+    return [{**first, "path": shown_path(spec, keyring, rel)} for rel in rels]
 
 
 def scan_files(
@@ -119,17 +123,19 @@ def iter_samples(
         ctx = ReadContext(fs, src, spec, keyring, stats, item, digests)
         part.items += 1
         part.bytes_in += item.nbytes
+        listed: set[str] = set()  # files the reader quarantined on their own
         try:
             reader = create_reader(item.format, **src.options)
             for out in reader.read(item, ctx):
                 if isinstance(out, Quarantine):
+                    listed.add(out.rel or item.rel)
                     out.rel = shown_path(spec, keyring, out.rel or item.rel)
                     out.source = out.source or item.source
                     part.quarantine.append(out.to_dict())
                 else:
                     yield item, out
         except Exception as e:  # noqa: BLE001 - quarantine and carry on with the next item
-            part.quarantine.extend(quarantine_item(spec, keyring, item, e))
+            part.quarantine.extend(quarantine_item(spec, keyring, item, e, frozenset(listed)))
 
 
 def provenance(

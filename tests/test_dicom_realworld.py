@@ -18,7 +18,7 @@ from medfm.ingest.load import parse_spec
 from medfm.ingest.privacy import Keyring
 from medfm.ingest.registry import ReadContext, create_reader
 from medfm.ingest.sources import list_files
-from medfm.ingest.tasks import PartResult, Task, iter_samples
+from medfm.ingest.tasks import PartResult, Task, iter_samples, shown_path
 
 CT5N = PYDICOM_FILES / "dicomdirtests" / "98892001" / "CT5N"
 
@@ -165,22 +165,27 @@ def test_real_localizer_of_lone_planes_gives_one_image_per_plane(folder, n):
 
 
 # ---------------------------------------------------------------- quarantine records
+def _convert(root: Path) -> tuple[list, list[dict], list[str]]:
+    """Samples and quarantine records of the conversion task (tasks.iter_samples, no Ray)."""
+    spec = parse_spec({"sources": [src(root)]})
+    s, kr = spec.sources[0], Keyring(KEY)
+    fs, files, _ = list_files(s)
+    reader = create_reader("dicom")
+    ctx = ReadContext(fs, s, spec, kr)
+    items = list(reader.group(files, {f.rel: reader.scan(f, ctx) for f in files}, s))
+    part = PartResult("t0")
+    got = [sample for _, sample in iter_samples(Task("t0", items), spec, kr, {}, part)]
+    return got, part.quarantine, [shown_path(spec, kr, f.rel) for f in files]
 
 
 def test_quarantined_series_lists_every_file(tmp_path):
-    """The conversion task's records (tasks.iter_samples, no Ray): one line per slice file."""
+    """The conversion task's records: one line per slice file, not one per series."""
     paths = write_series(small_ct(), tmp_path)
     paths[10].unlink()  # a missing slice: the whole series is refused
-    spec = parse_spec({"sources": [src(tmp_path)]})
-    src_spec = spec.sources[0]
-    fs, files, _ = list_files(src_spec)
-    reader = create_reader("dicom")
-    ctx = ReadContext(fs, src_spec, spec, Keyring(KEY))
-    items = list(reader.group(files, {f.rel: reader.scan(f, ctx) for f in files}, src_spec))
-    part = PartResult("t0")
-    assert list(iter_samples(Task("t0", items), spec, Keyring(KEY), {}, part)) == []
-    assert sorted(q["path"] for q in part.quarantine) == sorted(f.rel for f in files)
-    assert len(files) == 24 and all("missing slice" in q["reason"] for q in part.quarantine)
+    got, records, shown = _convert(tmp_path)
+    assert got == [] and len(shown) == 24
+    assert sorted(r["path"] for r in records) == sorted(shown)
+    assert all("missing slice" in r["reason"] for r in records)
 
 
 # ---------------------------------------------------------------- pixel conventions
@@ -266,3 +271,19 @@ def test_photometric_interpretation_records_what_is_stored(name, ref, tol):
     assert s.meta["dicom"]["SourcePhotometricInterpretation"] == ds.PhotometricInterpretation
     want = pydicom.dcmread(PYDICOM_DATA / ref).pixel_array.astype(int)
     assert np.abs(s.data.astype(int) - want).max() <= tol
+
+
+@pytest.mark.parametrize("which, volumes", [("end", 1), ("middle", 0)])
+def test_a_slice_that_does_not_decode_is_quarantined_on_its_own(tmp_path, which, volumes):
+    paths = export_ct5n(tmp_path, blank=False)
+    by_z = sorted(paths, key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2]))
+    bad = by_z[-1 if which == "end" else 2]
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) - 200])  # the RLE stream cut short
+    got, records, shown = _convert(tmp_path)
+    bad_shown = shown[sorted(paths).index(bad)]
+    assert [s.data.shape for s in got] == [(16, 16, 4)] * volumes
+    assert sorted(r["path"] for r in records) == sorted(shown if not volumes else [bad_shown])
+    (bad_record,) = [r for r in records if r["path"] == bad_shown]  # one line per file
+    assert bad_record["error"] == "UnreadableInput"
+    assert all("missing slice" in r["reason"] for r in records if r is not bad_record)
