@@ -22,6 +22,7 @@ from .resample import Grid, axis_map, linear, nearest, source_index
 # CT statistics histogram: 1 HU bins over the range scanners store.
 HU_MIN, HU_MAX = -1024, 3072
 GEOMETRY_TOL_MM = 1e-3
+LABEL_TOL_VOXELS = 0.01
 
 
 def geometry_of(img: sitk.Image) -> Geometry:
@@ -71,18 +72,67 @@ def direction_matrix(geo: Geometry | Grid) -> np.ndarray:
     return np.asarray(geo.direction, float).reshape(3, 3)
 
 
-def check_label(img: Volume, label: Volume) -> None:
-    """Same grid in physical space (size, spacing, origin, direction), else LabelMismatch."""
-    if img.array.shape != label.array.shape:
-        raise LabelMismatch(f"label map size {label.array.shape} != image size {img.array.shape}")
+def align_label(img: Volume, label: Volume) -> Volume:
+    """The label map on the image's voxel grid, else LabelMismatch saying by how much it is off.
+
+    Image and label are compared in physical space, not header field by header field: a label
+    whose grid maps onto the image's by axis flips and permutations (a TotalSegmentator LAS
+    segmentation of an LPS series) describes the same voxels, and nearest-neighbour resampling
+    onto the image grid is then an exact permute/flip. A grid that is shifted, rotated or sized
+    differently is refused, with the distance in mm.
+    """
     a, b = img.geometry, label.geometry
-    for what, x, y in (
-        ("spacing", a.spacing, b.spacing),
-        ("origin", a.origin, b.origin),
-        ("direction", a.direction, b.direction),
+    if img.array.shape == label.array.shape and all(
+        np.allclose(x, y, atol=GEOMETRY_TOL_MM * (1 if what != "direction" else 1e-3))
+        for what, x, y in (
+            ("spacing", a.spacing, b.spacing),
+            ("origin", a.origin, b.origin),
+            ("direction", a.direction, b.direction),
+        )
     ):
-        if not np.allclose(x, y, atol=GEOMETRY_TOL_MM * (1 if what != "direction" else 1e-3)):
-            raise LabelMismatch(f"label map {what} differs from the image's")
+        return label  # the same grid: nothing to do
+    cos = np.abs(direction_matrix(a).T @ direction_matrix(b))  # image axis x label axis
+    perm = cos.argmax(axis=1)
+    if len(set(perm.tolist())) != 3:
+        raise LabelMismatch("label map axes are oblique to the image's (no axis correspondence)")
+    if tuple(np.asarray(label.array.shape)[perm].tolist()) != img.array.shape:
+        raise LabelMismatch(
+            f"label map size {label.array.shape} != image size {img.array.shape} "
+            "in any order of its axes"
+        )
+    off = float(_corner_distance_mm(img, label))
+    tol = label_tolerance_mm(a)
+    if off > tol:
+        raise LabelMismatch(
+            f"label map lies {off:.3g} mm away from the image in physical space "
+            f"(its grid does not map onto the image's by axis flips/permutations; "
+            f"tolerance {tol:.3g} mm)"
+        )
+    grid = Grid(img.array.shape, a.origin, a.spacing, a.direction)
+    return resample_to(label, grid, "nearest", label=True)
+
+
+def label_tolerance_mm(geo: Geometry) -> float:
+    """How far a label grid may lie from its image's: 1 % of the finest voxel edge (headers
+    round to float32), at least GEOMETRY_TOL_MM. Far below the half voxel at which nearest
+    neighbour would pick another voxel."""
+    return max(GEOMETRY_TOL_MM, LABEL_TOL_VOXELS * min(geo.spacing))
+
+
+def _corner_centres(vol: Volume) -> np.ndarray:
+    """World positions (8, 3) of the voxel centres at the corners of the grid."""
+    geo = vol.geometry
+    ends = [(0, n - 1) for n in vol.array.shape]
+    idx = np.array([[i, j, k] for i in ends[0] for j in ends[1] for k in ends[2]], float)
+    return np.asarray(geo.origin) + (idx * np.asarray(geo.spacing)) @ direction_matrix(geo).T
+
+
+def _corner_distance_mm(img: Volume, label: Volume) -> float:
+    """Largest distance from a label corner voxel centre to the nearest image corner one: zero
+    exactly when the label grid is the image grid up to axis flips and permutations (sizes
+    being equal in that axis order)."""
+    a, b = _corner_centres(img), _corner_centres(label)
+    return np.linalg.norm(b[:, None, :] - a[None, :, :], axis=2).min(axis=1).max()
 
 
 def canonical_direction(orientation: str) -> np.ndarray:
@@ -249,7 +299,7 @@ def volume_sample(
     img = as_volume(img)
     label = as_volume(label) if label is not None else None
     if label is not None:
-        check_label(img, label)
+        label = align_label(img, label)
     vspec = ctx.spec.volume
     if vspec.spacing is None:  # permute/flip only: no interpolation at all
         img = reorient(img, vspec.orientation)
