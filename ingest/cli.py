@@ -38,12 +38,14 @@ def ingest(
     from .load import load_spec
     from .privacy import DeidKeyError
     from .registry import IngestError
+    from .sources import check_destination
 
     try:
+        job_spec = load_spec(spec, overrides or ())
+        check_destination(job_spec, out)
         summary = run_ingest(
-            load_spec(spec, overrides or ()), out, address=address, workers=workers,
-            resume=resume, progress=not quiet,
-        )  # fmt: skip
+            job_spec, out, address=address, workers=workers, resume=resume, progress=not quiet
+        )
     except (ConfigError, ResumeError, DeidKeyError, IngestError) as e:
         typer.echo(f"medfm ingest: {e}", err=True)
         raise typer.Exit(2) from None

@@ -39,7 +39,7 @@ from .registry import (
     is_companion,
     reader_for,
 )
-from .sources import list_files, pair_labels
+from .sources import attach_labels, list_files, pair_labels
 from .spec import IngestSpec
 from .tasks import Task, convert_task, scan_files, shown_path, stats_task
 
@@ -103,9 +103,11 @@ def discover(spec: IngestSpec, keyring: Keyring, ray) -> tuple[list[SourceItem],
     bad: list[dict[str, str]] = []
     n_files = 0
     for src in spec.sources:
-        fs, files, _hidden = list_files(src)
+        fs, files, skipped = list_files(src)
         images, labels = pair_labels(src, files, fs)
+        bad += [_record(spec, keyring, q) for q in skipped + labels.quarantine]
         n_files += len(files)
+        found: list[SourceItem] = []
         by_format: dict[str, list[SourceFile]] = defaultdict(list)
         for f in images:
             fmt = src.format if src.format != "auto" else reader_for(f.rel)
@@ -125,9 +127,9 @@ def discover(spec: IngestSpec, keyring: Keyring, ray) -> tuple[list[SourceItem],
                     out.source = src.name
                     bad.append(_record(spec, keyring, out))
                 else:
-                    if len(out.files) == 1 and out.files[0].rel in labels:
-                        out.label = labels[out.files[0].rel]
-                    items.append(out)
+                    found.append(out)
+        bad += [_record(spec, keyring, q) for q in attach_labels(labels, found, src.name)]
+        items += found
     items.sort(key=lambda it: (it.source, it.rel, it.item_id))
     return items, bad, n_files
 

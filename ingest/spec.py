@@ -76,12 +76,15 @@ class SourceSpec:
     format: str = "auto"
     modality: str = ""
     label: str = ""
+    # image,label CSV, or a Decathlon / nnU-Net v2 dataset.json; relative to the root
+    label_pairs: str = ""
     labels_table: LabelsTable | None = None
     patient_id: IdMapping = field(default_factory=IdMapping)
     study_id: IdMapping = field(default_factory=lambda: IdMapping(source="auto"))
     licence: str = ""
     storage_options: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
+    follow_symlinks: bool = False  # enter symlinked folders (each folder once: no loops)
 
 
 @dataclass
@@ -201,6 +204,13 @@ def check_spec(spec: IngestSpec, formats: list[str]) -> None:
             )
         if s.label and "{stem}" not in s.label:
             raise SpecError(f"sources[{i}].label: pattern must contain {{stem}}, got {s.label!r}")
+        if s.label_pairs and s.label:
+            raise SpecError(f"sources[{i}].label_pairs: give either label or label_pairs")
+        if s.label_pairs and not s.label_pairs.lower().endswith((".csv", ".json")):
+            raise SpecError(
+                f"sources[{i}].label_pairs: an image,label .csv or a dataset.json, "
+                f"got {s.label_pairs!r}"
+            )
         for what, m in (("patient_id", s.patient_id), ("study_id", s.study_id)):
             if m.source == "regex":
                 try:

@@ -15,7 +15,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from medfm.ingest.load import parse_spec
 from medfm.ingest.privacy import Keyring
 from medfm.ingest.registry import IngestError, Quarantine, ReadContext, create_reader
-from medfm.ingest.sources import list_files, pair_labels
+from medfm.ingest.sources import attach_labels, list_files, pair_labels
 
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 NIBABEL_FILES = Path(__import__("nibabel").__file__).parent / "tests" / "data"
@@ -33,17 +33,20 @@ def read_all(spec_dict: dict[str, Any], key: bytes = KEY) -> list[tuple[str, str
     kr = Keyring(key)
     out: list[tuple[str, str, Any]] = []
     for src in spec.sources:
-        fs, files, _ = list_files(src)
+        fs, files, skipped = list_files(src)
         files, labels = pair_labels(src, files, fs)
+        out += [("Q", q.rel, q.reason) for q in skipped + labels.quarantine]
         reader = create_reader(src.format)
         ctx = ReadContext(fs, src, spec, kr)
         scans = {f.rel: reader.scan(f, ctx) for f in files}
+        items = []
         for item in reader.group(files, scans, src):
             if isinstance(item, Quarantine):
                 out.append(("Q", item.rel, item.reason))
-                continue
-            if len(item.files) == 1 and item.files[0].rel in labels:
-                item.label = labels[item.files[0].rel]
+            else:
+                items.append(item)
+        out += [("Q", q.rel, q.reason) for q in attach_labels(labels, items, src.name)]
+        for item in items:
             try:
                 for s in reader.read(item, ReadContext(fs, src, spec, kr, {}, item)):
                     out.append(("S", item.rel, s))

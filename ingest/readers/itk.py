@@ -147,12 +147,20 @@ def volumes(img: Volume | sitk.Image) -> list[Volume]:
     raise UnsupportedInput(f"{dim}-D images are not supported")
 
 
+def read_label(ctx: ReadContext, item: SourceItem) -> Volume | None:
+    """The item's label map (NIfTI, NRRD or MHA, whatever the image's reader), or None. Its
+    grid need not be the image's: `volume_sample` aligns it in physical space."""
+    if item.label is None:
+        return None
+    return volumes(read_image(ctx, item.label, "label map"))[0]
+
+
 class ITKVolumeReader(Reader):
     """One file -> one volume3d sample per 3D volume (4D files give one per time point)."""
 
     def read(self, item: SourceItem, ctx: ReadContext) -> Iterator[Sample | Quarantine]:
         vols = volumes(read_image(ctx, item.files[0]))
-        label = volumes(read_image(ctx, item.label, "label map"))[0] if item.label else None
+        label = read_label(ctx, item)
         if label is not None and len(vols) != 1:
             raise UnsupportedInput("label maps are supported for 3D images only")
         raw_pid, pid, study, labels = identity(ctx, item)
