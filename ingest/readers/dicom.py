@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import posixpath
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,12 +193,16 @@ def _frame_group(ds: Dataset, i: int, name: str) -> Dataset | None:
 
 def multiframe_frames(ds: Dataset) -> list[Frame]:
     """Frames of an enhanced (functional groups) or legacy (GridFrameOffsetVector) object."""
+    enhanced = "PerFrameFunctionalGroupsSequence" in ds
+    if not enhanced and ("GridFrameOffsetVector" not in ds or "ImagePositionPatient" not in ds):
+        # refused before decoding: a cine loop can be hundreds of compressed frames
+        raise UnsupportedInput("multi-frame object without plane positions (cine) is not converted")
     pixels, _ = _pixels(ds)
     n = int(ds.get("NumberOfFrames", 1))
     if pixels.ndim == 2:
         pixels = pixels[None]
     frames = []
-    if "PerFrameFunctionalGroupsSequence" in ds:
+    if enhanced:
         for i in range(n):
             pos, ori = (
                 _frame_group(ds, i, "PlanePositionSequence"),
@@ -220,9 +224,7 @@ def multiframe_frames(ds: Dataset) -> list[Frame]:
                 )
             )
         return frames
-    offsets = ds.get("GridFrameOffsetVector")
-    if offsets is None or "ImagePositionPatient" not in ds:
-        raise UnsupportedInput("multi-frame object without plane positions (cine) is not converted")
+    offsets = ds.GridFrameOffsetVector
     ori = _floats(ds.ImageOrientationPatient, 6, "ImageOrientationPatient")
     normal = np.cross(ori[:3], ori[3:])
     origin = _floats(ds.ImagePositionPatient, 3, "ImagePositionPatient")
@@ -407,6 +409,25 @@ def _split_series(
             yield SourceItem(source.name, fmt, tuple(stack), info={"kind": "series"})
 
 
+def _classify(ds: Dataset, f: SourceFile) -> dict[str, Any]:
+    """A header's kind (series slice, multi-frame, 2D image, waveform, no pixels) and keys."""
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    kind = "series"
+    if "WaveformSequence" in ds:
+        kind = "waveform"
+    elif "Rows" not in ds:  # stop_before_pixels hides PixelData itself; Rows marks images
+        kind = "nopixels"
+    elif frames > 1:
+        kind = "multiframe"
+    elif ds.get("Modality") in PROJECTION_MODALITIES or "ImagePositionPatient" not in ds:
+        kind = "image2d"
+    scan = {"kind": kind, "series": str(ds.get("SeriesInstanceUID", "")),
+            "sop_class": str(ds.get("SOPClassUID", ""))}  # fmt: skip
+    if kind == "series":
+        scan.update(_stack_keys(ds, f))
+    return scan
+
+
 @register_reader("dicom", extensions=(".dcm", ".dicom", ".ima"))
 class DicomReader(Reader):
     """DICOM files (any name): series -> volume3d, single-frame projections -> image2d."""
@@ -421,21 +442,10 @@ class DicomReader(Reader):
                 ds = _read(fh, stop_before_pixels=True, defer_size=HEADER_DEFER)
         except UnreadableInput as e:
             return {"error": str(e)}
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        kind = "series"
-        if "WaveformSequence" in ds:
-            kind = "waveform"
-        elif "Rows" not in ds:  # stop_before_pixels hides PixelData itself; Rows marks images
-            kind = "nopixels"
-        elif frames > 1:
-            kind = "multiframe"
-        elif ds.get("Modality") in PROJECTION_MODALITIES or "ImagePositionPatient" not in ds:
-            kind = "image2d"
-        scan = {"kind": kind, "series": str(ds.get("SeriesInstanceUID", "")),
-                "sop_class": str(ds.get("SOPClassUID", ""))}  # fmt: skip
-        if kind == "series":
-            scan.update(_stack_keys(ds, f))
-        return scan
+        try:  # pydicom converts values on access: a malformed one raises only here
+            return _classify(ds, f)
+        except (ValueError, TypeError, OverflowError) as e:
+            return {"error": f"malformed DICOM header value ({type(e).__name__})"}
 
     def group(
         self, files: list[SourceFile], scans: dict[str, Any], source: Any
@@ -464,24 +474,23 @@ class DicomReader(Reader):
 
     def read(self, item: SourceItem, ctx: ReadContext) -> Iterator[Sample | Quarantine]:
         kind = item.info.get("kind", "series")
-        datasets = []
-        for f in item.files:
-            with ctx.fs.open(f.path, "rb") as fh:
-                datasets.append(_read(fh))
-        first = datasets[0]
-        _check_burned_in(first, ctx)
-        if kind == "image2d" or (kind == "series" and len(datasets) == 1):
+        if kind != "series" or len(item.files) == 1:
+            with ctx.fs.open(item.files[0].path, "rb") as fh:
+                first = _read(fh)
+            _check_burned_in(first, ctx)
+        stored = None
+        if kind == "image2d" or (kind == "series" and len(item.files) == 1):
             yield self._image2d(item, first, ctx)  # a lone slice is an image, not a volume
             return
-        stored = None
         if kind == "multiframe":
             frames = multiframe_frames(first)
         else:
-            stored = [stored_pixels(ds, self.voi) for ds in datasets]
+            datasets, stored = yield from self._load_slices(item, ctx)
+            first = datasets[0]
             slices = [self._slice(ds, st.pixels) for ds, st in zip(datasets, stored, strict=True)]
             frames = unique_instances(datasets, slices)
             if len(frames) == 1:  # copies of one instance
-                yield self._image2d(item, first, ctx)
+                yield self._image2d(item, first, ctx, stored[0])
                 return
         _dtype_for_volume(frames)
         img = stack_frames(frames)
@@ -508,6 +517,28 @@ class DicomReader(Reader):
         sample.labels = labels
         yield sample
 
+    def _load_slices(
+        self, item: SourceItem, ctx: ReadContext
+    ) -> Generator[Quarantine, None, tuple[list[Dataset], list[Stored]]]:
+        """Read and decode every slice of a series. A slice that does not parse or decode is
+        quarantined on its own and the rest go on: a stack missing it is then refused for the
+        gap, while a spare copy of an instance is simply not needed."""
+        kept, stored, failed = [], [], []
+        for f in item.files:
+            try:
+                with ctx.fs.open(f.path, "rb") as fh:
+                    ds = _read(fh)
+                _check_burned_in(ds, ctx)
+                stored.append(stored_pixels(ds, self.voi))
+                kept.append(ds)
+            except (UnreadableInput, PrivacyError) as e:
+                failed.append((f, e))
+        if not kept:
+            raise failed[0][1]
+        for f, e in failed:
+            yield Quarantine(f.rel, str(e), error=type(e).__name__)
+        return kept, stored
+
     def _slice(self, ds: Dataset, pixels: np.ndarray) -> Frame:
         if "ImageOrientationPatient" not in ds or "ImagePositionPatient" not in ds:
             raise GeometryError("slice without ImagePositionPatient/ImageOrientationPatient")
@@ -518,10 +549,12 @@ class DicomReader(Reader):
             pixels,
         )
 
-    def _image2d(self, item: SourceItem, ds: Dataset, ctx: ReadContext) -> Sample:
+    def _image2d(
+        self, item: SourceItem, ds: Dataset, ctx: ReadContext, stored: Stored | None = None
+    ) -> Sample:
         if item.label is not None:  # never drop a label map silently
             raise UnsupportedInput("label maps are supported for DICOM volumes only, not 2D")
-        stored = stored_pixels(ds, self.voi)
+        stored = stored or stored_pixels(ds, self.voi)
         arr = stored.pixels
         if arr.ndim == 3 and arr.shape[-1] not in (3, 4):
             raise UnsupportedInput("multi-frame projection image (cine) is not converted")
