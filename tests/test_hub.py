@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from medfm.cli import app
 from medfm.finetune import hub
+from medfm.finetune.hub.transfer import staging_dir
 
 
 @pytest.fixture
@@ -130,14 +131,16 @@ def test_interrupted_download_resumes(tmp_path, store):
     hub.push(src, "enc", hub=store)
     full = (src / "model.safetensors").read_bytes()
     dest = tmp_path / "out"
-    dest.mkdir()
-    (dest / "model.safetensors.part").write_bytes(full[:5000])
+    stage = staging_dir(dest)  # where an interrupted pull left its parts
+    stage.mkdir()
+    (stage / "model.safetensors.part").write_bytes(full[:5000])
     report = hub.pull("enc", dest, hub=store)
     assert report.resumed_bytes == 5000
     assert (dest / "model.safetensors").read_bytes() == full
     # A corrupt partial file fails the hash, is discarded, and the next pull starts over.
     (dest / "model.safetensors").unlink()
-    (dest / "model.safetensors.part").write_bytes(b"\0" * 5000)
+    stage.mkdir()
+    (stage / "model.safetensors.part").write_bytes(b"\0" * 5000)
     with pytest.raises(hub.IntegrityError):
         hub.pull("enc", dest, hub=store)
     assert hub.pull("enc", dest, hub=store).resumed_bytes == 0

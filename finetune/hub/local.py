@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -26,7 +27,7 @@ from medfm.shards.schema import to_json
 
 from .backend import HUB_BACKENDS, default_root
 from .errors import HubError, RevisionNotFoundError
-from .safety import check_relpath, refuse_pickles
+from .safety import check_content, check_relpath, refuse_pickles
 from .transfer import PullReport, pull_cache_dir, pull_files
 
 REVISION_FORMAT = "medfm-hub-revision"
@@ -37,21 +38,46 @@ SKIP_NAMES = (".medfm-hub.json",)
 
 
 def scan_folder(folder: str | Path) -> dict[str, dict[str, Any]]:
-    """{relative posix path: {sha256, size}} of every file to push, pickles refused."""
+    """{relative posix path: {sha256, size}} of every file to push; pickles (by name or by
+    content), malformed safetensors and links that leave the folder are refused."""
     folder = Path(folder)
     if not folder.is_dir():
         raise HubError(f"{folder}: not a folder")
     files = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for path in _folder_files(folder):
         rel = path.relative_to(folder).as_posix()
         if path.name in SKIP_NAMES or path.name.endswith(".part"):
             continue
+        check_content(path, rel, f"{folder}: {rel}")
         digest, size = sha256_file(path)
         files[rel] = {"sha256": digest, "size": size}
     if not files:
         raise HubError(f"{folder}: nothing to push (empty folder)")
     refuse_pickles(list(files), str(folder))
     return files
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    """Every file under `folder`, links not followed out of it: a symlink whose target lies
+    outside (a key file, a home directory) would publish that file, so it is refused; a link to
+    a file inside is pushed as that file's content. Linked folders are refused: they could loop."""
+    root = folder.resolve()
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            rel = path.relative_to(folder).as_posix()
+            if path.is_symlink():
+                target = path.resolve()
+                if not target.is_relative_to(root) or not target.is_file():
+                    raise HubError(
+                        f"{folder}: {rel} is a symlink that leaves the folder or is not a file; "
+                        "refused (copy the file in if it belongs in the push)"
+                    )
+                out.append(path)
+            elif name in filenames and path.is_file():
+                out.append(path)
+    return sorted(out)
 
 
 @HUB_BACKENDS.register("local")
