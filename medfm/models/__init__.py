@@ -3,7 +3,7 @@
 
 from typing import Any
 
-from . import ehr, signal, vit2d, vit3d  # noqa: F401  (registers the encoders)
+from . import ehr, signal, timm2d, vit2d, vit3d  # noqa: F401  (registers the encoders)
 from .base import SIZES, Encoder
 from .registry import ENCODERS
 
