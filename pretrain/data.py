@@ -15,12 +15,13 @@ from typing import Any
 import torch
 
 from medfm.models.contract import Contract, sorted_classes
-from medfm.shards import Manifest
+from medfm.shards import Manifest, check_synthetic
 from medfm.shards.datamodule import ShardDataConfig, ShardDataModule, SourceConfig
 from medfm.shards.dataset import ShardDataset
+from medfm.shards.schema import ehr_vocab_size
 from medfm.shards.transforms import ItemTransform
 
-from .config import ConfigError, DataConfig, PairConfig
+from .config import ConfigError, DataConfig, PairConfig, PretrainConfig
 
 PAIR_PREFIX = "pair_"  # partner fields are flattened (pair_data, ...) so default collation works
 
@@ -132,6 +133,36 @@ def single_kind(dc: DataConfig, roots: list[str]) -> str:
     return kinds.pop()
 
 
+def set_vocab_size(cfg: PretrainConfig) -> None:
+    """An EHR encoder's vocab_size from the shard sets it reads (their manifests record the
+    vocabulary), plus one id: the encoder's own [MASK], its last id. Set before the model is
+    built; a configured vocab_size too small for the shards is refused."""
+    from medfm.models import ENCODERS
+
+    dc = cfg.data
+    roots = {"model": [s.root for s in sources(dc)], "pair_model": [dc.pair.shards] if dc.pair
+             else []}  # fmt: skip
+    for key in ("model", "pair_model"):
+        spec = getattr(cfg, key)
+        entry = ENCODERS.entry(spec.get("name", ""), f"{key}.name") if spec else None
+        if entry is None or "vocab_size" not in getattr(
+            entry.config_cls, "__dataclass_fields__", {}
+        ):
+            continue
+        try:
+            shards = max((ehr_vocab_size(Manifest.open(r).header) for r in roots[key]), default=0)
+        except FileNotFoundError as e:
+            raise ConfigError(f"data: no shard set at {e}") from e
+        if not shards:
+            continue  # shards written without a recorded vocabulary: keep the configured size
+        if "vocab_size" in spec and spec["vocab_size"] < shards + 1:
+            raise ConfigError(
+                f"{key}.vocab_size: {spec['vocab_size']} is too small for the shards' vocabulary "
+                f"of {shards} tokens (+1 for [MASK]); leave it unset to take it from the shards"
+            )
+        spec.setdefault("vocab_size", shards + 1)
+
+
 def shard_config(
     dc: DataConfig,
     contract: Contract,
@@ -167,6 +198,8 @@ class PretrainData:
         self.config, self.contract = dc, contract
         self.pairing = Pairing(dc.pair, dc.split, pair_contract) if dc.pair else None
         transform = ContractTransform(contract, self.pairing, dc.class_key)
+        # The audit gate, before any sample is read (docs/synth.md).
+        self.synthetic_audit = check_synthetic(dc.synthetic) if dc.synthetic else None
         self.sources = sources(dc, self.pairing.has_partner if self.pairing else None)
         self.kind = single_kind(dc, [s.root for s in self.sources])
         contract.kind = contract.kind or self.kind  # objectives without an encoder: the data's
@@ -209,6 +242,7 @@ class PretrainData:
                 {"root": s.root, "split": s.split, "weight": s.weight} for s in self.sources
             ],
             "manifests": self.manifest_hashes(),
+            "synthetic_audit": self.synthetic_audit,
             "kind": self.kind,
             "class_key": self.config.class_key,
             "classes": self.classes,

@@ -17,7 +17,7 @@ from medfm.models.export import export_encoder, save_module
 
 from .checkpoint import LAST, SafeCheckpointIO, checkpoint_dir, resume_path
 from .config import PretrainConfig
-from .data import PretrainData
+from .data import PretrainData, set_vocab_size
 from .engine import PretrainModule
 from .plots import PlotCallback
 from .throughput import ThroughputMonitor
@@ -100,6 +100,7 @@ def precision_for(cfg: PretrainConfig) -> str:
 def build(cfg: PretrainConfig) -> tuple[PretrainModule, PretrainData]:
     """Model and data, checked against each other before any training step."""
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    set_vocab_size(cfg)  # an EHR encoder's vocabulary comes from the shard set
     module = PretrainModule(cfg)
     hints = {k: v for obj in module.objectives.values() for k, v in obj.contract_hints().items()}
     contract = contract_for(module.encoder, cfg, hints)

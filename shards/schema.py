@@ -20,6 +20,28 @@ KINDS = ("image2d", "volume3d", "signal", "ehr")
 SPLITS = ("train", "val", "test")
 EHR_DIR = "ehr"  # EHR vocabularies and MEDS datasets: ehr/<dataset>/vocab.json, .../meds/
 
+# EHR samples (kind "ehr"): `data` holds int32 ids into the dataset's vocabulary
+# (EHR_DIR/<dataset>/vocab.json; 0 is [PAD]), and these per-token arrays ride in `extras`, each
+# as long as `data`. Ingest writes them and every consumer (the preprocessing contract of
+# pretraining and fine-tuning) reads them by these names.
+EHR_TIME = "time"  # float32 hours since the sequence's first event
+EHR_AGE = "age"  # float32 years at the token's event; -1 where no birth is known; capped at 90
+EHR_DELTA = "delta"  # float32 hours since the previous token's event
+EHR_TYPE = "type"  # uint8: 0 special, 1 code, 2 value bin, 3 interval, 4 static
+EHR_EXTRAS = (EHR_TIME, EHR_AGE, EHR_DELTA, EHR_TYPE)
+
+
+def ehr_vocab_size(header: dict[str, Any]) -> int:
+    """Token ids of a shard set's EHR samples lie in [0, this): the largest vocabulary among
+    its datasets (the manifest's `datasets.<name>.ehr.vocab_size`); 0 when none records one."""
+    sizes = [
+        int(rec["ehr"]["vocab_size"])
+        for rec in (header.get("datasets") or {}).values()
+        if isinstance(rec, dict) and isinstance(rec.get("ehr"), dict) and "vocab_size" in rec["ehr"]
+    ]
+    return max(sizes, default=0)
+
+
 # Keys become tar member prefixes and Zarr group names: no dots (WebDataset splits the key from
 # the extension at the first dot), no slashes, nothing a shell or filesystem would reinterpret.
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,80}$")
@@ -140,6 +162,14 @@ class Sample:
         for name in self.extras:
             if not COMPONENT_RE.match(name) or name in ("json", "label", "npy", "png"):
                 raise ValueError(f"sample {self.key}: invalid extra component name {name!r}")
+        if self.kind == "ehr":
+            for name in EHR_EXTRAS:
+                got = self.extras.get(name)
+                if got is not None and np.shape(got) != self.data.shape:
+                    raise ValueError(
+                        f"sample {self.key}: EHR extra {name!r} has shape {np.shape(got)}; "
+                        f"it must have one value per token {self.data.shape}"
+                    )
 
     def spacing_list(self) -> list[float]:
         if self.geometry is not None:

@@ -240,3 +240,41 @@ def test_group_lists_each_file_once(tmp_path):
     assert sorted((j.rel, getattr(j.table, "name", "patients")) for j in jobs if
                   j.rel == "patients.csv") == [("patients.csv", "deaths"),
                                                ("patients.csv", "patients")]  # fmt: skip
+
+
+# ---------------------------------------------------------------- 15: one EHR sample schema
+
+
+@pytest.mark.slow  # a real Ray job (the shared ingest)
+def test_ingested_time_and_age_reach_the_model(synthea, tmp_path):
+    """Pretraining reads the ingested per-token times and ages through the shards' EHR schema
+    and takes vocab_size from the shard set: none of it is copied by hand."""
+    import torch
+    from pretrain_helpers import TINY, base_config
+
+    from medfm.pretrain.config import load_config
+    from medfm.pretrain.train import build
+    from medfm.shards.schema import EHR_AGE, EHR_TIME, ehr_vocab_size
+
+    _, out = synthea
+    vocab, _ = tokens_of(out)
+    assert ehr_vocab_size(ShardSet(str(out)).manifest.header) == len(vocab.tokens)
+    model = {"name": "ehr_transformer", "max_tokens": 256, **TINY}  # no vocab_size given
+    tree = base_config(tmp_path, out, model, [{"name": "mcm"}])
+    tree["data"]["max_tokens"] = 256
+    module, data = build(load_config(None, base=tree))
+    assert module.encoder.config.vocab_size == len(vocab.tokens) + 1  # + the model's [MASK]
+    ds, stored = data.datasets[0], ShardSet(str(out))
+    items = [ds.load(u, 0) for u in range(4)]
+    for item in items:
+        s = stored.read_sample(next(r for r in stored.rows() if r["key"] == item["key"]))
+        n = len(s.data)
+        assert torch.equal(item["times"][:n], torch.as_tensor(s.extras[EHR_TIME]))
+        assert torch.equal(item["age"][:n], torch.as_tensor(s.extras[EHR_AGE]))
+        assert item["age"].shape == item["data"].shape  # per token, as the encoder takes it
+    batch = torch.utils.data.default_collate(items)
+    loss = module.objectives["mcm"].loss(batch)["loss"]
+    assert torch.isfinite(loss)
+    too_small = {**model, "vocab_size": len(vocab.tokens)}
+    with pytest.raises(Exception, match="model.vocab_size: .* too small"):
+        build(load_config(None, base=base_config(tmp_path, out, too_small, [{"name": "mcm"}])))

@@ -16,6 +16,7 @@ from typing import Any
 
 from medfm.io import atomic_write_bytes, get_fs, sha256_bytes
 from medfm.shards import Sample
+from medfm.shards.schema import EHR_AGE, EHR_DELTA, EHR_DIR, EHR_TIME, EHR_TYPE
 
 from ..privacy import Keyring, split_for
 from ..registry import (
@@ -56,7 +57,7 @@ class SplitOf:
 
 
 def vocab_rel(source: str) -> str:
-    return f"ehr/{source}/vocab.json"
+    return f"{EHR_DIR}/{source}/vocab.json"
 
 
 class EHRReader(Reader):
@@ -225,7 +226,12 @@ class EHRReader(Reader):
                 split=ctx.split(seq.pid),
                 data=seq.tokens,
                 study_id=seq.admission or "",
-                extras={"age": seq.age, "time": seq.time, "delta": seq.delta, "type": seq.type},
+                extras={
+                    EHR_AGE: seq.age,
+                    EHR_TIME: seq.time,
+                    EHR_DELTA: seq.delta,
+                    EHR_TYPE: seq.type,
+                },
                 licence=ctx.source.licence,
                 provenance={"inputs": inputs, "path": f"bucket {item.info['part']}"},
                 meta={

@@ -18,12 +18,14 @@ from typing import Any
 import meds
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from medfm.io import atomic_write_bytes, get_fs
+from medfm.shards.schema import EHR_DIR
 
 from .pipeline import YEAR_S, parquet_bytes, read_parquet
 from .spec import EHRSpec
-from .tables import BIRTH_CODE, KIND_BIRTH, KIND_STATIC
+from .tables import BIRTH_CODE, KIND_BIRTH, KIND_EVENT, KIND_STATIC
 from .vocab import Vocabulary
 
 SPLITS = {"train": meds.train_split, "val": meds.tuning_split, "test": meds.held_out_split}
@@ -31,7 +33,7 @@ SPLITS = {"train": meds.train_split, "val": meds.tuning_split, "test": meds.held
 
 def meds_root(source: str) -> str:
     """The MEDS dataset of a source, relative to the shard set."""
-    return f"ehr/{source}/meds"
+    return f"{EHR_DIR}/{source}/meds"
 
 
 def subject_id(pid: str) -> int:
@@ -42,24 +44,30 @@ def subject_id(pid: str) -> int:
 def meds_events(table: pa.Table, vocab: Vocabulary, age_cap: float) -> pa.Table:
     """A cleaned bucket (pid, t, code, value, kind) as MEDS data rows, sorted for MEDS."""
     kind = np.asarray(table.column("kind"))
-    pids = table.column("pid").to_pylist()
-    codes = np.asarray(table.column("code").to_numpy(zero_copy_only=False), dtype=object)
-    known = np.array([c in vocab.index for c in codes], bool)
-    code = np.where(kind == KIND_BIRTH, BIRTH_CODE, np.where(known, codes, "[UNK]"))
+    pids, patient = np.unique(table.column("pid").to_numpy(zero_copy_only=False),
+                              return_inverse=True)  # fmt: skip
+    known = np.asarray(pc.is_in(table.column("code"), value_set=pa.array(vocab.tokens)))
+    codes = pc.if_else(pa.array(known), table.column("code"), "[UNK]")
+    code = pc.if_else(pa.array(kind == KIND_BIRTH), BIRTH_CODE, codes)
     t = np.asarray(table.column("t").fill_null(0), np.int64).copy()
     value = np.asarray(table.column("value").fill_null(np.nan), np.float64).copy()
     value[~known] = np.nan  # a rare code's value would identify as much as the code
-    _cap_births(pids, t, kind, age_cap)
+    _cap_births(patient, len(pids), t, kind, age_cap)
+    ids = np.array([subject_id(p) for p in pids], np.int64)
     out = pa.table(
         {
-            "subject_id": pa.array([subject_id(p) for p in pids], pa.int64()),
+            "subject_id": pa.array(ids[patient], pa.int64()),
             "time": pa.array(t * 1_000_000, pa.timestamp("us"), mask=kind == KIND_STATIC),
-            "code": pa.array(code.astype(str), pa.string()),
+            "code": code,
             "numeric_value": pa.array(value, pa.float32(), mask=np.isnan(value)),
         }
     )
-    order = [("subject_id", "ascending"), ("time", "ascending"), ("code", "ascending")]
-    out = out.sort_by(order, null_placement="at_start")  # static rows first, as MEDS sorts
+    # Sorted by subject, then time with static rows (null time) first, as MEDS sorts.
+    first = np.where(kind == KIND_STATIC, np.iinfo(np.int64).min, t)
+    out = out.append_column("_order", pa.array(first)).sort_by(
+        [("subject_id", "ascending"), ("_order", "ascending"), ("code", "ascending")]
+    )
+    out = out.drop_columns(["_order"])
     return conform(meds.DataSchema, out)
 
 
@@ -70,15 +78,16 @@ def conform(schema: Any, table: pa.Table) -> pa.Table:
     return table
 
 
-def _cap_births(pids: list[str], t: np.ndarray, kind: np.ndarray, age_cap: float) -> None:
-    """Move each birth (in place) so that the patient is at most age_cap at the last event."""
-    last: dict[str, int] = {}
-    for p, ti, k in zip(pids, t, kind, strict=True):
-        if k != KIND_STATIC and k != KIND_BIRTH and ti > last.get(p, np.iinfo(np.int64).min):
-            last[p] = int(ti)
-    for i in np.flatnonzero(kind == KIND_BIRTH):
-        if pids[i] in last:
-            t[i] = max(int(t[i]), last[pids[i]] - int(age_cap * YEAR_S))
+def _cap_births(patient: np.ndarray, n: int, t: np.ndarray, kind: np.ndarray, cap: float) -> None:
+    """Move each birth (in place) so that its patient is at most `cap` years old at the last
+    event (patient: each row's patient index, of n)."""
+    event = kind == KIND_EVENT
+    last = np.full(n, np.iinfo(np.int64).min)
+    np.maximum.at(last, patient[event], t[event])
+    birth = np.flatnonzero(kind == KIND_BIRTH)
+    latest = last[patient[birth]]
+    has = latest > np.iinfo(np.int64).min
+    t[birth[has]] = np.maximum(t[birth[has]], latest[has] - int(cap * YEAR_S))
 
 
 def write_meds_bucket(

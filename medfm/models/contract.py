@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medfm.shards.schema import EHR_AGE, EHR_TIME
+
 CT_WINDOW = (-1000.0, 1000.0)  # HU, air to dense bone: the default for CT when intensity=auto
 
 
@@ -89,15 +91,18 @@ class Contract:
         return x.contiguous()
 
     def ehr(self, tokens: torch.Tensor, extras: dict[str, Any], meta: dict) -> dict[str, Any]:
-        """A random window of max_tokens codes, right-padded with 0; times/age when stored."""
+        """A random window of max_tokens codes, right-padded with 0, with the window's per-token
+        times and ages when stored (the EHR extras of medfm.shards.schema), each padded with its
+        last value; without stored ages, a per-sample `age` label."""
         n = self.max_tokens or len(tokens)
         a, b = random_window(len(tokens), n)
         out = {"data": F.pad(tokens[a:b].long(), (0, n - (b - a)))}
-        if "times" in extras:
-            times = torch.as_tensor(np.asarray(extras["times"], np.float32)[a:b])
-            out["times"] = F.pad(times, (0, n - (b - a)), value=float(times[-1]) if b > a else 0.0)
+        for stored, key in ((EHR_TIME, "times"), (EHR_AGE, "age")):
+            if stored in extras:
+                v = torch.as_tensor(np.asarray(extras[stored], np.float32)[a:b])
+                out[key] = F.pad(v, (0, n - (b - a)), value=float(v[-1]) if b > a else 0.0)
         age = meta["labels"].get("age", meta["meta"].get("age"))
-        if age is not None:
+        if "age" not in out and age is not None:
             out["age"] = torch.tensor(float(age))
         return out
 
