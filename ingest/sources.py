@@ -100,6 +100,8 @@ def _walk_local(root: str, follow: bool) -> tuple[dict[str, int], dict[str, str]
             continue
         links = []
         for e in entries:  # real folders first: a link never hides the folder it points to
+            if e.name.startswith("."):  # dot-files and dot-folders are never inputs
+                continue
             if e.is_dir(follow_symlinks=False):
                 enter(e.path)
             elif e.is_symlink() and e.is_dir():
@@ -128,31 +130,24 @@ def stem_of(rel: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else name
 
 
-def _normalise(path: str) -> str | None:
-    """A relative path with `.` and `..` resolved, or None if it leaves the root."""
+def _normalise(path: str, clamp: bool = False) -> str | None:
+    """A relative path with `.` and `..` resolved; one that leaves the root is None, or with
+    `clamp` stays at the root."""
     parts: list[str] = []
     for p in path.replace("\\", "/").split("/"):
+        if p == ".." and not parts and not clamp:
+            return None
         if p == "..":
-            if not parts:
-                return None
-            parts.pop()
+            parts = parts[:-1]
         elif p and p != ".":
             parts.append(p)
     return "/".join(parts)
 
 
 def label_rel(pattern: str, rel: str) -> str:
-    """Where the label map of `rel` lives: the pattern, relative to the image's folder (a `..`
-    above the root stays at the root)."""
+    """Where the label map of `rel` lives: the pattern, relative to the image's folder."""
     folder = rel.rsplit("/", 1)[0] + "/" if "/" in rel else ""
-    parts: list[str] = []
-    for p in (folder + pattern.format(stem=stem_of(rel))).split("/"):
-        if p == "..":
-            if parts:
-                parts.pop()
-        elif p and p != ".":
-            parts.append(p)
-    return "/".join(parts)
+    return _normalise(folder + pattern.format(stem=stem_of(rel)), clamp=True) or ""
 
 
 @dataclass
@@ -232,7 +227,7 @@ def pairs_rows(
     except (OSError, UnicodeDecodeError) as e:
         raise IngestError(f"{what}: cannot read it ({type(e).__name__})") from None
     if name.lower().endswith(".csv"):
-        raw = _csv_pairs(text, what)
+        raw = _csv_pairs(text, what, name.rsplit("/", 1)[-1])
     else:
         raw = _json_pairs(text, what, files)
     rows = []
@@ -244,11 +239,10 @@ def pairs_rows(
     return rows
 
 
-def _csv_pairs(text: str, what: str) -> list[tuple[str, str, str, str]]:
+def _csv_pairs(text: str, what: str, name: str) -> list[tuple[str, str, str, str]]:
     reader = csv.DictReader(io.StringIO(text))
     if not reader.fieldnames or not {"image", "label"} <= set(reader.fieldnames):
         raise IngestError(f"{what}: needs the columns image,label")
-    name = what.split("label_pairs ")[-1].strip("'")
     return [
         (r["image"] or "", r["label"] or "", f"{name} row {n}", "")
         for n, r in enumerate(reader, start=2)
@@ -278,7 +272,8 @@ def _json_pairs(text: str, what: str, files: list[SourceFile]) -> list[tuple[str
             m = f.rel.endswith(ending) and NNUNET_CHANNEL.match(f.rel[: -len(ending)])
             if m:
                 case = m.group(1)
-                out.append((f.rel, f"{LABELS_TR}{case}{ending}", f"nnU-Net case {case}", case))
+                # the case name stays out of reasons: it may be a patient's name or id
+                out.append((f.rel, f"{LABELS_TR}{case}{ending}", "the nnU-Net layout", case))
         return out
     raise IngestError(
         f"{what}: neither a Decathlon dataset.json (training list) nor an nnU-Net v2 one "
@@ -293,6 +288,8 @@ def attach_labels(pairs: LabelPairs, items: list[SourceItem], source: str) -> li
     sliced: set[str] = set()  # keys that named one file of a multi-file item
     by_folder: dict[str, list[SourceItem]] = {}
     for it in items:
+        if len(it.files) == 1 and it.files[0].rel in pairs.case:
+            it.info["case"] = pairs.case[it.files[0].rel]
         if len(it.files) == 1 and it.files[0].rel in pairs.label:
             _attach(it, it.files[0].rel, pairs, used)
             continue
@@ -304,15 +301,10 @@ def attach_labels(pairs: LabelPairs, items: list[SourceItem], source: str) -> li
     for folder, its in sorted(by_folder.items()):
         if len(its) == 1 and its[0].label is None:
             _attach(its[0], folder, pairs, used)
-        else:
-            out.append(
-                _unused(
-                    pairs,
-                    folder,
-                    source,
-                    f"its folder holds {len(its)} items (series); name one series per label map",
-                )
-            )
+            continue
+        why = (f"its folder holds {len(its)} series or images; name one series folder per label map"
+               if len(its) > 1 else "its image already has a label map")  # fmt: skip
+        out.append(_unused(pairs, folder, source, why))
     for key in sorted(pairs.label.keys() - used - by_folder.keys()):
         why = ("its image is one file of a DICOM series: name the series folder in label_pairs"
                if key in sliced else "its image was not found among the converted inputs "
@@ -323,8 +315,6 @@ def attach_labels(pairs: LabelPairs, items: list[SourceItem], source: str) -> li
 
 def _attach(item: SourceItem, key: str, pairs: LabelPairs, used: set[str]) -> None:
     item.label = pairs.label[key]
-    if key in pairs.case:
-        item.info["case"] = pairs.case[key]
     used.add(key)
 
 

@@ -82,12 +82,16 @@ def _layouts(base: Path, ts: Path) -> dict:
     _flipped(seg, pairs / "labels" / "ct.nii.gz")
     shutil.copy(seg, pairs / "labels" / "gone.nii.gz")
     _series_with_label(pairs)
+    for name in ("CT5N", "CT2N"):  # a folder of several items cannot take one label map
+        shutil.copytree(SERIES.parent / name, pairs / "two" / name)
+    shutil.copy(pairs / "series_seg.nii.gz", pairs / "labels" / "two.nii.gz")
     (pairs / "pairs.csv").write_text(
         "image,label\n"
         "images/ct.nii.gz,labels/ct.nii.gz\n"
         "series,series_seg.nii.gz\n"
         "images/ct2.nii.gz,labels/missing.nii.gz\n"
         "images/gone.nii.gz,labels/gone.nii.gz\n"
+        "two,labels/two.nii.gz\n"
     )
     # B. Medical Segmentation Decathlon: dataset.json lists training pairs
     msd = base / "Task03_Liver"
@@ -182,6 +186,7 @@ def test_label_pairs_csv_pairs_nifti_and_a_dicom_series(job, sample_data):
     assert "pairs.csv row 4" in quarantine["pairs", "labels/missing.nii.gz"]
     assert "not used" in quarantine["pairs", "labels/gone.nii.gz"]
     assert "pairs.csv row 5" in quarantine["pairs", "labels/gone.nii.gz"]
+    assert "its folder holds 3 series or images" in quarantine["pairs", "labels/two.nii.gz"]
     assert samples["pairs", "images/ct2.nii.gz"].label_map is None  # converted, unlabelled
     assert not any(rel.startswith("labels/") for ds, rel in samples if ds == "pairs")
     assert ("pairs", "pairs.csv") not in quarantine  # the pairs file is no input
