@@ -172,7 +172,12 @@ def test_an_export_rebuilds_without_the_original_checkpoint(tmp_path):
 @pytest.mark.parametrize(
     "spec, match",
     [
-        ({"arch": "convnxt_tiny"}, "model.arch: timm has no model 'convnxt_tiny'"),
+        (
+            {"arch": "convnxt_tiny"},
+            "timm has no model 'convnxt_tiny'; did you mean.*'convnext_tiny'",
+        ),
+        ({"arch": "resnet18", "options": {"in_chans": 3}}, "model.options.in_chans: set by the"),
+        ({"arch": "resnet18", "options": {"no_such": 1}}, "create_model\\('resnet18'\\) refused"),
         ({"arch": "resnet18", "depth": 2}, "model.depth: sizes apply to ViT archs only"),
         (
             {"arch": "vit_small_patch16_224", "pretrained": "ABSENT"},

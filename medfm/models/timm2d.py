@@ -18,6 +18,7 @@ RGB first convolution is adapted to `in_chans`. Missing and unexpected keys are 
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import os
@@ -73,14 +74,22 @@ def create(cfg: TimmConfig, is_vit: bool) -> nn.Module:
         kwargs["no_embed_class"] = True  # pos_embed covers patches only: gathered by mask
     if cfg.drop_path:
         kwargs["drop_path_rate"] = cfg.drop_path
-    return timm.create_model(cfg.arch, pretrained=False, **kwargs, **cfg.options)
+    clash = sorted(set(kwargs) & set(cfg.options))
+    if clash:
+        raise ConfigError(f"model.options.{clash[0]}: set by the encoder (use model.* fields)")
+    try:
+        return timm.create_model(cfg.arch, pretrained=False, **kwargs, **cfg.options)
+    except (TypeError, ValueError, AssertionError) as e:  # timm's refusals of bad arguments
+        raise ConfigError(
+            f"model: timm.create_model({cfg.arch!r}) refused the settings: {e}"
+        ) from e
 
 
 def check_arch(arch: str) -> bool:
     """True for a ViT arch; an unknown name fails with the closest timm names."""
     if not timm.is_model(arch):
-        close = timm.list_models(f"*{arch.split('_')[0]}*")[:8]
-        raise ConfigError(f"model.arch: timm has no model {arch!r}; similar: {close}")
+        close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
+        raise ConfigError(f"model.arch: timm has no model {arch!r}; did you mean {close}?")
     return timm.models.model_entrypoint(arch).__module__ == VIT_MODULE
 
 
