@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from medfm.shards import Geometry, Sample, ShardSetWriter
+from medfm.shards.schema import EHR_TIME
 
 TINY = {"size": "tiny", "embed_dim": 64, "depth": 2, "num_heads": 4}
 DECODER = {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 4}
@@ -114,7 +115,7 @@ def mimic_linked_shards(data: Path, root_dx: Path, root_rx: Path) -> tuple[Path,
                     labels={"age": age[subject[hadm]]},
                 )  # fmt: skip
                 if table is rx:
-                    s.extras = {"times": np.array([t for t, _ in events], np.float32)}
+                    s.extras = {EHR_TIME: np.array([t for t, _ in events], np.float32)}
                 w.write(s)
     return root_dx, root_rx, len(vocab) + 2  # + PAD and [MASK]
 
