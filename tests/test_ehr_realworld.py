@@ -179,6 +179,15 @@ def test_identifier_scan_passes_real_mimic_codes(sample_data):
     assert not any(found.values()), found
 
 
+def test_identifier_scan_leaves_unreadable_files_to_the_quarantine(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "0.parquet").write_bytes(b"PAR1 not really parquet")
+    reader = create_reader("meds")
+    p = tmp_path / "data" / "0.parquet"
+    (job,) = reader.partition_jobs([SourceFile(str(p), "data/0.parquet", p.stat().st_size)])
+    assert scan_identifiers(job, reader.ehr, str(tmp_path)) == {}  # the partition pass says why
+
+
 @pytest.mark.slow  # a real Ray job
 def test_identifier_values_stop_the_job_before_anything_is_written(ray_local, tmp_path):
     root = _disguised(tmp_path, patients=120)
@@ -237,7 +246,7 @@ def test_group_lists_each_file_once(tmp_path):
     paths = [rel for _, rel, _ in items[0].info["tables"]]
     assert sorted(paths) == sorted(f.rel for f in files)  # patients.csv once, not twice
     jobs = reader.partition_jobs([SourceFile(*t) for t in items[0].info["tables"]])
-    assert sorted((j.rel, getattr(j.table, "name", "patients")) for j in jobs if
+    assert sorted((j.rel, j.table_name) for j in jobs if
                   j.rel == "patients.csv") == [("patients.csv", "deaths"),
                                                ("patients.csv", "patients")]  # fmt: skip
 

@@ -107,9 +107,7 @@ class EHRReader(Reader):
         uses = Counter(j.rel for j in jobs)
         for job, part in zip(jobs, parts, strict=True):
             # A file serving several tables is reported per table, each line saying which.
-            which = (
-                f" (table {getattr(job.table, 'name', 'patients')})" if uses[job.rel] > 1 else ""
-            )
+            which = f" (table {job.table_name})" if uses[job.rel] > 1 else ""
             if "error" in part:
                 error = part["error"] + which
                 quarantine.append(Quarantine(job.rel, error, src.name, part["type"]))
@@ -150,14 +148,14 @@ class EHRReader(Reader):
         """Stop the job (exit 2) if a code column's values look like identifiers."""
         scan = ray.remote(num_cpus=1, max_retries=3)(scan_identifiers)
         found = ray.get([scan.remote(j, self.ehr, src.root, src.storage_options) for j in jobs])
-        for job, columns in zip(jobs, found, strict=True):
-            for column, why in sorted(columns.items()):
-                table = getattr(job.table, "name", "patients")
-                raise IngestError(
-                    f"{job.rel}: column {column!r} (table {table}) looks like an identifier "
-                    f"or free text: {why}; nothing was converted. List it under "
-                    "options.allow_columns only if it is neither"
-                )
+        bad = [(j, c, why) for j, cols in zip(jobs, found, strict=True) for c, why in cols.items()]
+        if bad:
+            job, column, why = bad[0]
+            raise IngestError(
+                f"{job.rel}: column {column!r} (table {job.table_name}) looks like an identifier "
+                f"or free text: {why}; nothing was converted. List it under "
+                "options.allow_columns only if it is neither"
+            )
 
     def write_meds(self, ray: Any, ctx: PrepareContext, vocab: str, split_of: SplitOf) -> list:
         """The cleaned buckets as a MEDS dataset (Ray tasks); returns the files written."""
@@ -186,7 +184,7 @@ class EHRReader(Reader):
     def before_birth(self, stats: list[dict], jobs: list[PartitionJob], source: str) -> list:
         rel = {}
         for j in jobs:
-            rel.setdefault(getattr(j.table, "name", "patients"), j.rel)
+            rel.setdefault(j.table_name, j.rel)
         total: dict[str, int] = {}
         for s in stats:
             for table, n in s.get("before_birth", {}).items():

@@ -26,7 +26,6 @@ import pyarrow.parquet as pq
 from medfm.io import atomic_write_bytes, commit, get_fs, sha256_file, tmp_name
 
 from ..privacy import Keyring
-from ..registry import IngestError
 from .spec import EHRSpec, EventTable, PatientTable
 from .tables import (
     EVENT_SCHEMA,
@@ -71,6 +70,10 @@ class PartitionJob:
     join_paths: list[str]  # time_from table files, if any
     tag: str  # unique, deterministic name of this job's bucket files
 
+    @property
+    def table_name(self) -> str:
+        return getattr(self.table, "name", "patients")
+
 
 def scan_identifiers(
     job: PartitionJob, spec: EHRSpec, source_root: str, storage_options: dict | None = None
@@ -89,8 +92,8 @@ def scan_identifiers(
             rows += batch.num_rows
             if rows >= SCAN_ROWS:
                 break
-    except IngestError:
-        return {}  # unreadable, or a column missing: the partition pass quarantines the file
+    except Exception:  # noqa: BLE001 - unreadable, or a column missing: the partition pass
+        return {}  # quarantines the file with its reason
     if not batches:
         return {}
     table = pa.Table.from_batches(batches)
