@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from ingest_helpers import PYDICOM_FILES
+from ingest_helpers import NIBABEL_FILES, PYDICOM_FILES, read_all
 
 from medfm.ingest.job import run_ingest
 from medfm.ingest.load import parse_spec
@@ -211,3 +211,15 @@ def test_nnunet_v2_raw_dataset_with_two_channels(job, sample_data):
     assert chans[0].patient_id == chans[1].patient_id  # one case, one patient, one split
     assert "not used" in quarantine["nnunet", "labelsTr/abd_077.nii.gz"]
     assert not any(rel.startswith("labelsTr/") for ds, rel in samples if ds == "nnunet")
+
+
+def test_a_4d_label_map_is_refused_not_cut_to_its_first_volume(tmp_path):
+    four = nib.load(NIBABEL_FILES / "example4d.nii.gz")
+    first = nib.Nifti1Image(np.asarray(four.dataobj)[..., 0], four.affine)
+    nib.save(first, tmp_path / "mr.nii.gz")
+    shutil.copy(NIBABEL_FILES / "example4d.nii.gz", tmp_path / "mr_seg.nii.gz")
+    spec = {"sources": [{"name": "mr", "root": str(tmp_path), "format": "nifti",
+                         "label": "{stem}_seg.nii.gz"}]}  # fmt: skip
+    got = read_all(spec, key=KEY)
+    assert [(kind, rel) for kind, rel, _ in got] == [("Q", "mr.nii.gz")]
+    assert "label map holds 2 volumes" in got[0][2]

@@ -152,7 +152,10 @@ def read_label(ctx: ReadContext, item: SourceItem) -> Volume | None:
     grid need not be the image's: `volume_sample` aligns it in physical space."""
     if item.label is None:
         return None
-    return volumes(read_image(ctx, item.label, "label map"))[0]
+    vols = volumes(read_image(ctx, item.label, "label map"))
+    if len(vols) != 1:  # which time point would it be? refused, not picked
+        raise UnsupportedInput(f"label map holds {len(vols)} volumes; give one 3D map")
+    return vols[0]
 
 
 class ITKVolumeReader(Reader):
