@@ -229,7 +229,9 @@ def open_volume(
         image = VolumeArray(grp["image"])
         label = VolumeArray(grp["label"]) if row.get("has_label_map") else None
         geometry = Geometry.from_dict(image.attrs["medfm"]["geometry"])
-    except (KeyError, FileNotFoundError, ValueError) as e:
+    except ShardFormatError:
+        raise
+    except Exception as e:  # noqa: BLE001 - zarr's metadata parsing raises many types
         raise ShardFormatError(f"{where}: cannot open volume ({type(e).__name__}: {e})") from e
     if list(image.shape) != list(row["shape"]):
         raise ShardFormatError(f"{where}: stored shape {image.shape} != manifest {row['shape']}")

@@ -438,3 +438,16 @@ def test_honest_sets_still_pass(tmp_path, nibabel_data):
         for row in s.rows():
             assert s.read_sample(row).data.shape == tuple(row["shape"])
     assert os.environ.get("MEDFM_MAX_CHUNK_BYTES") is None
+
+
+def test_zarr_json_with_an_out_of_range_fill_value(tmp_path, nibabel_data):
+    """Found by bench/fuzz.py: zarr raised OverflowError (not ValueError) out of open_volume."""
+    root = _volume_set(tmp_path / "vol", nibabel_data)
+    meta = root / "volumes.zarr/v/image/zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["fill_value"] = 10**12  # the array is int16
+    meta.write_text(json.dumps(doc))
+    _rewrite(root)
+    with pytest.raises(ShardFormatError, match="volumes.zarr/v: cannot open volume .*Overflow"):
+        ShardSet(str(root)).read_sample(_rows(root)[0])
+    assert any("volumes.zarr/v" in e for e in verify(str(root)).errors)
