@@ -218,7 +218,8 @@ def test_palette_color_is_stored_as_rgb(name):
     ds = pydicom.dcmread(PYDICOM_DATA / name)
     assert ds.PhotometricInterpretation == "PALETTE COLOR"
     s = one(PYDICOM_DATA, name, **ALLOW)
-    want = apply_color_lut(ds.pixel_array, ds)
+    ref = pydicom.dcmread(PYDICOM_DATA / "OBXXXX1A.dcm")  # the same image, little endian
+    want = apply_color_lut(ref.pixel_array, ref)
     assert s.data.shape == (600, 800, 3) and np.array_equal(s.data, want)
     assert s.meta["dicom"]["PhotometricInterpretation"] == "RGB"
     assert s.meta["dicom"]["SourcePhotometricInterpretation"] == "PALETTE COLOR"
