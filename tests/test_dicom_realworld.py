@@ -12,7 +12,7 @@ import SimpleITK as sitk
 from ingest_helpers import KEY, PYDICOM_FILES, read_all, small_ct, write_series
 from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
-from pydicom.uid import RLELossless, generate_uid
+from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
 
 from medfm.ingest.load import parse_spec
 from medfm.ingest.privacy import Keyring
@@ -72,6 +72,26 @@ def test_blank_uid_series_is_one_volume_spaced_by_position(tmp_path):
     assert s.kind == "volume3d" and s.data.shape == ref.GetSize() == (16, 16, 5)
     assert s.geometry.spacing == pytest.approx(ref.GetSpacing(), abs=1e-4)
     assert s.geometry.spacing[2] == pytest.approx(2.5, abs=1e-4)  # not SliceThickness (3.0)
+    assert np.array_equal(s.data, sitk.GetArrayFromImage(ref).T)
+
+
+def test_blank_uid_jpeg2000_series_matches_simpleitk(tmp_path):
+    """The issue's case: a JPEG 2000 lossless CT series exported with empty Study, Series and
+    SOP instance UIDs and SliceThickness 3.0 over slices 2.0 mm apart."""
+    vol = small_ct()  # real voxels (nibabel's anatomical.nii), 33x41x25 at 2 mm
+    for p in write_series(vol, tmp_path / "ct"):
+        ds = pydicom.dcmread(p)
+        ds.StudyInstanceUID = ds.SeriesInstanceUID = ds.SOPInstanceUID = ""
+        ds.file_meta.MediaStorageSOPInstanceUID = ""
+        ds.SliceThickness = "3.0"
+        ds.compress(JPEG2000Lossless)
+        ds.save_as(p)
+    got = read_all({"sources": [src(tmp_path)], "intensity": {"ct": "raw"}})
+    assert [g[0] for g in got] == ["S"], got
+    s, ref = got[0][2], sitk_series(tmp_path / "ct")
+    assert s.data.shape == ref.GetSize() == (33, 41, 25)
+    assert s.geometry.spacing == pytest.approx(ref.GetSpacing(), abs=1e-4)
+    assert s.geometry.spacing[2] == pytest.approx(2.0, abs=1e-4)
     assert np.array_equal(s.data, sitk.GetArrayFromImage(ref).T)
 
 
