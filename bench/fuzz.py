@@ -213,6 +213,19 @@ def tar_run(work: Path, data: bytes) -> None:
         pass
 
 
+def tar_in_set_setup(work: Path) -> list[bytes]:
+    return tar_setup(work)
+
+
+def tar_in_set_run(work: Path, data: bytes) -> None:
+    """The same mutated tar inside its set (hashes fixed): verify and the byte-range readers."""
+    root = _fresh_copy(work / "seed", work / "case")
+    rel = "tars/shard-000000.tar"
+    (root / rel).write_bytes(data)
+    _rehash_header(root, rel)
+    _read_everything(root)
+
+
 # .npy headers
 def npy_setup(work: Path) -> list[bytes]:
     from medfm.shards.codecs import encode_npy
@@ -492,6 +505,7 @@ def csv_run(work: Path, data: bytes) -> None:
 
 CASES = {c.name: c for c in [
     Case("tar", True, tar_setup, tar_run, _shard_errors),
+    Case("tar_in_set", True, tar_in_set_setup, tar_in_set_run, _shard_errors),
     Case("npy", True, npy_setup, npy_run, _shard_errors),
     Case("png", True, png_setup, png_run, _shard_errors),
     Case("manifest_json", True, header_setup, header_run, _shard_errors),
@@ -566,7 +580,8 @@ def run_atheris(name: str, seconds: float, findings: Path) -> None:
     import atheris
 
     case = CASES[name]
-    prepare_child([name], Path(tempfile.mkdtemp(prefix=f"fuzz-{name}-")))
+    with atheris.instrument_imports(include=["medfm"]):  # coverage of medfm's own parsers
+        prepare_child([name], Path(tempfile.mkdtemp(prefix=f"fuzz-{name}-")))
     corpus = findings / f"{name}-corpus"
     corpus.mkdir(parents=True, exist_ok=True)
     for i, s in enumerate(case.seeds):
