@@ -182,6 +182,12 @@ class IngestSpec:
             "volume": dataclasses.asdict(self.volume),
             "intensity": dataclasses.asdict(self.intensity),
             "image2d": dataclasses.asdict(self.image2d),
+            # Sections other components own (signal:), so their settings are recorded too.
+            **{
+                k: dataclasses.asdict(v)
+                for k, v in sorted(self.sections.items())
+                if dataclasses.is_dataclass(v)
+            },
         }
 
 

@@ -6,9 +6,9 @@ per window (or a quarantine record per bad window) on the shared ingest machiner
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import os
+import posixpath
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,13 +22,13 @@ from ..registry import (
     Reader,
     SourceFile,
     SourceItem,
+    is_companion,
     register_reader,
 )
 from ..sources import identity
 from ..spec import SpecError, from_dict, register_section
 from . import readers
-from .channels import channel_group
-from .preprocess import SignalConfig, prepare, windows
+from .preprocess import SignalConfig, prepare, primary_group, wanted_channels, windows
 from .record import SignalRecord
 
 register_section("signal", SignalConfig)
@@ -56,7 +56,13 @@ class SignalReader(Reader):
 
     def load(self, item: SourceItem, ctx: ReadContext) -> SignalRecord:
         with ctx.local_path(item.files[0]) as path:
-            return READER_FUNCS[self.name](path, self.reader_options)
+            return self.read_file(path, ctx)
+
+    def read_file(self, path: str, ctx: ReadContext) -> SignalRecord:
+        func = READER_FUNCS[self.name]
+        if func in (readers.read_wfdb, readers.read_edf):  # the readers that mix rates
+            return func(path, self.reader_options, signal_config(ctx).max_resample_ratio)
+        return func(path, self.reader_options)
 
     def read(self, item: SourceItem, ctx: ReadContext) -> Iterator[Sample | Quarantine]:
         rec = self.load(item, ctx)
@@ -70,20 +76,29 @@ def record_samples(
     raw_pid, pid, study, table_labels = identity(ctx, item)
     split = ctx.split(pid)
     p = prepare(rec, cfg)
-    groups = {channel_group(c) for c in p.channels}
-    modality = ctx.source.modality or ("ECG" if "ecg" in groups else "EEG" if groups == {"eeg"}
-                                       else "OT")  # fmt: skip
+    modality = ctx.source.modality or {"ecg": "ECG", "eeg": "EEG"}.get(
+        primary_group(p.channels), "OT"
+    )
     start = ctx.keyring.shift_datetime(raw_pid, rec.start) if rec.start else None
     series = ctx.uid(item.rel, "series")[:20]
-    settings = {"signal": dataclasses.asdict(cfg)}
     duration = p.signal.shape[1] / p.fs
-    for w in windows(rec, p, cfg):
+    wanted = set(wanted_channels(p.channels, cfg))
+    found = windows(rec, p, cfg)
+    if not found:  # nothing to write must still leave a line: no record vanishes
+        yield Quarantine(
+            item.rel,
+            f"record lasts {duration:.1f} s, shorter than one window of {cfg.window_s:g} s",
+            ctx.source.name,
+            "ShortRecord",
+        )
+    for w in found:
         t0 = w.start / p.fs
-        if w.bad and cfg.bad_window == "quarantine":
+        if cfg.bad_window == "quarantine" and wanted <= w.bad.keys():
             why = ", ".join(f"{c} {r}" for c, r in sorted(w.bad.items()))
             yield Quarantine(
                 item.rel,
-                f"window {w.index} ({t0:.1f}-{t0 + cfg.window_s:.1f} s): {why}",
+                f"window {w.index} ({t0:.1f}-{t0 + cfg.window_s:.1f} s): every wanted "
+                f"channel is bad: {why}",
                 ctx.source.name,
                 "BadSignalWindow",
             )
@@ -97,8 +112,10 @@ def record_samples(
             "segments": rec.segments,
             "units": p.units,
             "normalize": cfg.normalize,
-            "dropped_channels": p.dropped,
+            "dropped_channels": p.dropped + list(rec.rate_dropped),
         }
+        if rec.rate_dropped:
+            meta["dropped_reasons"] = rec.rate_dropped
         if w.bad:
             meta["bad_channels"] = w.bad
         if w.interpolated:
@@ -120,58 +137,112 @@ def record_samples(
             channels=p.channels,
             extras=w.extras,
             licence=ctx.source.licence,
-            provenance={"settings": settings},
             meta=meta,
         )
 
 
+HEADER_BYTES = 1 << 20  # a WFDB header is text; 1 MiB holds thousands of signal lines
+
+
+def header_lines(text: str) -> list[list[str]]:
+    """The non-comment lines of a WFDB header, split into fields."""
+    return [x.split() for x in text.splitlines() if x.strip() and not x.lstrip().startswith("#")]
+
+
+def header_reads(lines: list[list[str]]) -> tuple[list[str], list[str]]:
+    """(segment names, signal file names) a record header names: the files it reads."""
+    if not lines:
+        return [], []
+    record = lines[0][0]
+    if "/" in record:  # multi-segment: "name/nseg nsig fs", then one "segment length" line each
+        n = int(record.split("/")[1]) if record.split("/")[1].isdigit() else 0
+        return [x[0] for x in lines[1 : 1 + n] if x[0] != "~"], []
+    n_sig = int(lines[0][1]) if len(lines[0]) > 1 and lines[0][1].isdigit() else 0
+    return [], list(dict.fromkeys(x[0] for x in lines[1 : 1 + n_sig] if x[0] != "~"))
+
+
 class WfdbReader(SignalReader):
-    """A WFDB record through its `.hea`; multi-segment records read as one recording."""
+    """A WFDB record through its `.hea`; multi-segment records read as one recording. An item
+    holds the header and every file the record reads (signal files, segment headers and their
+    signal files, annotations), so provenance hashes them all and the job counts their bytes."""
 
     def scan(self, f: SourceFile, ctx: ReadContext) -> dict[str, Any] | None:
-        # Segment headers of a multi-segment record are not records of their own.
-        with ctx.fs.open(f.path, "rb") as fh:
-            first = fh.read(4096).decode("latin-1").splitlines()
-        lines = [x for x in first if x.strip() and not x.startswith("#")]
-        if lines and "/" in lines[0].split()[0]:
-            n = int(lines[0].split()[0].split("/")[1])
-            return {"segments": [x.split()[0] for x in lines[1 : 1 + n]]}
-        return None
+        if not f.rel.lower().endswith(".hea"):
+            return None
+        folder = posixpath.dirname(f.path)
+        segments, names = header_reads(header_lines(self._text(ctx, f.path)))
+        for seg in segments:
+            path = posixpath.join(folder, seg + ".hea")
+            if ctx.fs.exists(path):
+                names += [seg + ".hea"] + header_reads(header_lines(self._text(ctx, path)))[1]
+        stem = posixpath.basename(f.path)[: -len(".hea")]
+        names += [f"{stem}.{ext}" for ext in self.reader_options.annotators]
+        reads = {}
+        for name in dict.fromkeys(names):
+            path = posixpath.join(folder, name)
+            if ctx.fs.isfile(path):  # a missing one is the reader's error to report
+                reads[name] = int(ctx.fs.size(path) or 0)
+        return {"segments": segments, "reads": reads}
+
+    @staticmethod
+    def _text(ctx: ReadContext, path: str) -> str:
+        with ctx.fs.open(path, "rb") as fh:
+            return fh.read(HEADER_BYTES).decode("latin-1")
 
     def group(self, files: list[SourceFile], scans: dict[str, Any], source: Any):
-        segments = set()
+        consumed, records = set(), []
         for f in files:
-            for seg in (scans.get(f.rel) or {}).get("segments", []):
-                segments.add(os.path.join(os.path.dirname(f.rel), seg + ".hea"))
+            if not f.rel.lower().endswith(".hea"):
+                continue
+            # A header whose scan failed is still a record: reading it reports the cause.
+            scan = {"segments": [], "reads": {}, **(scans.get(f.rel) or {})}
+            folder, rel_folder = posixpath.dirname(f.path), posixpath.dirname(f.rel)
+            consumed |= {posixpath.join(rel_folder, seg + ".hea") for seg in scan["segments"]}
+            reads = tuple(
+                SourceFile(posixpath.join(folder, n), posixpath.join(rel_folder, n), size)
+                for n, size in scan["reads"].items()
+            )
+            consumed |= {r.rel for r in reads}
+            records.append((f, reads))
+        for f, reads in records:
+            if f.rel not in consumed:  # segment headers are no records of their own
+                yield SourceItem(source.name, self.name, (f, *reads))
         for f in files:
-            if f.rel not in segments:
-                yield SourceItem(source.name, self.name, (f,))
+            if not f.rel.lower().endswith(".hea") and f.rel not in consumed:
+                if not is_companion(f.rel):
+                    yield Quarantine(
+                        f.rel, "not a WFDB header, and no header reads it", source.name,
+                        "UnsupportedInput",
+                    )  # fmt: skip
 
     def load(self, item: SourceItem, ctx: ReadContext) -> SignalRecord:
-        with local_record(ctx, item.files[0]) as path:
-            return readers.read_wfdb(path, self.reader_options)
+        with local_record(ctx, item) as path:
+            return self.read_file(path, ctx)
 
 
 @contextmanager
-def local_record(ctx: ReadContext, header: SourceFile) -> Iterator[str]:
-    """The header path of a WFDB record on local disk (remote records: fetch the record's
-    files, which share the folder and the record-name prefix, into a temporary folder)."""
+def local_record(ctx: ReadContext, item: SourceItem) -> Iterator[str]:
+    """The header path of a WFDB record on local disk (remote records: fetch the files the
+    item lists, which all share the header's folder, into a temporary folder)."""
+    header = item.files[0]
     if type(ctx.fs).__name__ == "LocalFileSystem":
         yield header.path
         return
-    folder, name = header.path.rsplit("/", 1)
-    stem = name[: -len(".hea")]
     with tempfile.TemporaryDirectory(prefix="medfm-wfdb-") as tmp:
-        for path in ctx.fs.glob(f"{folder}/{stem}*"):
-            ctx.fs.get(path, os.path.join(tmp, path.rsplit("/", 1)[-1]))
-        yield os.path.join(tmp, name)
+        for f in item.files:
+            ctx.fs.get(f.path, os.path.join(tmp, posixpath.basename(f.path)))
+        yield os.path.join(tmp, posixpath.basename(header.path))
 
 
-register_reader(
-    "wfdb",
-    extensions=(".hea",),
-    companions=(".dat", ".atr", ".xyz", ".qrs", ".ecg", ".pu", ".pu0", ".pu1", ".hea-"),
-)(WfdbReader)
+# Files a WFDB header consumes: signal files (.dat, .mat, the .d0-.d9 of multi-file records,
+# PTB's .xyz) and the annotator extensions PhysioNet databases ship (reference beats, QRS
+# detector output: gqrs, sqrs, wqrs, wabp; sleep and apnea labels; ST episodes).
+WFDB_COMPANIONS = (
+    ".dat", ".mat", ".xyz", *(f".d{i}" for i in range(10)), ".hea-",
+    ".atr", ".ari", ".qrs", ".ecg", ".pu", ".pu0", ".pu1", ".gqrsh", ".gqrsl", ".sqrs", ".wqrs",
+    ".wabp", ".apn", ".st", ".stf", ".16a", ".arousal", ".hypn", ".trigger", ".man",
+)  # fmt: skip
+register_reader("wfdb", extensions=(".hea",), companions=WFDB_COMPANIONS)(WfdbReader)
 register_reader("edf", extensions=(".edf", ".bdf", ".rec"))(SignalReader)
 register_reader("dicom_waveform")(SignalReader)
 register_reader("signal_csv")(SignalReader)

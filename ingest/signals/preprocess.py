@@ -32,18 +32,26 @@ class SignalConfig:
     channels: list[str] = field(default_factory=list)  # canonical names, in order; empty = all
     unknown_channel: str = "quarantine"  # or "drop": what an unrecognised channel name does
     normalize: str = "window"  # "window" | "record" | "none"; stats kept in extras["norm"]
-    bad_window: str = "quarantine"  # "quarantine" | "mask" (zero the channel, extras["mask"])
+    # A bad channel is always masked (zeroed, extras["mask"], meta.bad_channels) and its window
+    # kept; a window whose every wanted channel is bad is quarantined, or kept with "mask".
+    bad_window: str = "quarantine"  # "quarantine" | "mask"
     flat_std: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_FLAT_STD))
     max_saturated: float = 0.05  # fraction of samples at the ADC limits that marks saturation
     max_nan: float = 0.005  # missing-sample fraction above which a channel is bad; fewer are
     # linearly interpolated (and counted in meta["interpolated"])
     keep_events: bool = True  # copy EDF+ annotation texts into labels (set False if free text)
+    # Never upsample by more than this: a slower channel beside waveforms is dropped (and
+    # named in meta.dropped_reasons), a slower record is refused.
+    max_resample_ratio: float = 10.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.overlap < 1:
             raise ValueError(f"signal.overlap must be in [0, 1), got {self.overlap}")
         if self.window_s <= 0:
             raise ValueError(f"signal.window_s must be positive, got {self.window_s}")
+        if self.max_resample_ratio < 1:
+            ratio = self.max_resample_ratio
+            raise ValueError(f"signal.max_resample_ratio must be >= 1, got {ratio}")
         for name, value, allowed in (
             ("unknown_channel", self.unknown_channel, ("quarantine", "drop")),
             ("normalize", self.normalize, ("window", "record", "none")),
@@ -108,8 +116,38 @@ def map_channels(rec: SignalRecord, cfg: SignalConfig) -> tuple[list[int], list[
     return keep, names, dropped
 
 
+def primary_group(channels: list[str]) -> str:
+    """The record's own kind: ECG or EEG, whichever has more channels (ECG on a tie; an EEG
+    montage with one ECG lead is EEG), else "other"."""
+    groups = [channel_group(c) for c in channels]
+    ecg, eeg = groups.count("ecg"), groups.count("eeg")
+    return "ecg" if ecg and ecg >= eeg else "eeg" if eeg else "other"
+
+
+def wanted_channels(channels: list[str], cfg: SignalConfig) -> list[str]:
+    """The channels a window is for: the spec's `channels`, else those of the primary group
+    (a bad RESP beside good ECG leads costs the RESP, not the window)."""
+    if cfg.channels:
+        return list(cfg.channels)
+    group = primary_group(channels)
+    return [c for c in channels if channel_group(c) == group]
+
+
+def check_rate(rec: SignalRecord, cfg: SignalConfig) -> float:
+    """The output rate, refusing an upsampling beyond `max_resample_ratio`."""
+    fs = float(cfg.target_rate or rec.fs)
+    if fs / rec.fs > cfg.max_resample_ratio:
+        raise SignalReadError(
+            f"sampled at {rec.fs:g} Hz: target_rate {fs:g} Hz would upsample it "
+            f"{fs / rec.fs:g}x (max_resample_ratio {cfg.max_resample_ratio:g}); numerics "
+            "records (HR, SpO2 once a minute) belong in a spec with signal.target_rate: null"
+        )
+    return fs
+
+
 def prepare(rec: SignalRecord, cfg: SignalConfig) -> Prepared:
     """Select and rename channels, convert to mV/µV, flag NaN/saturation, resample."""
+    fs = check_rate(rec, cfg)
     idx, names, dropped = map_channels(rec, cfg)
     x = rec.signal[idx].astype(np.float64)
     units = []
@@ -132,7 +170,6 @@ def prepare(rec: SignalRecord, cfg: SignalConfig) -> Prepared:
             tol = 1e-3 * (hi - lo)
             saturated[row] = (x[row] <= lo + tol) | (x[row] >= hi - tol)
     x = fill_gaps(x, nan)  # resample_poly would smear a NaN over the whole filter length
-    fs = float(cfg.target_rate or rec.fs)
     if fs != rec.fs:
         ratio = Fraction(fs / rec.fs).limit_denominator(10000)
         x = resample_poly(x, ratio.numerator, ratio.denominator, axis=1)

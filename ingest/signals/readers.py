@@ -37,17 +37,45 @@ class ReaderOptions:
     csv_time_column: str | None = "time"
 
 
-def to_common_rate(chans: list[np.ndarray], rates: list[float]) -> tuple[np.ndarray, float]:
-    """Bring channels sampled at different rates to the highest one (polyphase, integer ratio)."""
+# Upsampling factor beyond which a channel is not brought to the record's rate: a 1/60 Hz
+# numeric (HR, SpO2) upsampled to a 500 Hz waveform rate is 30,000 invented samples per
+# measured one (spec `signal.max_resample_ratio`).
+DEFAULT_MAX_RATIO = 10.0
+
+
+@dataclass
+class CommonRate:
+    """Channels brought to one rate, and the ones left out because that needed too much."""
+
+    signal: np.ndarray  # (C, T) float64
+    fs: float
+    kept: list[int]  # indices into the input channels
+    dropped: dict[int, str]  # input index -> why
+
+
+def to_common_rate(
+    chans: list[np.ndarray], rates: list[float], max_ratio: float = DEFAULT_MAX_RATIO
+) -> CommonRate:
+    """Bring channels sampled at different rates to the highest one (polyphase, integer ratio).
+
+    A channel more than `max_ratio` times slower than the fastest (a numeric beside waveforms)
+    is dropped with its reason rather than upsampled."""
     top = max(rates)
-    out = []
-    for x, r in zip(chans, rates, strict=True):
+    out, kept, dropped = [], [], {}
+    for i, (x, r) in enumerate(zip(chans, rates, strict=True)):
+        if top / r > max_ratio:
+            dropped[i] = (
+                f"sampled at {r:g} Hz, {top / r:g}x below the record's {top:g} Hz "
+                f"(max_resample_ratio {max_ratio:g}): not upsampled"
+            )
+            continue
         if r != top:
             up, down = _ratio(top, r)
             x = resample_poly(x, up, down)
         out.append(x)
+        kept.append(i)
     n = min(len(x) for x in out)
-    return np.stack([x[:n] for x in out]).astype(np.float64), float(top)
+    return CommonRate(np.stack([x[:n] for x in out]).astype(np.float64), float(top), kept, dropped)
 
 
 def _msg(e: BaseException) -> str:
@@ -67,23 +95,59 @@ def _ratio(top: float, r: float) -> tuple[int, int]:
 # --- WFDB -----------------------------------------------------------------------------------
 
 
-def check_wfdb_sizes(record_path: str) -> int:
-    """Raise if any .dat file is shorter than its header says (truncated or over-declared);
-    returns the number of segments."""
+def _rdheader(record_path: str, what: str):
     import wfdb
 
-    header = wfdb.rdheader(record_path)
+    name = os.path.basename(record_path) + ".hea"
+    if not os.path.exists(record_path + ".hea"):
+        raise SignalReadError(f"{name}: {what} is missing")
+    try:
+        return wfdb.rdheader(record_path)
+    except (ValueError, IndexError, KeyError, TypeError) as e:
+        raise SignalReadError(f"{name}: malformed WFDB header ({_msg(e)})") from e
+
+
+def check_wfdb_sizes(record_path: str) -> int:
+    """Raise, naming the file and the cause, for what wfdb reports badly: a missing segment
+    header, an unknown signal format, a .dat file shorter than its header says (truncated or
+    over-declared). Returns the number of data segments (layout and gap segments excluded)."""
+    import wfdb
+    from wfdb.io._signal import DAT_FMTS
+
+    header = _rdheader(record_path, "record header")
     folder = os.path.dirname(record_path)
     headers = [header]
     if isinstance(header, wfdb.MultiRecord):
-        headers = [
-            wfdb.rdheader(os.path.join(folder, s)) for s in header.seg_name if s and s != "~"
+        named = [
+            (s, n) for s, n in zip(header.seg_name, header.seg_len, strict=True) if s and s != "~"
         ]
+        headers = [
+            _rdheader(os.path.join(folder, s), "segment header named by the record header")
+            for s, _ in named
+        ]
+        # A variable-layout record's first segment (length 0) only lists the channels.
+        n_segments = sum(1 for _, n in named if n)
+        if not n_segments:
+            raise SignalReadError(
+                f"{header.record_name}.hea: the record holds only gaps (no data segment)"
+            )
+    else:
+        n_segments = 1
     for h in headers:
         per_file: dict[str, float] = {}
-        for i, fname in enumerate(h.file_name):
-            bps = WFDB_BYTES_PER_SAMPLE.get(str(h.fmt[i]))
-            if bps is None:  # compressed formats: wfdb checks them itself
+        for i, fname in enumerate(h.file_name or []):
+            fmt = str(h.fmt[i])
+            if fname == "~":  # a layout segment's channel list: no file
+                continue
+            if fmt not in DAT_FMTS:
+                raise SignalReadError(
+                    f"{fname}: signal format {fmt} (header {h.record_name}.hea) is not a WFDB "
+                    f"format ({', '.join(DAT_FMTS)})"
+                )
+            bps = WFDB_BYTES_PER_SAMPLE.get(fmt)
+            if bps is None or h.sig_len is None:
+                # Compressed formats: wfdb checks them itself; no sample count in the header:
+                # wfdb takes the length from the file, so there is nothing to disagree with.
                 continue
             offset = (h.byte_offset[i] or 0) if h.byte_offset else 0
             spf = h.samps_per_frame[i] if h.samps_per_frame else 1
@@ -98,35 +162,67 @@ def check_wfdb_sizes(record_path: str) -> int:
                     f"{fname}: holds {have} bytes but the header declares {h.sig_len} samples "
                     f"needing {int(need)} bytes (truncated file or over-declared length)"
                 )
-    return len(headers)
+    return n_segments
 
 
-def read_wfdb(path: str, opts: ReaderOptions) -> SignalRecord:
+def read_wfdb(path: str, opts: ReaderOptions, max_ratio: float = DEFAULT_MAX_RATIO) -> SignalRecord:
     """A WFDB record (`.hea` path), single- or multi-segment, with its annotation files."""
     import wfdb
+    from soundfile import LibsndfileError
 
     record_path = path[:-4] if path.endswith(".hea") else path
+    name = os.path.basename(path)
     segments = check_wfdb_sizes(record_path)
     try:
         rec = wfdb.rdrecord(record_path, smooth_frames=False)
-    except (ValueError, OSError, IndexError) as e:
-        raise SignalReadError(f"{os.path.basename(path)}: wfdb cannot read it ({_msg(e)})") from e
+    except LibsndfileError as e:  # FLAC formats 508/516/524
+        header = wfdb.rdheader(record_path)
+        files = ", ".join(sorted(set(getattr(header, "file_name", None) or []))) or name
+        raise SignalReadError(
+            f"{files}: FLAC-compressed signal file is truncated or corrupt ({_msg(e)})"
+        ) from e
+    except (ValueError, OSError, IndexError, KeyError, TypeError, AttributeError) as e:
+        raise SignalReadError(f"{name}: wfdb cannot read it ({_msg(e)})") from e
+    chans = [np.asarray(x, float) for x in rec.e_p_signal]
+    if not any(np.isfinite(x).any() for x in chans):
+        raise SignalReadError(f"{name}: the record holds only gaps (no channel has a sample)")
     spf = rec.samps_per_frame or [1] * rec.n_sig
-    rates = [rec.fs * s for s in spf]
-    signal, fs = to_common_rate([np.asarray(x, float) for x in rec.e_p_signal], rates)
+    common = to_common_rate(chans, [rec.fs * s for s in spf], max_ratio)
     start = (
         dt.datetime.combine(rec.base_date, rec.base_time or dt.time())
         if rec.base_date is not None
         else None
     )
     phys = _wfdb_phys_range(rec)
-    out = SignalRecord(signal, fs, list(rec.sig_name), list(rec.units), start, phys, format="wfdb")
+    k = common.kept
+    out = SignalRecord(
+        common.signal,
+        common.fs,
+        [rec.sig_name[i] for i in k],
+        [rec.units[i] for i in k],
+        start,
+        [phys[i] for i in k] if phys else None,
+        format="wfdb",
+        rate_dropped={rec.sig_name[i]: why for i, why in common.dropped.items()},
+    )
     out.segments = segments
-    scale = fs / rec.fs  # annotations count frames; channels at spf > 1 count faster
+    scale = common.fs / rec.fs  # annotations count frames; channels at spf > 1 count faster
     for ext in opts.annotators:
         if os.path.exists(f"{record_path}.{ext}"):
-            _add_wfdb_annotations(out, wfdb.rdann(record_path, ext), scale)
+            _add_wfdb_annotations(out, _rdann(record_path, ext), scale)
     return out
+
+
+def _rdann(record_path: str, ext: str):
+    import wfdb
+
+    try:
+        return wfdb.rdann(record_path, ext)
+    except (ValueError, IndexError, KeyError, TypeError, OSError) as e:
+        raise SignalReadError(
+            f"{os.path.basename(record_path)}.{ext}: annotation file is truncated or corrupt "
+            f"({_msg(e)})"
+        ) from e
 
 
 def _wfdb_phys_range(rec) -> list[tuple[float, float]] | None:
@@ -150,23 +246,27 @@ def _add_wfdb_annotations(out: SignalRecord, ann, scale: float) -> None:
     symbols = list(ann.symbol)
     aux = [str(a or "").replace("\x00", "").strip() for a in (ann.aux_note or [""] * len(symbols))]
     beat = np.array([s in BEAT_SYMBOLS for s in symbols], bool)
-    out.beats = np.concatenate([out.beats, samples[beat]])
-    out.beat_symbols += [s for s, b in zip(symbols, beat, strict=True) if b]
+    # Several annotators (atr + qrs) interleave: keep the beats in time order.
+    beats = np.concatenate([out.beats, samples[beat]])
+    beat_symbols = out.beat_symbols + [s for s, b in zip(symbols, beat, strict=True) if b]
+    order = np.argsort(beats, kind="stable")
+    out.beats, out.beat_symbols = beats[order], [beat_symbols[j] for j in order]
     # Rhythm changes are '+' annotations whose aux note is "(AFIB" etc.; an episode lasts until
-    # the next change or the end of the record.
+    # the next change or the end of the record. Detector output (qrs, gqrsh, sqrs) has none.
     changes = [
         (int(t), a.lstrip("("))
         for t, s, a in zip(samples, symbols, aux, strict=True)
         if s == "+" and a
     ]
     ends = [t for t, _ in changes[1:]] + [out.signal.shape[1]]
-    out.rhythms += [(t, end, label) for (t, label), end in zip(changes, ends, strict=True)]
+    out.rhythms += [(t, end, label) for (t, label), end in zip(changes, ends[: len(changes)],
+                                                                 strict=True)]  # fmt: skip
 
 
 # --- EDF / EDF+ / BDF -----------------------------------------------------------------------
 
 
-def read_edf(path: str, opts: ReaderOptions) -> SignalRecord:
+def read_edf(path: str, opts: ReaderOptions, max_ratio: float = DEFAULT_MAX_RATIO) -> SignalRecord:
     """EDF, EDF+ or BDF with annotations; header identity fields are never read out."""
     import pyedflib
 
@@ -174,7 +274,7 @@ def read_edf(path: str, opts: ReaderOptions) -> SignalRecord:
         f = pyedflib.EdfReader(path)
     except OSError as e:
         raise SignalReadError(
-            f"{os.path.basename(path)}: not a readable EDF/BDF ({_msg(e)})"
+            f"{os.path.basename(path)}: not a readable EDF or BDF file ({_msg(e)})"
         ) from None
     try:
         idx = list(range(f.signals_in_file))
@@ -182,20 +282,22 @@ def read_edf(path: str, opts: ReaderOptions) -> SignalRecord:
             raise SignalReadError(f"{os.path.basename(path)}: no signals")
         chans = [f.readSignal(i) for i in idx]
         rates = [float(f.getSampleFrequency(i)) for i in idx]
-        signal, fs = to_common_rate(chans, rates)
+        common = to_common_rate(chans, rates, max_ratio)
         onsets, durations, texts = f.readAnnotations()
+        k = common.kept
         return SignalRecord(
-            signal,
-            fs,
-            [f.getLabel(i) for i in idx],
-            [f.getPhysicalDimension(i) for i in idx],
+            common.signal,
+            common.fs,
+            [f.getLabel(i) for i in k],
+            [f.getPhysicalDimension(i) for i in k],
             f.getStartdatetime(),
-            [(f.getPhysicalMinimum(i), f.getPhysicalMaximum(i)) for i in idx],
+            [(f.getPhysicalMinimum(i), f.getPhysicalMaximum(i)) for i in k],
             events=[
                 (float(o), max(float(d), 0.0), str(t))
                 for o, d, t in zip(onsets, durations, texts, strict=True)
             ],
             format="edf",
+            rate_dropped={f.getLabel(i): why for i, why in common.dropped.items()},
         )
     finally:
         f.close()

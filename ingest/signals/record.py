@@ -21,6 +21,7 @@ class SignalRecord:
     `beats` are annotation sample indices with their symbols, `rhythms` are (start, end, label)
     episodes in samples, `events` are (onset s, duration s, text) annotations (EDF+).
     `phys_range` holds each channel's (min, max) representable value, for saturation checks.
+    `rate_dropped` names the channels left out as too slow to share the record's rate.
     Everything that identifies a person or recording stays out of this object: readers copy
     only the fields listed here and never the free-text headers.
     """
@@ -37,6 +38,9 @@ class SignalRecord:
     events: list[tuple[float, float, str]] = field(default_factory=list)
     format: str = ""
     segments: int = 1
+    # Channels the reader left out because bringing them to the record's rate would upsample
+    # them too far (raw name -> why); recorded in each window's meta.
+    rate_dropped: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.signal.ndim != 2 or self.signal.shape[0] != len(self.channels):
