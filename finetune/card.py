@@ -27,6 +27,12 @@ def _source_line(name: str, src: dict[str, Any]) -> str:
     )
 
 
+def base_model(uri: str) -> dict[str, str]:
+    """The card's `base_model`: a hub reference only. A path (relative to the export, never
+    absolute) means nothing to a reader of the card, so it is named in the text alone."""
+    return {"base_model": uri.removeprefix("hub://")} if "://" in uri else {}
+
+
 def model_card(meta: dict[str, Any], task: Task) -> str:
     """The card of an export's `meta` (medfm.json); `task` (its Task) gives the task fields."""
     metrics = meta["metrics"]
@@ -42,7 +48,7 @@ def model_card(meta: dict[str, Any], task: Task) -> str:
     )
     front = {
         "library_name": "peft" if meta["mode"] == "lora" else "medfm",
-        "base_model": meta["base_encoder"]["uri"],
+        **base_model(meta["base_encoder"]["uri"]),
         "tags": ["medfm", "medical-imaging", meta["mode"], task.name],
         "pipeline_tag": task.pipeline_tag,
         "license": licences[0] if len(licences) == 1 else "other",

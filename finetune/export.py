@@ -5,13 +5,18 @@ An export is small and self-describing: a PEFT adapter (`adapter_config.json`,
 encoder, the head as safetensors, `medfm.json` (base encoder id and hash, preprocessing contract,
 labels, metrics with CIs, data manifest hashes, file hashes) and a Hugging Face model card. It is
 written to a temporary folder and renamed into place, so a half-written export never exists.
+
+An export travels (hub, e-mail, another site), so it names no local path: the base encoder and
+the data sources are recorded as hub references or as paths relative to the export folder, and
+`medfm.json` may only list plain files inside the export. Loading refuses anything else.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from safetensors.torch import load_file
@@ -30,6 +35,8 @@ from .train import RUN_RECORD
 
 EXPORT_FORMAT = "medfm-finetune-export"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+MODE_FILES = {"lora": ADAPTER_FILES, "full": ("encoder.safetensors",)}
+PATH_KEYS = ("uri", "root")  # record fields that hold a path or a reference
 
 
 class ExportError(ValueError):
@@ -61,6 +68,9 @@ def export(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> Pat
     if run["mode"] == "lora":
         for name in ADAPTER_FILES:
             shutil.copy2(ckpt / "adapter" / name, tmp / name)
+        adapter = json.loads((tmp / ADAPTER_FILES[0]).read_text())
+        adapter["base_model_name_or_path"] = portable_uri(run["base_encoder"]["uri"], out)
+        write_json(tmp / ADAPTER_FILES[0], adapter, indent=2)
     elif run["mode"] == "full":
         shutil.copy2(ckpt / "encoder.safetensors", tmp / "encoder.safetensors")
     for extra in ("roc.png", "seg_overlays.png", "metrics.json"):
@@ -74,13 +84,13 @@ def export(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> Pat
         "mode": run["mode"],
         "task": run["task"],
         "label_names": run["task"]["label_names"],
-        "base_encoder": run["base_encoder"],
+        "base_encoder": portable_paths(run["base_encoder"], out),
         "preprocessing": run["preprocessing"],
         "metrics": run["metrics"],
         # The binary decision threshold the run's accuracy-type metrics used (chosen on val
         # when eval.threshold asked for it), so that users of the export decide the same way.
         "threshold": run["fit"].get("threshold"),
-        "data": run["data"],
+        "data": portable_paths(run["data"], out),
         "files": files,
     }
     write_json(tmp / "medfm.json", meta, indent=1)
@@ -89,18 +99,80 @@ def export(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> Pat
     return out
 
 
+def portable_uri(uri: str, out: Path) -> str:
+    """A hub reference or URL as it is; a local path relative to the export folder `out`."""
+    if "://" in uri:
+        return uri
+    local = Path(uri).expanduser().resolve()
+    return Path(os.path.relpath(local, Path(out).expanduser().resolve())).as_posix()
+
+
+def portable_paths(node: Any, out: Path) -> Any:
+    """A copy of a run record in which every `uri`/`root` is portable (`portable_uri`)."""
+    if isinstance(node, dict):
+        return {
+            k: portable_uri(v, out)
+            if k in PATH_KEYS and isinstance(v, str)
+            else portable_paths(v, out)
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [portable_paths(v, out) for v in node]
+    return node
+
+
 def read_export(folder: Path) -> dict[str, Any]:
+    """medfm.json, checked: every listed file is a plain file inside the export with its hash,
+    and the files this mode loads are among them."""
     path = folder / "medfm.json"
     if not path.is_file():
         raise ExportError(f"{folder}: no medfm.json; not a medfm fine-tuning export")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != EXPORT_FORMAT:
+    try:
+        meta = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExportError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
         raise ExportError(f"{path}: not a {EXPORT_FORMAT} record")
-    for name, digest in meta["files"].items():
-        got = sha256_file(folder / name)[0] if (folder / name).is_file() else "missing"
+    files = meta.get("files")
+    if not isinstance(files, dict) or not isinstance(meta.get("base_encoder"), dict):
+        raise ExportError(f"{path}: no 'files' table or 'base_encoder' record")
+    needed = {"head.safetensors", *MODE_FILES.get(meta.get("mode"), ())} - set(files)
+    if needed:
+        raise ExportError(f"{path}: does not list {sorted(needed)}, which this export loads")
+    for name, digest in files.items():
+        got = sha256_file(export_file(folder, name))[0]
         if got != digest:
             raise ExportError(f"{folder / name}: sha256 {got} does not match medfm.json ({digest})")
     return meta
+
+
+def export_file(folder: Path, name: Any) -> Path:
+    """A file medfm.json lists: a plain file directly in the export, never a path or a link
+    leading out of it (its content, or its hash in an error, would leak another file)."""
+    parts = PurePosixPath(name).parts if isinstance(name, str) else ()
+    if len(parts) != 1 or parts[0] in (".", "..") or "\\" in name or name.startswith("/"):
+        raise ExportError(
+            f"{folder / 'medfm.json'}: lists {name!r}, which is not a file inside the export; "
+            "refused"
+        )
+    path = folder / name
+    if path.is_symlink() or not path.is_file():
+        raise ExportError(f"{path}: missing, or a link; an export holds plain files only")
+    return path
+
+
+def recorded_base(folder: Path, uri: Any) -> str:
+    """The base encoder medfm.json names: a hub reference, or a path relative to the export."""
+    if not isinstance(uri, str) or not uri:
+        raise ExportError(f"{folder / 'medfm.json'}: base_encoder.uri is missing")
+    if "://" in uri:
+        return uri
+    if Path(uri).is_absolute() or uri.startswith("~"):
+        raise ExportError(
+            f"{folder / 'medfm.json'}: base_encoder.uri is an absolute local path, which an "
+            "export never records; refused. Pass the encoder explicitly (load(DIR, base=...))"
+        )
+    return str(folder / uri)
 
 
 def load(
@@ -108,7 +180,8 @@ def load(
 ) -> FinetuneModel:
     """The exported model (eval mode) on its base encoder, ready for preprocessed inputs.
 
-    `base` defaults to the encoder recorded in medfm.json (a path or hub:// reference). Adapters
+    `base` defaults to the encoder recorded in medfm.json (a hub:// reference, or a path relative
+    to the export folder). Adapters
     and probe heads refuse a base encoder whose weights hash differs from the recorded one.
     """
     from medfm.finetune import hub
@@ -122,7 +195,8 @@ def load(
         encoder = build_encoder({"name": arch["name"], **arch["params"]}, where="medfm.json")
         encoder.load_state_dict(load_file(folder / "encoder.safetensors"))
     else:
-        base = base if isinstance(base, BaseEncoder) else load_base_encoder(base or recorded["uri"])
+        if not isinstance(base, BaseEncoder):
+            base = load_base_encoder(base or recorded_base(folder, recorded.get("uri")))
         if base.sha256 != recorded["sha256"]:
             raise BaseEncoderMismatchError(
                 f"{folder}: this {mode} export was trained on base encoder sha256 "

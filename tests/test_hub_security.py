@@ -267,3 +267,108 @@ def test_hf_offline_pull_checks_content_too(tmp_path, monkeypatch):
         hub.pull("hf://medfm-test/sneaky", tmp_path / "out")
     assert not marker.exists() and not (tmp_path / "out").exists()
     assert not os.path.exists(staging_dir(tmp_path / "out"))
+
+
+# -- item 9: an export names no local path, and loads nothing from outside itself ------------
+ENC2D = {"name": "vit2d", "size": "tiny", "embed_dim": 32, "depth": 1, "num_heads": 2,
+         "img_size": 28, "patch_size": 7}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, sample_data):
+    """A real (tiny, one-epoch) LoRA fine-tune of an untrained encoder on PneumoniaMNIST."""
+    import numpy as np
+
+    from medfm.finetune.config import load_config
+    from medfm.finetune.train import run
+    from medfm.models import build_encoder
+    from medfm.models.contract import Contract
+    from medfm.models.export import export_encoder
+    from medfm.shards import Sample, ShardSetWriter
+
+    npz = sample_data / "pneumoniamnist" / "pneumoniamnist.npz"
+    if not npz.is_file():
+        pytest.skip(f"{npz} is missing")
+    base = tmp_path_factory.mktemp("export-security")
+    z = np.load(npz)
+    with ShardSetWriter(str(base / "shards")) as w:
+        for split, n in {"train": 48, "val": 24, "test": 24}.items():
+            for i in range(n):
+                w.write(Sample(
+                    key=f"pm-{split}-{i}", kind="image2d", modality="DX", dataset="pneumoniamnist",
+                    patient_id=f"{split}{i}", split=split, data=z[f"{split}_images"][i],
+                    labels={"label": int(z[f"{split}_labels"][i, 0])}, licence="CC BY 4.0",
+                ))  # fmt: skip
+    torch.manual_seed(0)
+    export_encoder(build_encoder(ENC2D), base / "encoder",
+                   preprocessing=Contract(kind="image2d", image_size=28).describe(), data={},
+                   training={"steps": 0})  # fmt: skip
+    cfg = load_config(None, base={
+        "name": "sec", "out_dir": str(base / "run"), "encoder": str(base / "encoder"),
+        "mode": "lora", "data": {"shards": str(base / "shards"), "batch_size": 24},
+        "task": {"type": "binary", "label_key": "label", "label_names": ["normal", "pneumonia"]},
+        "train": {"epochs": 1, "lr": 1e-3}, "eval": {"bootstrap": 20},
+    })  # fmt: skip
+    return base, run(cfg)
+
+
+def test_export_records_no_local_path_and_moves_with_its_encoder(lora_run, tmp_path):
+    from medfm.finetune.export import export, load
+
+    base, run_dir = lora_run
+    out = export(run_dir, base / "exports" / "sec", overwrite=True)
+    for name in ("medfm.json", "README.md", "adapter_config.json"):
+        text = (out / name).read_text()
+        assert str(base) not in text and str(Path.home()) not in text, name
+    meta = json.loads((out / "medfm.json").read_text())
+    assert meta["base_encoder"]["uri"] == "../../encoder"
+    assert not Path(meta["data"]["shards"]["uri"]).is_absolute()
+    assert "base_model" not in (out / "README.md").read_text().split("---")[1]
+    # the export and its encoder moved together still load: the path is relative
+    moved = tmp_path / "moved"
+    (moved / "exports").mkdir(parents=True)
+    (out.parent.parent / "encoder").rename(moved / "encoder")
+    try:
+        out.rename(moved / "exports" / "sec")
+        model = load(moved / "exports" / "sec")
+        assert model.medfm["name"] == "sec"
+    finally:
+        (moved / "encoder").rename(base / "encoder")
+
+
+def test_export_files_outside_the_export_are_refused_without_their_hash(lora_run, tmp_path):
+    from medfm.finetune.export import ExportError, export, load, read_export
+
+    base, run_dir = lora_run
+    out = export(run_dir, tmp_path / "exp")
+    secret = tmp_path / "hostname"
+    secret.write_text("ward-7-workstation\n")
+    digest = hashlib.sha256(secret.read_bytes()).hexdigest()
+    meta = json.loads((out / "medfm.json").read_text())
+    for name in (f"../{secret.name}", str(secret), "sub/../../hostname"):
+        bad = {**meta, "files": {**meta["files"], name: "0" * 64}}
+        (out / "medfm.json").write_text(json.dumps(bad))
+        with pytest.raises(ExportError, match="not a file inside the export") as err:
+            load(out)
+        assert digest not in str(err.value)
+    # a listed file that is a link out of the export, even one with the recorded hash
+    (out / "medfm.json").write_text(json.dumps({**meta, "files": {**meta["files"], "x": digest}}))
+    (out / "x").symlink_to(secret)
+    with pytest.raises(ExportError, match="a link"):
+        read_export(out)
+    (out / "x").unlink()
+    # the files this mode loads must be listed (hash-checked), or it is refused
+    files = {k: v for k, v in meta["files"].items() if k != "adapter_model.safetensors"}
+    (out / "medfm.json").write_text(json.dumps({**meta, "files": files}))
+    with pytest.raises(ExportError, match="adapter_model.safetensors"):
+        read_export(out)
+    # the base encoder may not be any local path
+    absolute = {**meta, "base_encoder": {**meta["base_encoder"], "uri": str(base / "encoder")}}
+    (out / "medfm.json").write_text(json.dumps(absolute))
+    with pytest.raises(ExportError, match="absolute local path.*base="):
+        load(out)
+    model = load(out, base=str(base / "encoder"))  # given explicitly, it is the user's choice
+    assert model.medfm["base_encoder"]["sha256"] == meta["base_encoder"]["sha256"]
+    (out / "medfm.json").write_bytes(b"\xff{")
+    with pytest.raises(ExportError, match="not valid JSON"):
+        read_export(out)
