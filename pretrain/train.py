@@ -15,7 +15,13 @@ from medfm.models import Encoder
 from medfm.models.contract import Contract
 from medfm.models.export import export_encoder, save_module
 
-from .checkpoint import LAST, SafeCheckpointIO, checkpoint_dir, resume_path
+from .checkpoint import (
+    LAST,
+    SafeCheckpointIO,
+    SafeFSDPStrategy,
+    checkpoint_dir,
+    resume_checkpoint,
+)
 from .config import PretrainConfig
 from .data import PretrainData, set_vocab_size
 from .engine import PretrainModule
@@ -47,20 +53,20 @@ def contract_for(
     )
 
 
-def build_strategy(cfg: PretrainConfig, module: PretrainModule) -> Any:
+def build_strategy(cfg: PretrainConfig, module: PretrainModule, io: SafeCheckpointIO) -> Any:
+    """The Trainer's strategy; every one reads and writes checkpoints through `io` only."""
     t = cfg.train
     if t.strategy == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
-        return DDPStrategy(checkpoint_io=SafeCheckpointIO())
+        return DDPStrategy(checkpoint_io=io)
     if t.strategy == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
-
         blocks = set()
         for enc in (module.encoder, module.pair_encoder):
             if enc is not None:
                 blocks |= enc.block_types()
-        return FSDPStrategy(
+        return SafeFSDPStrategy(
+            checkpoint_io=io,
             auto_wrap_policy=blocks,
             activation_checkpointing_policy=blocks if t.activation_checkpointing else None,
             state_dict_type="full",
@@ -112,7 +118,9 @@ def build(cfg: PretrainConfig) -> tuple[PretrainModule, PretrainData]:
 
 def run(cfg: PretrainConfig, *, resume: bool = False, force_resume: bool = False) -> dict:
     """Train (or continue) the run described by `cfg`; returns a summary dict."""
-    ckpt = resume_path(cfg, force_resume) if resume else None
+    # The one read of the resumed checkpoint: Lightning is handed this state, not the file again.
+    ckpt, state = resume_checkpoint(cfg, force_resume) if resume else (None, None)
+    io = SafeCheckpointIO(preloaded={str(ckpt): state} if ckpt else None)
     module, data = build(cfg)
     t = cfg.train
     out = Path(cfg.out_dir)
@@ -132,7 +140,7 @@ def run(cfg: PretrainConfig, *, resume: bool = False, force_resume: bool = False
     ]
     if t.plots:
         callbacks.append(PlotCallback(cfg.out_dir))
-    strategy = build_strategy(cfg, module)
+    strategy = build_strategy(cfg, module, io)
     trainer = L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
@@ -146,7 +154,7 @@ def run(cfg: PretrainConfig, *, resume: bool = False, force_resume: bool = False
         callbacks=callbacks,
         logger=build_loggers(cfg),
         log_every_n_steps=t.log_every,
-        plugins=[SafeCheckpointIO()] if strategy == "auto" else None,
+        plugins=[io] if strategy == "auto" else None,
         use_distributed_sampler=False,  # medfm.shards splits data by rank itself
         limit_val_batches=0,
         num_sanity_val_steps=0,
