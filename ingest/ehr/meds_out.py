@@ -20,9 +20,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from medfm import __version__
 from medfm.io import atomic_write_bytes, get_fs
 from medfm.shards.schema import EHR_DIR
 
+from ..registry import IngestError
 from .pipeline import YEAR_S, parquet_bytes, read_parquet
 from .spec import EHRSpec
 from .tables import BIRTH_CODE, KIND_BIRTH, KIND_EVENT, KIND_STATIC
@@ -123,13 +125,11 @@ def write_meds_metadata(
 ) -> list[str]:
     """dataset.json, codes.parquet and subject_splits.parquet; returns every MEDS file written
     (relative to the shard set), data files included."""
-    from medfm import __version__
-
     root = meds_root(source)
     subjects = sorted(tuple(s) for p in parts for s in p["subjects"])
     ids = [s for s, _ in subjects]
     if len(set(ids)) != len(ids):  # 60-bit pseudonym prefixes: a clash is ~never, but refuse it
-        raise ValueError("two patient pseudonyms share a MEDS subject id")
+        raise IngestError("MEDS output: two patient pseudonyms share a subject id (60 bits)")
     splits = pa.table({"subject_id": pa.array(ids, pa.int64()),
                        "split": pa.array([s for _, s in subjects], pa.string())})  # fmt: skip
     codes = sorted({c for p in parts for c in p["codes"]})
