@@ -308,3 +308,11 @@ def test_a_slice_that_does_not_decode_is_quarantined_on_its_own(tmp_path, which,
     (bad_record,) = [r for r in records if r["path"] == bad_shown]  # one line per file
     assert bad_record["error"] == "UnreadableInput"
     assert all("missing slice" in r["reason"] for r in records if r is not bad_record)
+
+
+@pytest.mark.parametrize("name", ["liver.dcm", "liver_expb.dcm"])
+def test_dicom_seg_is_not_stored_as_an_image(name):
+    # pydicom-data's liver.dcm: a 1-bit Segmentation Storage object (3 frames of masks).
+    assert pydicom.dcmread(PYDICOM_DATA / name).Modality == "SEG"
+    got = read_all({"sources": [src(PYDICOM_DATA, include=[name])]})
+    assert [(g[0], g[1]) for g in got] == [("Q", name)] and "DICOM SEG" in got[0][2]

@@ -47,6 +47,11 @@ from .itk import read_label
 PROJECTION_MODALITIES = {"CR", "DX", "MG", "US", "SC", "OT", "XA", "RF", "IO", "PX", "ES",
                          "XC", "OP", "SM", "GM", "BMD"}  # fmt: skip
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.4"
+SEG_REASON = (
+    "DICOM SEG holds label masks, not an image: not stored as one (give label maps as "
+    "NIfTI/NRRD files; SEG to label map conversion is not implemented)"
+)
 HEADER_DEFER = "2 KB"  # large header values stay on disk while scanning
 TILT_TOL = np.tan(np.deg2rad(0.5))
 SPACING_RTOL = 0.05
@@ -59,6 +64,7 @@ REASON_CLASSES = (
     ("NotImplementedError)", "unsupported_transfer_syntax"),
     ("cannot decode pixel data", "decode_failed"),
     ("without pixel data", "no_pixel_data"),
+    ("DICOM SEG holds label masks", "segmentation"),
     ("no waveform reader", "no_waveform_reader"),
     ("BurnedInAnnotation", "burned_in_annotation"),
     ("ambiguous series", "ambiguous_series"),
@@ -470,7 +476,9 @@ def _classify(ds: Dataset, f: SourceFile) -> dict[str, Any]:
     """A header's kind (series slice, multi-frame, 2D image, waveform, no pixels) and keys."""
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     kind = "series"
-    if "WaveformSequence" in ds:
+    if str(ds.get("SOPClassUID", "")) == SEGMENTATION:
+        kind = "segmentation"
+    elif "WaveformSequence" in ds:
         kind = "waveform"
     elif "Rows" not in ds:  # stop_before_pixels hides PixelData itself; Rows marks images
         kind = "nopixels"
@@ -517,6 +525,8 @@ class DicomReader(Reader):
                     yield SourceItem(source.name, "dicom_waveform", (f,))
                 else:
                     yield Quarantine(f.rel, "DICOM waveform: no waveform reader", source.name)
+            elif s["kind"] == "segmentation":
+                yield Quarantine(f.rel, SEG_REASON, source.name, "UnsupportedInput")
             elif s["kind"] == "nopixels":
                 yield Quarantine(
                     f.rel, f"DICOM object without pixel data (SOP class {s['sop_class']})",
