@@ -10,21 +10,31 @@ sources). An already-initialised Ray (tests, notebooks) is used as it is.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
+import shutil
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from medfm.compat import ray_jobs_dead
-from medfm.io import get_fs, remove_temporaries, sha256_bytes, sha256_file
+from medfm.io import get_fs, is_local, remove_temporaries, sha256_bytes, sha256_file
 from medfm.shards import write_manifest
 from medfm.shards.tarshard import ShardFile
 
-from .bookkeeping import DRIVER_FILE, REPORT_FILE, STATS_FILE, Bookkeeper
+from .bookkeeping import (
+    DRIVER_FILE,
+    REPORT_FILE,
+    STATS_FILE,
+    Bookkeeper,
+    DiskFullError,
+    Lease,
+    scrub_records,
+)
 from .dicom_deid import METHOD, METHOD_CODES
 from .imaging import HU_MAX, HU_MIN, hist_stats
 from .privacy import Keyring
@@ -44,6 +54,7 @@ from .spec import IngestSpec
 from .tasks import Task, convert_task, scan_files, shown_path, stats_task
 
 SCAN_BATCH = 256
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 DRIVER_GRACE_S = 2.0
 HEAD_BYTES = 132
 
@@ -223,6 +234,8 @@ def run_prepare(spec, keyring, items, dest, book: Bookkeeper, ray) -> dict[str, 
         ctx = PrepareContext(spec, src, keyring, fs, dest, work, ray)
         mine = [i for i in items if i.source == source and i.format == fmt]
         out[source] = reader.prepare(mine, ctx)
+        if "quarantine" in out[source]:
+            out[source]["quarantine"] = scrub_records(out[source]["quarantine"])
     book.write_json(PREPARE_FILE, out)
     return out
 
@@ -248,12 +261,28 @@ def run_conversion(spec, keyring, tasks, stats, dest, book, ray, workers, progre
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=progress.every)
         for ref in ready:
             t = pending.pop(ref)
-            part = ray.get(ref)
+            try:
+                part = ray.get(ref)
+            except BaseException:
+                _stop_tasks(ray, pending)
+                raise
             parts[t.task_id] = part
             progress.update(1, len(part["rows"]), t.nbytes, part["bytes_out"])
         if not ready:
             progress.show()
     return parts, len(todo), reused
+
+
+def _stop_tasks(ray, pending: dict) -> None:
+    """Cancel the tasks still in flight and wait until they ended (a writer aborting on a full
+    disk must be done before its temporaries are removed); their errors are expected."""
+    for ref in pending:
+        ray.cancel(ref)
+    for ref in pending:
+        try:
+            ray.get(ref, timeout=60)
+        except Exception:  # noqa: BLE001, S110 - cancelled, or failed the same way
+            pass
 
 
 def dedupe(rows: list[dict[str, Any]]) -> tuple[list, list]:
@@ -329,7 +358,7 @@ def _dataset_records(spec, rows, stats, hists) -> dict[str, Any]:
     return out
 
 
-def _attributes(spec: IngestSpec, keyring: Keyring) -> dict[str, Any]:
+def _attributes(spec: IngestSpec) -> dict[str, Any]:
     return {
         "deidentification": {
             "PatientIdentityRemoved": "YES",
@@ -338,9 +367,9 @@ def _attributes(spec: IngestSpec, keyring: Keyring) -> dict[str, Any]:
                 {"CodeValue": v, "CodingSchemeDesignator": "DCM", "CodeMeaning": m}
                 for v, m in METHOD_CODES
             ],
-            "key_id": keyring.key_id,
             "private_tags": "kept" if spec.deid.keep_private_tags else "removed",
             "burned_in_annotation": "accepted" if spec.deid.allow_burned_in else "quarantined",
+            # "relative" only by the spec's explicit opt-in, deid.hash_paths: false
             "paths": "keyed-hash" if spec.deid.hash_paths else "relative",
         },
         "ingest": {
@@ -386,7 +415,7 @@ def finish(spec, keyring, dest, book, parts, bad, stats, summary) -> None:
             for f in files.values()
         ],
         datasets=_dataset_records(spec, rows, stats, hists),
-        attributes=_attributes(spec, keyring),
+        attributes=_attributes(spec),
     )
 
 
@@ -428,17 +457,45 @@ def run_ingest(
     progress: bool = True,
     keyring: Keyring | None = None,
 ) -> Summary:
-    """Run (or resume) an ingest job; returns its summary."""
+    """Run (or resume) an ingest job; returns its summary.
+
+    The destination's lease is taken first, so nothing (not even temporaries) is touched while
+    another job runs there. A new job that fails before its conversion starts leaves no
+    bookkeeping behind. A full disk ends the job with a DiskFullError once its tasks stopped
+    and its temporaries are gone; `--resume` carries on when there is space.
+    """
     t0 = time.monotonic()
     keyring = keyring or Keyring.load(spec.deid.key_file or None)
     book = Bookkeeper(dest)
-    book.start({"spec": spec.fingerprint(), "key_id": keyring.key_id}, resume)
-    remove_temporaries(book.fs, book.root)
+    lease = book.lease()
+    lease.acquire()
     summary = Summary()
-    with ray_runtime(address, workers) as ray:
-        register_driver(book, ray, wait_for_previous=resume)
-        items, bad, summary.files_in = discover(spec, keyring, ray)
-        tasks = plan_tasks(items, spec)
+    try:
+        _run(spec, dest, book, lease, keyring, summary, address, workers, resume, progress, t0)
+    except BaseException as e:
+        if _disk_full(e) is None:
+            raise
+        raise _disk_full_error(book, dest, summary) from None
+    finally:
+        lease.release()
+        book.tidy()
+    return summary
+
+
+def _run(spec, dest, book: Bookkeeper, lease: Lease, keyring, summary: Summary, address,
+         workers, resume, progress, t0: float) -> None:  # fmt: skip
+    created = book.start(spec.fingerprint(), keyring, resume)
+    remove_temporaries(book.fs, book.root)
+    with ExitStack() as stack:
+        try:
+            ray = stack.enter_context(ray_runtime(address, workers))
+            register_driver(book, ray, wait_for_previous=resume)
+            items, bad, summary.files_in = discover(spec, keyring, ray)
+            tasks = plan_tasks(items, spec)
+        except BaseException:
+            if created:  # a failed start leaves nothing behind: a plain rerun works
+                book.abandon()
+            raise
         summary.items = len(items)
         summary.bytes_in = sum(t.nbytes for t in tasks)
         stats = run_stats_pass(spec, keyring, tasks, book, ray) if needs_stats_pass(spec) else {}
@@ -448,10 +505,40 @@ def run_ingest(
         parts, summary.tasks_run, summary.tasks_reused = run_conversion(
             spec, keyring, tasks, stats, dest, book, ray, workers, prog
         )
+    lease.check()
     parts = {t.task_id: parts[t.task_id] for t in tasks}  # only this job's tasks, in order
     summary.wall_s = round(time.monotonic() - t0, 3)
     finish(spec, keyring, dest, book, parts, bad, stats, summary)
     for prep in stats.values():  # Reader.prepare's work files (EHR: every raw code), once done
         if prep.get("scratch") and book.fs.exists(prep["scratch"]):
             book.fs.rm(prep["scratch"], recursive=True)
-    return summary
+
+
+def _disk_full(e: BaseException | None) -> OSError | None:
+    """The ENOSPC/EDQUOT error behind `e`: raised here, or inside a Ray task (its `cause`)."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
+            return e
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+        seen += 1
+    return None
+
+
+def _disk_full_error(book: Bookkeeper, dest: str, summary: Summary) -> DiskFullError:
+    """Remove the temporaries a full disk left (the tasks have stopped), and say how much room
+    the rest needs: the input still to convert times the output/input ratio so far."""
+    remove_temporaries(book.fs, book.root)
+    parts = book.finished_parts()
+    done_in = sum(p.get("bytes_in", 0) for p in parts.values())
+    done_out = sum(p.get("bytes_out", 0) for p in parts.values())
+    ratio = done_out / done_in if done_in else 1.0
+    need = max(summary.bytes_in - done_in, 0) * ratio
+    free = shutil.disk_usage(book.root).free if is_local(book.fs) else None
+    room = f"about {need / 1e6:.1f} MB ({int(need)} bytes) more" if need else "more space"
+    have = f", {free} bytes free now" if free is not None else ""
+    return DiskFullError(
+        f"no space left on the destination {dest}: the rest of the job needs {room}{have}. "
+        f"Temporary files were removed and the {len(parts)} finished tasks are kept; free "
+        "space, then run the same command with --resume"
+    )

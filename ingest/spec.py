@@ -139,7 +139,7 @@ class DeidSpec:
     patient_namespace: str = ""
     keep_private_tags: bool = False
     allow_burned_in: bool = False
-    hash_paths: bool = False
+    hash_paths: bool = True  # false: real relative paths, an opt-in the manifest records
 
     REFUSED_KEYS: ClassVar[dict[str, str]] = dict.fromkeys(
         ("key", "secret"),

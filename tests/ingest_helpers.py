@@ -19,7 +19,7 @@ from medfm.ingest.sources import attach_labels, list_files, pair_labels
 
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 NIBABEL_FILES = Path(__import__("nibabel").__file__).parent / "tests" / "data"
-KEY = b"test-key-0123456789abcdef-not-secret"
+KEY = b"3f9a61c0d7e24b8f95a0c6e1b2d47f38a9e05c1d6b7f24e8c3a19d50f6b2e7c4"  # random, public
 
 
 def sample_data() -> Path | None:

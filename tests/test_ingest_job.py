@@ -87,6 +87,7 @@ def test_real_inputs_convert_verify_and_bad_ones_are_quarantined(ray_rt, tmp_pat
         ],
         "volume": {"spacing": [2.0, 2.0, 2.0]},
         "shards": {"task_items": 3},
+        "deid": {"hash_paths": False},  # opt-in: the checks below read real paths
     }  # fmt: skip
     dest = tmp_path / "out"
     summary = ingest(spec, dest)
@@ -371,6 +372,7 @@ def test_ct_zscore_uses_dataset_statistics_from_a_first_pass(ray_rt, tmp_path):
     spec = {
         "sources": [{"name": "ct", "root": str(tmp_path), "format": "nifti", "modality": "CT"}],
         "intensity": {"ct": "zscore", "ct_foreground_hu": 0},
+        "deid": {"hash_paths": False},  # opt-in: the check below reads ct<i> from the path
     }
     ingest(spec, tmp_path / "out")
     m = Manifest.open(str(tmp_path / "out"))
