@@ -13,14 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from medfm.config import ConfigError, from_dict, read_tree
-
-
-@dataclass
-class SyntheticConfig:
-    """Synthetic shards mixed into train so that they make up `ratio` of the samples drawn."""
-
-    shards: str
-    ratio: float = 0.3
+from medfm.shards import SyntheticConfig
 
 
 @dataclass

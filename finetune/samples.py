@@ -5,6 +5,7 @@ on cached features (linear probe) or end to end (LoRA, full), scored on test onc
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from medfm.finetune import hub
 from medfm.io import save_safetensors
+from medfm.shards import check_synthetic
 from medfm.shards.mixing import RealizedRatio
 
 from .data import (
@@ -73,6 +75,10 @@ def run_samples(
 ) -> tuple[dict, dict, dict]:
     """Train, keep the best val epoch, score test once: (metrics, fit record, sources)."""
     t = cfg.train
+    syn = cfg.data.synthetic
+    if syn:  # the audit gate, before any sample is read
+        syn = replace(syn, shards=str(hub.resolve(syn.shards)))
+        audit = check_synthetic(syn)
     train_rows = split_rows(root, "train", cfg)
     targets = row_targets(train_rows, task, root)
     keys = None
@@ -83,15 +89,14 @@ def run_samples(
     train_ds = split_dataset(root, "train", cfg, shuffle=True, keys=keys)
     sources = {"shards": manifest_record(root)}
     train_src: Any = train_ds
-    if cfg.data.synthetic:
-        syn_root = str(hub.resolve(cfg.data.synthetic.shards))
-        syn_ds = split_dataset(syn_root, "train", cfg, shuffle=True)
-        train_src = with_synthetic(train_ds, syn_ds, cfg.data.synthetic.ratio, t.seed)
-        sources["synthetic"] = manifest_record(syn_root) | {"ratio": cfg.data.synthetic.ratio}
+    if syn:
+        syn_ds = split_dataset(syn.shards, "train", cfg, shuffle=True)
+        train_src = with_synthetic(train_ds, syn_ds, syn.ratio, t.seed)
+        sources["synthetic"] = manifest_record(syn.shards) | {"ratio": syn.ratio} | audit
     collate = Collate(contract, task)
     dl = {"train": loader(train_src, collate, cfg)}
     # Counted from every batch the model sees (features once for a probe, else each epoch).
-    share = RealizedRatio(cfg.data.synthetic.ratio) if cfg.data.synthetic else None
+    share = RealizedRatio(syn.ratio) if syn else None
     if share is not None:
         dl["train"] = CountedBatches(dl["train"], share)
     for split in ("val", "test"):

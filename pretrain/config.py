@@ -16,14 +16,7 @@ from typing import Any, Literal
 
 from medfm.config import ConfigError, from_dict, read_tree
 from medfm.io import sha256_bytes
-
-
-@dataclass
-class SyntheticConfig:
-    """Synthetic shards mixed in so that they make up `ratio` of the samples drawn."""
-
-    shards: str
-    ratio: float = 0.3
+from medfm.shards import SyntheticConfig
 
 
 @dataclass

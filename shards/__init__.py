@@ -8,6 +8,7 @@ from .manifest import Manifest, write_manifest
 from .reader import ShardSet
 from .sampleio import CountingStore
 from .schema import KINDS, SCHEMA_VERSION, SPLITS, Geometry, Sample
+from .synthetic import SyntheticConfig, audit_verdict, check_synthetic
 from .tarshard import DEFAULT_SHARD_BYTES, ShardFile
 from .verify import VerifyReport, verify
 from .volume import DEFAULT_CHUNKS, VolumeHandle, open_volume
@@ -38,9 +39,12 @@ __all__ = [
     "ShardSet",
     "ShardSetWriter",
     "SourceConfig",
+    "SyntheticConfig",
     "UnsafeMemberError",
     "VerifyReport",
     "VolumeHandle",
+    "audit_verdict",
+    "check_synthetic",
     "collate_samples",
     "open_volume",
     "remove_temporaries",

@@ -32,8 +32,13 @@ def report_png(path: str | Path, report: dict[str, Any], x_syn, x_train, m, held
     for i in range(min(8, len(x_train))):
         _show(fig.add_subplot(grid[1, i]), x_train[i], "real train" if i == 0 else "")
     ax = fig.add_subplot(grid[2:, :4])
-    ax.hist(held_sims, bins=40, alpha=0.6, density=True, label="real held-out -> train")
-    ax.hist(m.pixel_similarity, bins=40, alpha=0.6, density=True, label="synthetic -> train")
+    held, syn = (np.asarray(v, dtype=np.float64) for v in (held_sims, m.pixel_similarity))
+    # Shared bins, at least 1e-3 wide in all: similarities of pure noise are all but equal, and
+    # numpy cannot cut a float32 range that narrow into 40 bins.
+    lo, hi = min(held.min(), syn.min()), max(held.max(), syn.max())
+    bins = np.linspace(lo, max(hi, lo + 1e-3), 41)
+    ax.hist(held, bins=bins, alpha=0.6, density=True, label="real held-out -> train")
+    ax.hist(syn, bins=bins, alpha=0.6, density=True, label="synthetic -> train")
     ax.axvline(cal.pixel_threshold, color="r", ls="--", label="flag threshold")
     ax.set(xlabel="nearest-neighbour pixel correlation", ylabel="density")
     ax.legend(fontsize=7)

@@ -122,8 +122,8 @@ def test_literal_values_are_checked_with_a_guess(load, message):
             "lora.rnak: unknown key (did you mean 'rank'?)",
         ),
         (
-            lambda: load_audit_config(None, ["thresholds.coverage_mn=0.1"]),
-            "thresholds.coverage_mn: unknown key (did you mean 'coverage_min'?)",
+            lambda: load_audit_config(None, ["thresholds.coverage_ratio_mn=0.1"]),
+            "thresholds.coverage_ratio_mn: unknown key (did you mean 'coverage_ratio_min'?)",
         ),
         (
             lambda: load_audit_config(None, ["zzz=1"]),
@@ -187,8 +187,8 @@ def test_env_vars_expand_with_defaults_and_unset_ones_are_named(monkeypatch, tmp
     assert cfg.train.max_steps == 7 and build_encoder(cfg.model).config.img_size == 28
     monkeypatch.setenv("MEDFM_TEST_ENCODER", "/models/enc")
     assert load_audit_config(None, ["encoder=${MEDFM_TEST_ENCODER}"]).encoder == "/models/enc"
-    with raises("thresholds.fd_max: environment variable MEDFM_TEST_UNSET is not set"):
-        load_audit_config(None, {"thresholds.fd_max": "${MEDFM_TEST_UNSET}"})
+    with raises("thresholds.fd_ratio_max: environment variable MEDFM_TEST_UNSET is not set"):
+        load_audit_config(None, {"thresholds.fd_ratio_max": "${MEDFM_TEST_UNSET}"})
 
 
 def test_spec_errors_stay_spec_errors(tmp_path):

@@ -259,9 +259,12 @@ def test_synthetic_ratio_mixes_through_mixed_dataset(work):
     assert n == round(SIZES["train"] / 0.75) and len(real) == SIZES["train"]
     assert abs(frac - 0.25) < 4 * (0.25 * 0.75 / n) ** 0.5
     cfg = load_config(None, base=config(work, "syn-run", mode="linear_probe", **{
-        "data.synthetic": {"shards": str(syn), "ratio": 0.25}, "train.epochs": 2}))  # fmt: skip
+        "data.synthetic": {"shards": str(syn), "ratio": 0.25, "allow_unaudited": True},
+        "train.epochs": 2}))  # fmt: skip
     record = json.loads((run(cfg) / "run.json").read_text())
     assert record["data"]["synthetic"]["ratio"] == 0.25
+    assert record["data"]["synthetic"]["audit"] == "none"  # never audited, trained on by choice
+    assert record["data"]["synthetic"]["allow_unaudited"] is True
     assert len(record["data"]["synthetic"]["manifest_sha256"]) == 64
     share = record["fit"]["synthetic"]  # logged from the batches the model actually saw
     assert share["samples"] == n and share["within_tolerance"], share
