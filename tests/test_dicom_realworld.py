@@ -316,3 +316,18 @@ def test_dicom_seg_is_not_stored_as_an_image(name):
     assert pydicom.dcmread(PYDICOM_DATA / name).Modality == "SEG"
     got = read_all({"sources": [src(PYDICOM_DATA, include=[name])]})
     assert [(g[0], g[1]) for g in got] == [("Q", name)] and "DICOM SEG" in got[0][2]
+
+
+@pytest.mark.parametrize(
+    "old, new, why",
+    [(b"\x08\x00\x90\x00PN", b"\x08\x00\x90\x00PC", "NotImplementedError"),  # unknown VR
+     (b"0.661468\\0.661468", b"0.66146\x8a\\0.661468", "ValueError")],  # a corrupt number
+)  # fmt: skip
+def test_corrupt_header_values_are_quarantined_with_the_cause(tmp_path, old, new, why):
+    """Byte-level damage to pydicom's CT_small.dcm (found by bench/fuzz.py): pydicom parses
+    values lazily, so the error surfaces late; it must still be a named quarantine."""
+    data = (PYDICOM_FILES / "CT_small.dcm").read_bytes()
+    assert data.count(old) == 1
+    (tmp_path / "ct.dcm").write_bytes(data.replace(old, new))
+    got = read_all({"sources": [src(tmp_path)]})
+    assert got == [("Q", "ct.dcm", f"UnreadableInput: malformed DICOM header value ({why})")]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import posixpath
+import struct
 from collections import defaultdict
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder
 from pydicom.pixels.utils import as_pixel_options
 
@@ -99,12 +100,18 @@ AMBIGUOUS = (
 )
 
 
+# What pydicom raises for a corrupt file, at parse time or when a value is first converted
+# (elements are parsed lazily): unknown VRs, odd value lengths, unparsable numbers, truncation.
+MALFORMED = (ValueError, TypeError, OverflowError, NotImplementedError, BytesLengthException,
+             struct.error, KeyError, IndexError, AttributeError, EOFError)  # fmt: skip
+
+
 def _read(path_or_file: Any, **kw: Any) -> Dataset:
     try:
         return pydicom.dcmread(path_or_file, **kw)
     except InvalidDicomError:
         raise UnreadableInput("not a DICOM file (no DICM preamble/prefix)") from None
-    except (EOFError, OSError, ValueError, TypeError, AttributeError, KeyError) as e:
+    except (*MALFORMED, OSError, MemoryError) as e:  # MemoryError: a huge declared length
         raise UnreadableInput(f"cannot parse DICOM header ({type(e).__name__})") from None
 
 
@@ -509,7 +516,7 @@ class DicomReader(Reader):
             return {"error": str(e)}
         try:  # pydicom converts values on access: a malformed one raises only here
             return _classify(ds, f)
-        except (ValueError, TypeError, OverflowError) as e:
+        except MALFORMED as e:
             return {"error": f"malformed DICOM header value ({type(e).__name__})"}
 
     def group(
@@ -540,6 +547,12 @@ class DicomReader(Reader):
             yield from _split_series(members, scans, source, self.name, by_uid=key[0] == "uid")
 
     def read(self, item: SourceItem, ctx: ReadContext) -> Iterator[Sample | Quarantine]:
+        try:
+            yield from self._read_item(item, ctx)
+        except MALFORMED as e:  # a header value that only fails when it is first used
+            raise UnreadableInput(f"malformed DICOM header value ({type(e).__name__})") from None
+
+    def _read_item(self, item: SourceItem, ctx: ReadContext) -> Iterator[Sample | Quarantine]:
         kind = item.info.get("kind", "series")
         if kind != "series" or len(item.files) == 1:
             with ctx.fs.open(item.files[0].path, "rb") as fh:
