@@ -171,17 +171,21 @@ class Lease:
         return bool(held) and held.get("token") == self.token
 
     def stale(self, holder: dict[str, Any]) -> bool:
+        """Its heartbeat is older than `stale_s`, or its process is gone (on this host)."""
         if time.time() - float(holder.get("heartbeat", 0)) > self.stale_s:
             return True
         if holder.get("host") != socket.gethostname():
-            return False
+            return False  # another host's pid says nothing here: only the heartbeat counts
+        pid = int(holder.get("pid", 0))
+        if pid <= 0:
+            return True
         try:
-            os.kill(int(holder.get("pid", 0)), 0)
+            os.kill(pid, 0)  # signal 0: tests that the process exists, sends nothing
         except ProcessLookupError:
             return True
-        except (PermissionError, ValueError, OverflowError):
+        except PermissionError:  # exists, owned by another user
             return False
-        return int(holder["pid"]) <= 0
+        return False
 
     def acquire(self) -> None:
         for _ in range(3):

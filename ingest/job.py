@@ -468,9 +468,9 @@ def run_ingest(
     keyring = keyring or Keyring.load(spec.deid.key_file or None)
     book = Bookkeeper(dest)
     lease = book.lease()
-    lease.acquire()
     summary = Summary()
     try:
+        lease.acquire()
         _run(spec, dest, book, lease, keyring, summary, address, workers, resume, progress, t0)
     except BaseException as e:
         if _disk_full(e) is None:
