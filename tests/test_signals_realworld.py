@@ -408,3 +408,56 @@ def test_settings_record_the_signal_section(mit):
     settings = spec.settings()
     assert settings["signal"]["target_rate"] == 250
     assert settings["signal"]["window_s"] == 4
+
+
+# ---------------------------------------------------------------- the Ray job, format auto
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _multi_file_record(mit: Path, folder: Path) -> None:
+    """Record 100's first ten minutes with one signal file per lead, `m.d0` and `m.d1`."""
+    rec = wfdb.rdrecord(str(mit / "100"), physical=False, sampto=10 * MINUTE)
+    rec.record_name, rec.file_name, rec.fmt = "m", ["m.d0", "m.d1"], ["16", "16"]
+    rec.byte_offset = None
+    rec.wrsamp(write_dir=str(folder))
+
+
+@pytest.mark.slow  # a real Ray job
+def test_job_auto_keeps_companions_and_accounts_for_every_input(ray_local, mit, tmp_path):
+    import json
+
+    from medfm.ingest.job import run_ingest
+    from medfm.shards import ShardSet
+
+    root = tmp_path / "in"
+    derive_100(mit, root, "100", annotations=True)
+    write_detector_annotations(mit, root, "100", "gqrsh")
+    _multi_file_record(mit, root)
+    write_detector_annotations(mit, root, "m", "sqrs")
+    derive_100(mit, root, "short", record_line="short 2 360 1800")
+    spec = parse_spec({
+        "sources": [{"name": "a", "root": str(root), "format": "auto",
+                     "options": {"annotators": ["atr", "gqrsh", "sqrs"]}}],
+        "signal": {"target_rate": 250}, "deid": {"hash_paths": False},
+    })  # fmt: skip
+    out = tmp_path / "out"
+    summary = run_ingest(spec, str(out), progress=False, keyring=Keyring(KEY))
+    lines = (out / "quarantine.jsonl").read_text().splitlines()
+    quarantined = {json.loads(x)["path"]: json.loads(x)["reason"] for x in lines}
+    assert set(quarantined) == {"short.hea", "short.dat"}, quarantined  # no companion is refused
+    assert "shorter than one window" in quarantined["short.hea"]
+    paths = {json.loads(r["provenance"])["path"] for r in ShardSet(str(out)).rows()}
+    assert paths == {"100.hea", "m.hea"}
+    # m holds the same samples as 100: the job keeps one copy of each window
+    assert summary.written + summary.duplicates == 120 and summary.quarantined == 2
+    assert summary.bytes_in == sum(p.stat().st_size for p in root.iterdir())  # every file read
+    prov = json.loads(next(iter(ShardSet(str(out)).rows()))["provenance"])
+    assert len(prov["inputs"]) == 4  # 100: hea, dat, atr, gqrsh / m: hea, d0, d1, sqrs

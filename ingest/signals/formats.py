@@ -29,7 +29,7 @@ from ..sources import identity
 from ..spec import SpecError, from_dict, register_section
 from . import readers
 from .preprocess import SignalConfig, prepare, primary_group, wanted_channels, windows
-from .record import SignalRecord
+from .record import SignalReadError, SignalRecord
 
 register_section("signal", SignalConfig)
 READER_FUNCS = {
@@ -84,12 +84,9 @@ def record_samples(
     duration = p.signal.shape[1] / p.fs
     wanted = set(wanted_channels(p.channels, cfg))
     found = windows(rec, p, cfg)
-    if not found:  # nothing to write must still leave a line: no record vanishes
-        yield Quarantine(
-            item.rel,
-            f"record lasts {duration:.1f} s, shorter than one window of {cfg.window_s:g} s",
-            ctx.source.name,
-            "ShortRecord",
+    if not found:  # nothing to write must still leave a line (one per file): none vanishes
+        raise SignalReadError(
+            f"record lasts {duration:.1f} s, shorter than one window of {cfg.window_s:g} s"
         )
     for w in found:
         t0 = w.start / p.fs
