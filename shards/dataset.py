@@ -63,7 +63,7 @@ def select_rows(table: pa.Table, split, kinds, modalities, datasets, labels, syn
     by_label = label_filter(labels)
     if by_label is None:
         return table
-    keep = [by_label({**r, "labels": json.loads(r["labels"])}) for r in table.to_pylist()]
+    keep = [by_label({**r, "labels": row_json(r, "labels")}) for r in table.to_pylist()]
     return table.filter(pa.array(keep, pa.bool_()))
 
 
