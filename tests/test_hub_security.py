@@ -206,6 +206,34 @@ def test_sniff_pickle_catches_protocols_0_and_1(tmp_path):
     assert not marker.exists()
 
 
+def test_headerless_and_padded_pickles_are_refused(tmp_path):
+    marker = tmp_path / "marker.txt"
+    payload = pickle.dumps(WritesMarker(marker), protocol=4)
+    padding = b"S'" + b"a" * 200_000 + b"'\n0"  # a 200 kB string, popped, then the payload
+    for name, data in {"no-proto": payload[2:], "padded": padding + pickle.dumps(
+        WritesMarker(marker), protocol=0
+    )}.items():  # fmt: skip
+        path = tmp_path / f"{name}.txt"
+        path.write_bytes(data)
+        with pytest.raises(hub.UnsafeFileError, match="content is a pickle"):
+            sniff_pickle(path, path.name)
+    assert not marker.exists()
+
+
+def test_files_that_merely_start_like_pickle_opcodes_pass(tmp_path, store):
+    """reST opens with `..` (STOP), numeric text with `1.` (POP_MARK, STOP), PNG with \\x89
+    (NEWFALSE): none would run anything, and none is refused."""
+    import matplotlib
+
+    src = make_folder(tmp_path / "src")
+    (src / "README.rst").write_text(".. -*- rest -*-\n\nA model\n=======\n")
+    (src / "values.txt").write_text("1.000000e+00 0.000000e+00\n")
+    png = Path(matplotlib.get_data_path()) / "images" / "hand.png"
+    (src / "hand.png").write_bytes(png.read_bytes())
+    hub.push(src, "lab/enc", hub=store)
+    assert tree_bytes(hub.pull("lab/enc", tmp_path / "out", hub=store).path) == tree_bytes(src)
+
+
 def safetensors_bytes(header: dict, data: bytes) -> bytes:
     raw = json.dumps(header).encode()
     return struct.pack("<Q", len(raw)) + raw + data

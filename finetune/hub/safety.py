@@ -9,22 +9,25 @@ content on push and on pull: a pickle of any protocol is refused whatever its na
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
 import pickletools
+import re
 import struct
 import zipfile
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import IO, Any
 
 from .errors import HubError, UnsafeFileError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib")
 HASH_BLOCK = 1 << 22
-PICKLE_SNIFF_BYTES = 1 << 16
-PICKLE_MIN_OPCODES = 16
+# Opcodes with which unpickling calls code (GLOBAL and INST, which import what their argument
+# names, are checked apart). PERSID only hands an id to the loader's own persistent_load.
+CODE_OPCODES = {"STACK_GLOBAL", "REDUCE", "BUILD", "OBJ", "NEWOBJ", "NEWOBJ_EX", "EXT1", "EXT2",
+                "EXT4"}  # fmt: skip
+GLOBAL_ARG_RE = re.compile(r"^[A-Za-z_][\w.]* [A-Za-z_][\w.]*$")
 SAFETENSORS_MAX_HEADER = 100 << 20  # the safetensors library's own limit
 SAFETENSORS_DTYPE_BITS = {
     "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "I16": 16, "U16": 16, "F16": 16,
@@ -47,28 +50,49 @@ def sniff_pickle(path: str | Path, where: str) -> None:
     """Refuse a file whose bytes are a pickle (any protocol, 0 and 1 included) or a torch zip
     checkpoint, whatever its name. Nothing is unpickled: opcodes are only parsed."""
     with open(path, "rb") as f:
-        head = f.read(PICKLE_SNIFF_BYTES)
-    if _is_pickle(head) or (head[:4] == b"PK\x03\x04" and _zip_holds_pickle(path)):
+        magic = f.read(4)
+        f.seek(0)
+        bad = _is_pickle(f) or (magic == b"PK\x03\x04" and _zip_holds_pickle(path))
+    if bad:
         raise UnsafeFileError(
             f"{where}: file content is a pickle (torch.save/pickle format); refused, never "
             "unpickled. Only safetensors and JSON are loaded."
         )
 
 
-def _is_pickle(head: bytes) -> bool:
-    """Protocols 2-5 open with PROTO; 0 and 1 have no header, so parse the opcodes: a pickle
-    reaches STOP, or runs on for many well-formed opcodes (text and binary formats fail fast)."""
-    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+def _is_pickle(f: IO[bytes]) -> bool:
+    """Protocols 2-5 open with PROTO. Protocols 0 and 1 have no header, and plain text often
+    parses as a few of their opcodes (`..` opens reST), so the opcodes are followed as the
+    unpickler would, stack and marks included: a pickle is content on which unpickling reaches
+    an opcode that imports or calls something before it fails or stops."""
+    head = f.read(2)
+    if len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
         return True
-    count = 0
+    f.seek(0)
+    depth, marks = 0, []
     try:
-        for op, _arg, _pos in pickletools.genops(io.BytesIO(head)):
-            count += 1
-            if op.name == "STOP":
+        for op, arg, _pos in pickletools.genops(f):
+            if op.name in ("GLOBAL", "INST"):  # imports the module its argument names
+                return bool(GLOBAL_ARG_RE.match(str(arg)))
+            before = [x for x in op.stack_before if x is not pickletools.stackslice]
+            if pickletools.markobject in before:  # pops down to the last MARK
+                if not marks:
+                    return False
+                depth = marks.pop()
+                before.remove(pickletools.markobject)
+            if len(before) > depth:
+                return False  # the unpickler fails here, before anything runs
+            if op.name in CODE_OPCODES:
                 return True
-    except Exception:  # an invalid opcode or argument, or the sniffed head ran out
-        pass
-    return count >= PICKLE_MIN_OPCODES
+            if op.name == "STOP":
+                return False
+            if pickletools.markobject in op.stack_after:
+                marks.append(depth - len(before))
+            else:
+                depth += len(op.stack_after) - len(before)
+    except Exception:  # an invalid opcode or argument, or the end of the file
+        return False
+    return False
 
 
 def _zip_holds_pickle(path: str | Path) -> bool:
@@ -79,7 +103,7 @@ def _zip_holds_pickle(path: str | Path) -> bool:
                 if info.filename.lower().endswith(PICKLE_SUFFIXES):
                     return True
                 with z.open(info) as member:
-                    if _is_pickle(member.read(PICKLE_SNIFF_BYTES)):
+                    if _is_pickle(member):
                         return True
     except (zipfile.BadZipFile, OSError, NotImplementedError):
         return True  # claims to be a zip but cannot be inspected: not proven safe
