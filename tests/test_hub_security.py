@@ -340,6 +340,7 @@ def lora_run(tmp_path_factory, sample_data):
     return base, run(cfg)
 
 
+@pytest.mark.slow
 def test_export_records_no_local_path_and_moves_with_its_encoder(lora_run, tmp_path):
     from medfm.finetune.export import export, load
 
@@ -364,6 +365,7 @@ def test_export_records_no_local_path_and_moves_with_its_encoder(lora_run, tmp_p
         (moved / "encoder").rename(base / "encoder")
 
 
+@pytest.mark.slow
 def test_export_files_outside_the_export_are_refused_without_their_hash(lora_run, tmp_path):
     from medfm.finetune.export import ExportError, export, load, read_export
 
