@@ -12,11 +12,12 @@ import SimpleITK as sitk
 from ingest_helpers import KEY, PYDICOM_FILES, read_all, small_ct, write_series
 from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
-from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
+from pydicom.uid import MPEG2MPML, JPEG2000Lossless, RLELossless, generate_uid
 
 from medfm.ingest.load import parse_spec
 from medfm.ingest.privacy import Keyring
-from medfm.ingest.registry import ReadContext, create_reader
+from medfm.ingest.readers.dicom import reason_class, stored_pixels
+from medfm.ingest.registry import ReadContext, UnsupportedInput, create_reader
 from medfm.ingest.sources import list_files
 from medfm.ingest.tasks import PartResult, Task, iter_samples, shown_path
 
@@ -331,3 +332,13 @@ def test_corrupt_header_values_are_quarantined_with_the_cause(tmp_path, old, new
     (tmp_path / "ct.dcm").write_bytes(data.replace(old, new))
     got = read_all({"sources": [src(tmp_path)]})
     assert got == [("Q", "ct.dcm", f"UnreadableInput: malformed DICOM header value ({why})")]
+
+
+def test_a_syntax_without_a_decoder_is_named_as_unsupported():
+    ds = pydicom.dcmread(PYDICOM_FILES / "CT_small.dcm")
+    ds.file_meta.TransferSyntaxUID = MPEG2MPML  # video: pydicom has no decoder for it
+    with pytest.raises(UnsupportedInput, match=r"unsupported transfer syntax \(MPEG2 Main"):
+        stored_pixels(ds)
+    assert reason_class("unsupported transfer syntax (MPEG2 Main Profile / Main Level)") == (
+        "unsupported_transfer_syntax"
+    )

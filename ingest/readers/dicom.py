@@ -62,7 +62,7 @@ REASON_CLASSES = (
     ("not a DICOM file", "not_dicom"),
     ("cannot parse DICOM header", "unparsable_header"),
     ("malformed DICOM header value", "malformed_header_value"),
-    ("NotImplementedError)", "unsupported_transfer_syntax"),
+    ("unsupported transfer syntax", "unsupported_transfer_syntax"),
     ("cannot decode pixel data", "decode_failed"),
     ("without pixel data", "no_pixel_data"),
     ("DICOM SEG holds label masks", "segmentation"),
@@ -161,13 +161,18 @@ def _pixels(ds: Dataset) -> tuple[np.ndarray, str]:
     """Decoded pixels and the photometric interpretation they come out in: pydicom converts
     YBR_FULL(_422) and JPEG 2000's YBR_ICT/RCT to RGB, so the header's value is not it."""
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if ts is None:
+        raise UnreadableInput("cannot decode pixel data (no TransferSyntaxUID in the file meta)")
     try:
-        if ts is None:
-            raise AttributeError("no TransferSyntaxUID")
-        arr, info = get_decoder(ts).as_array(ds, validate=True, **as_pixel_options(ds, as_rgb=True))
+        decoder = get_decoder(ts)
+    except NotImplementedError:  # video (MPEG, HEVC) and other syntaxes pydicom cannot decode
+        raise UnsupportedInput(f"unsupported transfer syntax ({ts.name})") from None
+    if not decoder.is_available:
+        raise UnsupportedInput(f"unsupported transfer syntax ({ts.name}): no decoder installed")
+    try:
+        arr, info = decoder.as_array(ds, validate=True, **as_pixel_options(ds, as_rgb=True))
     except Exception as e:  # noqa: BLE001 - every decoder has its own exception types
-        name = ts.name if ts is not None else "unknown transfer syntax"
-        raise UnreadableInput(f"cannot decode pixel data ({name}: {type(e).__name__})") from None
+        raise UnreadableInput(f"cannot decode pixel data ({ts.name}: {type(e).__name__})") from None
     pi = info.get("photometric_interpretation") or ds.get("PhotometricInterpretation", "")
     return arr, str(pi).upper()
 
