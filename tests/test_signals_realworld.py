@@ -299,6 +299,19 @@ def test_bad_records_name_the_file_and_the_cause(mit, tmp_path, make, header, ex
     assert str(tmp_path) not in reason
 
 
+def test_channel_that_is_a_gap_in_every_segment_is_masked(mit, tmp_path):
+    """041s as a variable-layout record whose layout lists lead II, which no segment holds:
+    wfdb gives it no unit; it is masked as missing, not refused as 'not a voltage'."""
+    d = shutil.copytree(mit / "041s", tmp_path / "041s")
+    seg = (d / "041s01.hea").read_text().splitlines()
+    layout = [x.replace("041s01.dat", "~") for x in seg[1:8]] + ["~ 0 200/mV 12 0 0 0 0 II"]
+    (d / "041s_layout.hea").write_text("\n".join(["041s_layout 8 125 0", *layout]) + "\n")
+    (d / "041s.hea").write_text("041s/3 8 125 2000\n041s_layout 0\n041s01 1000\n041s02 1000\n")
+    _, got = run(wfdb_spec(tmp_path, ["041s/041s.hea"]))
+    ((kind, _, w),) = got
+    assert kind == "S" and w.channels[-1] == "II" and w.meta["bad_channels"] == {"II": "nan"}
+
+
 # ---------------------------------------------------------------- 7. every file of a record
 
 
@@ -322,6 +335,26 @@ def test_items_hold_and_hash_every_file_a_record_reads(mit, tmp_path):
     fs, _, _ = list_files(src.sources[0])
     inputs = provenance(item, src, Keyring(KEY), fs)["inputs"]
     assert len(inputs) == 4  # header, signal file and both annotation files are hashed
+
+
+def test_remote_records_are_fetched_through_their_item(mit):
+    """An object store (fsspec memory): the reader fetches exactly the item's files."""
+    import fsspec
+
+    mem = fsspec.filesystem("memory")
+    for name in ("100.hea", "100.dat", "100.atr"):
+        mem.pipe(f"/remote-mit/{name}", (mit / name).read_bytes())
+    for p in sorted((mit / "041s").iterdir()):
+        mem.pipe(f"/remote-mit/041s/{p.name}", p.read_bytes())
+    spec = wfdb_spec(Path("x"), ["**/*.hea"], {"target_rate": None})
+    spec["sources"][0]["root"] = "memory://remote-mit"
+    try:
+        items, got = run(spec)
+    finally:
+        mem.rm("/remote-mit", recursive=True)
+    assert sorted(it.rel for it in items) == ["041s/041s.hea", "100.hea"]
+    assert [k for k, _, _ in got] == ["S"] * 181  # 1 window of 041s, 180 of 100
+    assert sum(len(s.labels["beats"]) for _, rel, s in got if rel == "100.hea") > 2000
 
 
 # ---------------------------------------------------------------- 8. companion files

@@ -155,6 +155,8 @@ def prepare(rec: SignalRecord, cfg: SignalConfig) -> Prepared:
         target = GROUP_UNIT.get(channel_group(name))
         unit = rec.units[i] or ""
         factor = unit_factor(unit, target) if target else 1.0
+        if factor is None and not np.isfinite(x[row]).any():
+            factor = 1.0  # a channel that is a gap throughout has no unit; its windows are "nan"
         if factor is None:
             raise SignalReadError(f"channel {name}: unit {unit!r} is not a voltage")
         x[row] *= factor
