@@ -4,7 +4,7 @@
     different spec or key. Private to the job: nothing in the shard set is a fast function of
     the key (privacy.py says why).
 `_ingest/lease.json`  who runs the job now (host, pid, heartbeat): one job at a time per
-    destination; another waits for nothing and is refused, unless the lease is stale.
+    destination; another job is refused while the holder lives (`Lease`).
 `_ingest/driver.json`  the Ray job id of the last driver: a resumed run on the same cluster
     waits until Ray has declared that driver's job dead, so its last tasks cannot race.
 `_ingest/parts/<task>.json`  one per finished task: its rows, files, quarantine records and

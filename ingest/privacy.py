@@ -21,7 +21,6 @@ import hmac
 import math
 import os
 import re
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,11 +175,6 @@ def check_key(key: bytes) -> None:
             f"the de-identification key is too weak: {strength.problem}, about "
             f"{strength.bits:.0f} bits estimated where {MIN_KEY_BITS} are needed; {MAKE_KEY}"
         )
-
-
-def new_key() -> bytes:
-    """A fresh 256-bit key as hex (what a tool that makes its own key should store)."""
-    return secrets.token_hex(32).encode()
 
 
 # ---------------------------------------------------------------- the keyring
