@@ -34,6 +34,7 @@ class SampleWriter:
         *,
         shard_max_bytes: int = DEFAULT_SHARD_BYTES,
         chunks: tuple[int, int, int] = DEFAULT_CHUNKS,
+        pyramid_levels: int = 0,
         image_encoding: str = "auto",
         storage_options: dict[str, Any] | None = None,
     ):
@@ -42,6 +43,7 @@ class SampleWriter:
         self.fs, self.root = get_fs(root, **(storage_options or {}))
         self.fs.makedirs(self.root, exist_ok=True)
         self.prefix, self.chunks, self.image_encoding = prefix, chunks, image_encoding
+        self.pyramid_levels = pyramid_levels  # volumes: downsampled NGFF levels (docs/storage.md)
         self.tars = TarShardWriter(self.fs, self.root, prefix, shard_max_bytes)
         self._volumes: VolumeStoreWriter | None = None
         self.rows: list[dict[str, Any]] = []
@@ -98,7 +100,7 @@ class SampleWriter:
 
     def _write_volume(self, s: Sample) -> dict[str, Any]:
         if self._volumes is None:
-            self._volumes = VolumeStoreWriter(self.fs, self.root, self.chunks)
+            self._volumes = VolumeStoreWriter(self.fs, self.root, self.chunks, self.pyramid_levels)
         shard, members, files = self._volumes.add(s)
         self.volume_files += files
         return sample_row(
