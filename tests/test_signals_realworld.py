@@ -441,6 +441,11 @@ def test_settings_record_the_signal_section(mit):
     settings = spec.settings()
     assert settings["signal"]["target_rate"] == 250
     assert settings["signal"]["window_s"] == 4
+    spec_dict = wfdb_spec(mit, ["100.hea"])
+    del spec_dict["signal"]
+    _, got = run(spec_dict)  # no signal: section: the defaults are recorded
+    prov = got[0][2].provenance["settings"]
+    assert prov["signal"]["target_rate"] == 500 and "volume" in prov
 
 
 # ---------------------------------------------------------------- the Ray job, format auto

@@ -6,6 +6,7 @@ per window (or a quarantine record per bad window) on the shared ingest machiner
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import posixpath
@@ -83,6 +84,8 @@ def record_samples(
     series = ctx.uid(item.rel, "series")[:20]
     duration = p.signal.shape[1] / p.fs
     wanted = set(wanted_channels(p.channels, cfg))
+    # The settings used, defaults included when the spec has no signal: section.
+    settings = {**ctx.spec.settings(), "signal": dataclasses.asdict(cfg)}
     found = windows(rec, p, cfg)
     if not found:  # nothing to write must still leave a line (one per file): none vanishes
         raise SignalReadError(
@@ -134,6 +137,7 @@ def record_samples(
             channels=p.channels,
             extras=w.extras,
             licence=ctx.source.licence,
+            provenance={"settings": settings},
             meta=meta,
         )
 
