@@ -141,11 +141,22 @@ def test_fsdp_strategy_never_unpickles_a_checkpoint(tmp_path, shards):
         assert torch.equal(v, trained[k]), k
 
 
-def test_the_resumed_state_is_read_once(tmp_path, shards):
+def test_the_resumed_state_is_read_once(tmp_path, shards, monkeypatch):
     """Lightning gets the state `resume_checkpoint` read and checked, not a second read of a
     file that may have been swapped in between."""
     cfg = tiny_config(tmp_path, shards, "run", max_steps=2, checkpoint_every=2)
     run(cfg)
+    reads = []
+    real_load = torch.load
+
+    def counted_load(f, *args, **kwargs):
+        reads.append(Path(f).name)
+        return real_load(f, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "load", counted_load)
+        run(cfg, resume=True)
+    assert sorted(reads) == ["last.ckpt", "step0000002.ckpt"]  # each once, Lightning's included
     path, state = resume_checkpoint(cfg, force=False)
     marker = tmp_path / "marker.txt"
     evil_copy(path, path, marker, 2)  # swapped after the check
