@@ -20,6 +20,7 @@ patient names, file names UIDs and dates).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -153,10 +154,11 @@ class Lease:
                 os.fsync(f.fileno())
             try:
                 os.link(tmp, self.path)
-            except FileExistsError:
-                return False
+            except (FileExistsError, FileNotFoundError):  # held; or a holder starting up
+                return False  # removed our temporary: it holds the lease either way
             finally:
-                os.unlink(tmp)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
             return True
         try:
             with self.fs.open(self.path, "xb") as f:
