@@ -118,6 +118,7 @@ def build(cfg: PretrainConfig) -> tuple[PretrainModule, PretrainData]:
 
 def run(cfg: PretrainConfig, *, resume: bool = False, force_resume: bool = False) -> dict:
     """Train (or continue) the run described by `cfg`; returns a summary dict."""
+    set_vocab_size(cfg)  # before the resume check: the run's fingerprint includes it
     # The one read of the resumed checkpoint: Lightning is handed this state, not the file again.
     ckpt, state = resume_checkpoint(cfg, force_resume) if resume else (None, None)
     io = SafeCheckpointIO(preloaded={str(ckpt): state} if ckpt else None)

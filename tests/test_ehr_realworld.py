@@ -288,3 +288,20 @@ def test_ingested_time_and_age_reach_the_model(synthea, tmp_path):
     too_small = {**model, "vocab_size": len(vocab.tokens)}
     with pytest.raises(Exception, match="model.vocab_size: .* too small"):
         build(load_config(None, base=base_config(tmp_path, out, too_small, [{"name": "mcm"}])))
+
+
+@pytest.mark.slow  # a real Ray job (the shared ingest) and two short training runs
+def test_ehr_pretraining_with_the_shards_vocab_resumes(synthea, tmp_path):
+    """The vocab_size taken from the shards is part of the run's config from the start, so a
+    resumed run has the same fingerprint as the one that saved the checkpoint."""
+    from pretrain_helpers import TINY, base_config
+
+    from medfm.pretrain.config import load_config
+    from medfm.pretrain.train import run
+
+    _, out = synthea
+    model = {"name": "ehr_transformer", "max_tokens": 64, **TINY}
+    tree = base_config(tmp_path, out, model, [{"name": "mcm"}], max_steps=2, checkpoint_every=1)
+    tree["data"].update(batch_size=4, max_tokens=64)
+    run(load_config(None, base=tree))
+    assert run(load_config(None, base=tree), resume=True)["steps"] == 2  # refused before
