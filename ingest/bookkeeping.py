@@ -306,11 +306,14 @@ class Bookkeeper:
         for p in self._listing(WORK_DIR, ignore=LEASE_FILE):
             self.fs.rm(p, recursive=True)
 
-    def tidy(self) -> None:
-        """Remove the work folder if nothing is left in it."""
+    def tidy(self, created_root: bool = False) -> None:
+        """Remove the work folder if nothing is left in it, and the destination too if this
+        job created it and left it empty."""
         work = self.path(WORK_DIR)
         if self.fs.exists(work) and not self._listing(WORK_DIR):
             self.fs.rm(work, recursive=True)
+        if created_root and self.fs.exists(self.root) and not self._listing():
+            self.fs.rm(self.root, recursive=True)
 
     def finished_parts(self) -> dict[str, dict[str, Any]]:
         base = self.path(PARTS_DIR)

@@ -467,7 +467,7 @@ def run_ingest(
     t0 = time.monotonic()
     keyring = keyring or Keyring.load(spec.deid.key_file or None)
     book = Bookkeeper(dest)
-    lease = book.lease()
+    lease, new_root = book.lease(), not book.fs.exists(book.root)
     summary = Summary()
     try:
         lease.acquire()
@@ -478,7 +478,7 @@ def run_ingest(
         raise _disk_full_error(book, dest, summary) from None
     finally:
         lease.release()
-        book.tidy()
+        book.tidy(created_root=new_root)
     return summary
 
 
