@@ -121,7 +121,7 @@ def _npy_header(data: bytes, where: str) -> tuple[np.dtype, tuple[int, ...], boo
     try:
         dtype = np.lib.format.descr_to_dtype(header["descr"])
     except Exception as e:  # noqa: BLE001 - numpy's dtype-string parser raises many types
-        # (bench/fuzz.py found SyntaxError for a descr of "(08)<f8")
+        # (bench/fuzz.py found SyntaxError for a descr of "<08")
         raise ShardFormatError(f"{where}: corrupt .npy header (dtype: {e})") from e
     if dtype.hasobject:
         raise ShardFormatError(f"{where}: .npy payload needs pickle, refused")
