@@ -342,3 +342,46 @@ def test_a_syntax_without_a_decoder_is_named_as_unsupported():
     assert reason_class("unsupported transfer syntax (MPEG2 Main Profile / Main Level)") == (
         "unsupported_transfer_syntax"
     )
+
+
+def _seg_for(dss: list, masks: np.ndarray):
+    """A DICOM SEG of `dss` built by highdicom (an independent writer of the standard)."""
+    hd = pytest.importorskip("highdicom")
+    from pydicom.sr.codedict import codes
+
+    descs = [
+        hd.seg.SegmentDescription(
+            segment_number=i + 1,
+            segment_label=f"s{i + 1}",
+            segmented_property_category=codes.SCT.Tissue,
+            segmented_property_type=codes.SCT.Tissue,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+        )  # fmt: skip
+        for i in range(masks.shape[-1])
+    ]
+    return hd.seg.Segmentation(
+        source_images=dss, pixel_array=masks, segment_descriptions=descs,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        series_instance_uid=hd.UID(), series_number=2, sop_instance_uid=hd.UID(),
+        instance_number=1, manufacturer="medfm-test", manufacturer_model_name="t",
+        software_versions="1", device_serial_number="1",
+    )  # fmt: skip
+
+
+def test_dicom_seg_becomes_the_label_map_of_its_series(tmp_path):
+    export_ct5n(tmp_path / "ct", blank=False)
+    dss = sorted((pydicom.dcmread(p) for p in (tmp_path / "ct").iterdir()),
+                 key=lambda d: float(d.ImagePositionPatient[2]))  # fmt: skip
+    hu = np.stack([d.pixel_array.astype(np.int32) - 1024 for d in dss])
+    masks = np.stack([hu <= -100, hu > 0], axis=-1)
+    _seg_for(dss, masks).save_as(tmp_path / "seg.dcm")
+    got = read_all({"sources": [src(tmp_path)], "intensity": {"ct": "raw"}})
+    assert [g[0] for g in got] == ["S"], got
+    s = got[0][2]
+    # The masks were cut from the same voxels: the label map must agree with them everywhere,
+    # whatever the reorientation did to both.
+    assert s.label_map is not None and s.label_map.shape == s.data.shape
+    assert np.array_equal(s.label_map == 1, s.data <= -100)
+    assert np.array_equal(s.label_map == 2, s.data > 0)
+    assert np.array_equal(s.label_map == 0, (s.data > -100) & (s.data <= 0))
+    assert s.meta["segments"] == {"1": "Tissue", "2": "Tissue"}

@@ -32,6 +32,7 @@ from ..imaging import fit_2d, volume_sample
 from ..registry import (
     READERS,
     GeometryError,
+    LabelMismatch,
     PrivacyError,
     Quarantine,
     ReadContext,
@@ -50,8 +51,8 @@ PROJECTION_MODALITIES = {"CR", "DX", "MG", "US", "SC", "OT", "XA", "RF", "IO", "
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.4"
 SEG_REASON = (
-    "DICOM SEG holds label masks, not an image: not stored as one (give label maps as "
-    "NIfTI/NRRD files; SEG to label map conversion is not implemented)"
+    "DICOM SEG holds label masks, not an image: it becomes the label map of the one series it "
+    "references, and that series is not among this source's stacks"
 )
 HEADER_DEFER = "2 KB"  # large header values stay on disk while scanning
 TILT_TOL = np.tan(np.deg2rad(0.5))
@@ -502,7 +503,78 @@ def _classify(ds: Dataset, f: SourceFile) -> dict[str, Any]:
             "sop_class": str(ds.get("SOPClassUID", ""))}  # fmt: skip
     if kind == "series":
         scan.update(_stack_keys(ds, f))
+    if kind == "segmentation":
+        refs = ds.get("ReferencedSeriesSequence") or []
+        scan["ref_series"] = [str(r.get("SeriesInstanceUID", "")) for r in refs]
     return scan
+
+
+def _attach_segs(
+    segs: list[SourceFile], stacks: list[SourceItem | Quarantine], scans: dict, source: Any
+) -> Iterator[Quarantine]:
+    """A SEG object is the label map of the series it references (ReferencedSeriesSequence):
+    attached to that series' item when exactly one stack of this source is that series and
+    has no label map yet; otherwise quarantined, never stored as an image."""
+    by_series: dict[str, list[SourceItem]] = defaultdict(list)
+    for it in stacks:
+        if isinstance(it, SourceItem):
+            by_series[scans[it.files[0].rel]["series"]].append(it)
+    for f in segs:
+        targets = [it for uid in scans[f.rel]["ref_series"] for it in by_series.get(uid, [])]
+        if len(targets) == 1 and targets[0].label is None:
+            targets[0].label, targets[0].info["seg"] = f, True
+        else:
+            yield Quarantine(f.rel, SEG_REASON, source.name, "UnsupportedInput")
+
+
+def seg_segments(ds: Dataset) -> dict[str, str]:
+    """Segment number -> its coded property type (CodeMeaning; the free-text SegmentLabel is
+    not copied: it can hold anything)."""
+    out = {}
+    for item in ds.get("SegmentSequence") or []:
+        codes = item.get("SegmentedPropertyTypeCodeSequence") or []
+        out[str(item.get("SegmentNumber", ""))] = (
+            str(codes[0].get("CodeMeaning", "")) if codes else ""
+        )
+    return out
+
+
+def seg_label(ctx: ReadContext, item: SourceItem, img: sitk.Image) -> tuple[sitk.Image, dict]:
+    """A DICOM SEG's masks on its series' grid: each frame lands on the slice at its position,
+    voxels take the frame's segment number (a higher number wins where segments overlap).
+    Returns the label image and the segments (`seg_segments`)."""
+    with ctx.fs.open(item.label.path, "rb") as fh:
+        seg = _read(fh)
+    masks, _ = _pixels(seg)
+    masks = masks.reshape(-1, *masks.shape[-2:])
+    if str(seg.get("SegmentationType", "")).upper() == "FRACTIONAL":
+        masks = masks * 2 > int(seg.get("MaximumFractionalValue", 255))
+    d = np.asarray(img.GetDirection()).reshape(3, 3)
+    origin, spacing = np.asarray(img.GetOrigin()), np.asarray(img.GetSpacing())
+    size = img.GetSize()
+    if masks.shape[1:] != (size[1], size[0]):
+        raise LabelMismatch(f"SEG frames are {masks.shape[1:]}, its series' slices {size[1::-1]}")
+    out = np.zeros((size[2], size[1], size[0]), np.uint16)
+    frames = []
+    for i in range(len(masks)):
+        groups = [_frame_group(seg, i, n) for n in ("PlanePositionSequence",
+                  "PlaneOrientationSequence", "SegmentIdentificationSequence")]  # fmt: skip
+        if None in groups:
+            raise LabelMismatch("SEG frame without plane position, orientation or segment")
+        pos, ori, ident = groups
+        if not np.allclose(_floats(ori.ImageOrientationPatient, 6, "SEG orientation"),
+                           d[:, :2].T.ravel(), atol=1e-4):  # fmt: skip
+            raise LabelMismatch("SEG frame orientation differs from its series'")
+        ijk = d.T @ (_floats(pos.ImagePositionPatient, 3, "SEG position") - origin) / spacing
+        k = int(round(ijk[2]))
+        if np.abs(ijk[:2]).max() > 1e-2 or abs(ijk[2] - k) > 1e-2 or not 0 <= k < size[2]:
+            raise LabelMismatch("SEG frame position is not a slice of its series")
+        frames.append((int(ident.ReferencedSegmentNumber), k, i))
+    for number, k, i in sorted(frames):
+        out[k][masks[i] > 0] = number
+    label = sitk.GetImageFromArray(out)
+    label.CopyInformation(img)
+    return label, seg_segments(seg)
 
 
 @register_reader("dicom", extensions=(".dcm", ".dicom", ".ima"))
@@ -528,6 +600,7 @@ class DicomReader(Reader):
         self, files: list[SourceFile], scans: dict[str, Any], source: Any
     ) -> Iterable[SourceItem | Quarantine]:
         series: dict[tuple[str, ...], list[SourceFile]] = defaultdict(list)
+        segs: list[SourceFile] = []
         for f in files:
             s = scans.get(f.rel) or {"error": "header scan missing"}
             if "error" in s:
@@ -538,7 +611,7 @@ class DicomReader(Reader):
                 else:
                     yield Quarantine(f.rel, "DICOM waveform: no waveform reader", source.name)
             elif s["kind"] == "segmentation":
-                yield Quarantine(f.rel, SEG_REASON, source.name, "UnsupportedInput")
+                segs.append(f)
             elif s["kind"] == "nopixels":
                 yield Quarantine(
                     f.rel, f"DICOM object without pixel data (SOP class {s['sop_class']})",
@@ -548,8 +621,13 @@ class DicomReader(Reader):
                 series[_series_key(s)].append(f)
             else:
                 yield SourceItem(source.name, self.name, (f,), info={"kind": s["kind"]})
-        for key, members in sorted(series.items(), key=lambda kv: kv[1][0].rel):
-            yield from _split_series(members, scans, source, self.name, by_uid=key[0] == "uid")
+        stacks = [
+            out
+            for key, members in sorted(series.items(), key=lambda kv: kv[1][0].rel)
+            for out in _split_series(members, scans, source, self.name, by_uid=key[0] == "uid")
+        ]
+        yield from _attach_segs(segs, stacks, scans, source)
+        yield from stacks
 
     def read(self, item: SourceItem, ctx: ReadContext) -> Iterator[Sample | Quarantine]:
         try:
@@ -585,19 +663,22 @@ class DicomReader(Reader):
         modality = ctx.source.modality or str(first.get("Modality", "OT")) or "OT"
         series_uid = str(first.get("SeriesInstanceUID", "")) or item.rel
         uid = series_uid if kind == "series" else str(first.get("SOPInstanceUID", item.rel))
+        meta = {"dicom": self._meta(first, raw_pid, ctx, stored and stored[0]),
+                "slices": len(frames)}  # fmt: skip
+        if item.info.get("seg"):
+            label, meta["segments"] = seg_label(ctx, item, img)
+        else:
+            label = read_label(ctx, item)
         sample = volume_sample(
             ctx,
             img,
-            read_label(ctx, item),
+            label,
             key=ctx.sample_key("dicom", uid),
             modality=modality,
             patient_id=pid,
             study_id=study,
             series_id=ctx.uid(series_uid, "series")[:20],
-            meta={
-                "dicom": self._meta(first, raw_pid, ctx, stored and stored[0]),
-                "slices": len(frames),
-            },  # fmt: skip
+            meta=meta,
         )
         sample.labels = labels
         yield sample
