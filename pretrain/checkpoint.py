@@ -76,6 +76,8 @@ class SafeFSDPStrategy(FSDPStrategy):
 def _reads_as(state: dict[str, Any]) -> Iterator[None]:
     """Lightning's FSDP module reads a full checkpoint with `_lazy_load(path)`: answer with
     `state`, already read safely, for the duration of one restore."""
+    if not hasattr(lightning_fsdp, "_lazy_load"):  # a Lightning that reads differently: stop
+        raise ResumeError("this Lightning version's FSDP restore is not known to be safe")
     original = lightning_fsdp._lazy_load
     lightning_fsdp._lazy_load = lambda _path: state
     try:
