@@ -183,9 +183,9 @@ def test_label_pairs_csv_pairs_nifti_and_a_dicom_series(job, sample_data):
     assert series.label_map.any() and not series.label_map.all()
     # a named label that does not exist, and one whose image does not: quarantined, with where
     assert "not found" in quarantine["pairs", "labels/missing.nii.gz"]
-    assert "pairs.csv row 4" in quarantine["pairs", "labels/missing.nii.gz"]
+    assert "<file>.csv row 4" in quarantine["pairs", "labels/missing.nii.gz"]
     assert "not used" in quarantine["pairs", "labels/gone.nii.gz"]
-    assert "pairs.csv row 5" in quarantine["pairs", "labels/gone.nii.gz"]
+    assert "<file>.csv row 5" in quarantine["pairs", "labels/gone.nii.gz"]
     assert "its folder holds 3 series or images" in quarantine["pairs", "labels/two.nii.gz"]
     assert samples["pairs", "images/ct2.nii.gz"].label_map is None  # converted, unlabelled
     assert not any(rel.startswith("labels/") for ds, rel in samples if ds == "pairs")
