@@ -312,6 +312,21 @@ def test_channel_that_is_a_gap_in_every_segment_is_masked(mit, tmp_path):
     assert kind == "S" and w.channels[-1] == "II" and w.meta["bad_channels"] == {"II": "nan"}
 
 
+@pytest.mark.parametrize(
+    "unknown, expected",
+    [("quarantine", "unknown channel name '#1' (the file gives it no name)"),
+     ("drop", "no channel left after channel selection")],
+)  # fmt: skip
+def test_header_without_names_or_adc_fields(mit, tmp_path, unknown, expected):
+    """Signal lines that stop after the resolution (no ADC zero, baseline, names): found by
+    bench/fuzz.py as a TypeError; now the nameless leads are unknown channels."""
+    hea = derive_100(mit, tmp_path, "sf")
+    lines = hea.read_text().splitlines()
+    hea.write_text("\n".join([lines[0], "sf.dat 212 200 11", "sf.dat 212 200 11"]) + "\n")
+    _, got = run(wfdb_spec(tmp_path, ["sf.hea"], {"unknown_channel": unknown}))
+    assert got == [("Q", "sf.hea", expected)]
+
+
 # ---------------------------------------------------------------- 7. every file of a record
 
 

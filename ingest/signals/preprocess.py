@@ -94,9 +94,11 @@ def map_channels(rec: SignalRecord, cfg: SignalConfig) -> tuple[list[int], list[
     for i, raw in enumerate(rec.channels):
         name = canonical_name(raw)
         if name is None:
+            label = raw.strip() or f"#{i + 1}"
             if cfg.unknown_channel == "quarantine":
-                raise SignalReadError(f"unknown channel name {raw.strip()!r} (not in vocabulary)")
-            dropped.append(raw.strip())
+                why = "not in vocabulary" if raw.strip() else "the file gives it no name"
+                raise SignalReadError(f"unknown channel name {label!r} ({why})")
+            dropped.append(label)
             continue
         if channel_group(name) not in cfg.groups or (cfg.channels and name not in cfg.channels):
             dropped.append(name)

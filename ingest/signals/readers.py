@@ -198,12 +198,12 @@ def read_wfdb(path: str, opts: ReaderOptions, max_ratio: float = DEFAULT_MAX_RAT
     out = SignalRecord(
         common.signal,
         common.fs,
-        [rec.sig_name[i] for i in k],
-        [rec.units[i] for i in k],
+        [rec.sig_name[i] or "" for i in k],  # a header may leave names and units out
+        [rec.units[i] or "" for i in k],
         start,
         [phys[i] for i in k] if phys else None,
         format="wfdb",
-        rate_dropped={rec.sig_name[i]: why for i, why in common.dropped.items()},
+        rate_dropped={rec.sig_name[i] or f"#{i + 1}": why for i, why in common.dropped.items()},
     )
     out.segments = segments
     scale = common.fs / rec.fs  # annotations count frames; channels at spf > 1 count faster
@@ -233,7 +233,8 @@ def _wfdb_phys_range(rec) -> list[tuple[float, float]] | None:
     for gain, res, zero, base in zip(
         rec.adc_gain, rec.adc_res, rec.adc_zero, rec.baseline, strict=True
     ):
-        if not gain or not res:
+        # A header may leave a field out (or, corrupt, declare 2 ** a huge resolution).
+        if not gain or zero is None or base is None or not 0 < (res or 0) <= 64:
             return None
         # The lowest code is WFDB's "invalid sample" marker (read as NaN), so it is excluded.
         lo, hi = zero - 2 ** (res - 1) + 1, zero + 2 ** (res - 1) - 1
