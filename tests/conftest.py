@@ -32,3 +32,14 @@ def medfm_exe() -> str:
     exe = Path(sys.executable).parent / "medfm"
     assert exe.exists(), f"console script not installed next to {sys.executable}"
     return str(exe)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Oversubscribed OpenMP threads crawl on a shared 2-core box: training tests use one."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

@@ -50,3 +50,30 @@ def hf_cache(
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(os.path.relpath(blob, link.parent))
     return repo_dir
+
+
+class WritesMarker:
+    """Unpickling this creates the marker file: proof, when the file is absent, that nothing
+    was unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "pwned"))
+
+
+def inject(store: str, repo: str, files: dict[str, bytes], tmp_path: Path) -> None:
+    """A revision written past push's checks, as a foreign tool or an attacker would."""
+    from medfm.finetune import hub
+
+    local = hub.LocalHub(store)
+    table = {}
+    for name, data in files.items():
+        src = tmp_path / "inject" / name
+        src.parent.mkdir(parents=True, exist_ok=True)
+        src.write_bytes(data)
+        digest = hashlib.sha256(data).hexdigest()
+        local.put_blob(src, digest)
+        table[name] = {"sha256": digest, "size": len(data)}
+    local.write_revision(repo, table, "main")

@@ -23,7 +23,7 @@ from medfm.pretrain.checkpoint import (
 from medfm.pretrain.config import load_config
 from medfm.pretrain.train import build, build_strategy, run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 TINY = {"size": "tiny", "embed_dim": 32, "depth": 1, "num_heads": 2}
 
@@ -36,14 +36,6 @@ class WritesMarker:
 
     def __reduce__(self):
         return (Path.write_text, (self.marker, "pwned"))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")

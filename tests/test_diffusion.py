@@ -22,12 +22,9 @@ from medfm.pretrain.objectives.diffusion import DiffusionObjective
 from medfm.shards import Manifest, ShardSet, verify
 from medfm.synth.generate import GenerateOptions, generate
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TINY_UNET = {"channels": [8, 16, 16], "attention_levels": [False, False, True]}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    torch.set_num_threads(1)  # oversubscribed OpenMP threads crawl on a shared 2-core box
 
 
 @pytest.mark.parametrize("spatial_dims, size", [(2, [28, 28]), (3, [16, 16, 8])])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hub_helpers import COMMIT, hf_cache, make_folder, tree_bytes
+from hub_helpers import COMMIT, WritesMarker, hf_cache, inject, make_folder, tree_bytes
 from typer.testing import CliRunner
 
 from medfm.cli import app
@@ -71,30 +71,6 @@ def test_flipped_byte_is_detected_and_the_file_not_used(tmp_path, store):
     assert not (tmp_path / "out" / "model.safetensors").exists()
     assert not list((tmp_path / "out").glob("*.part"))
     assert not (tmp_path / "out" / ".medfm-hub.json").exists()
-
-
-class WritesMarker:
-    """Unpickling this would create a marker file: proof that nothing was unpickled."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.write_text, (self.marker, "pwned"))
-
-
-def inject(store: str, repo: str, files: dict[str, bytes], tmp_path: Path) -> None:
-    """Write a revision the way a foreign tool might: bypassing push's own pickle refusal."""
-    local = hub.LocalHub(store)
-    table = {}
-    for name, data in files.items():
-        src = tmp_path / "inject" / name
-        src.parent.mkdir(parents=True, exist_ok=True)
-        src.write_bytes(data)
-        digest = hashlib.sha256(data).hexdigest()
-        local.put_blob(src, digest)
-        table[name] = {"sha256": digest, "size": len(data)}
-    local.write_revision(repo, table, "main")
 
 
 @pytest.mark.parametrize("name", ["pytorch_model.bin", "model.ckpt", "weights.pt", "w.pth"])

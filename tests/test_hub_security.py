@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hub_helpers import hf_cache, make_folder, tree_bytes
+from hub_helpers import WritesMarker, hf_cache, inject, make_folder, tree_bytes
 from safetensors.torch import save_file
 
 from medfm.finetune import hub
@@ -28,30 +28,6 @@ from medfm.finetune.hub.transfer import PULL_RECORD, staging_dir
 def store(tmp_path, monkeypatch):
     monkeypatch.setenv("MEDFM_HUB_CACHE", str(tmp_path / "pull-cache"))
     return str(tmp_path / "hub")
-
-
-class WritesMarker:
-    """Unpickling this creates the marker file."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.write_text, (self.marker, "pwned"))
-
-
-def inject(store: str, repo: str, files: dict[str, bytes], tmp_path: Path) -> None:
-    """A revision written past push's checks, as a foreign tool or an attacker would."""
-    local = hub.LocalHub(store)
-    table = {}
-    for name, data in files.items():
-        src = tmp_path / "inject" / name
-        src.parent.mkdir(parents=True, exist_ok=True)
-        src.write_bytes(data)
-        digest = hashlib.sha256(data).hexdigest()
-        local.put_blob(src, digest)
-        table[name] = {"sha256": digest, "size": len(data)}
-    local.write_revision(repo, table, "main")
 
 
 def hub_blobs(store: str) -> set[str]:

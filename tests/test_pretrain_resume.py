@@ -23,15 +23,7 @@ from medfm.pretrain.config import load_config
 from medfm.pretrain.engine import NonFiniteLossError
 from medfm.pretrain.train import run
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def mae_config(tmp: Path, shards: Path, name: str, **train) -> Path:

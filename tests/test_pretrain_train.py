@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from pretrain_helpers import (
     DECODER,
     TINY,
@@ -22,15 +21,7 @@ from pretrain_helpers import (
 from medfm.pretrain.config import load_config
 from medfm.pretrain.train import run
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CI box has 2 shared cores
-    yield
-    torch.set_num_threads(saved)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def fit(tree: dict) -> dict:
