@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from medfm.ingest.bookkeeping import ResumeError
 from medfm.ingest.job import run_ingest
 from medfm.ingest.load import parse_spec
 from medfm.ingest.privacy import Keyring, split_for
+from medfm.io import TMP_MARKER
 from medfm.shards import Manifest, ShardSet, verify
 
 ENV_KEY = KEY.decode()
@@ -363,6 +365,48 @@ def test_kill_9_then_resume_equals_uninterrupted_run(ray_rt, tmp_path):
     assert verify(str(dest)).ok
     with pytest.raises(ResumeError, match="--resume"):  # re-running without --resume refuses
         ingest(spec, dest)
+
+
+def _kill_a_converting_worker(killed: list[int], stop: threading.Event) -> None:
+    """SIGKILL the first Ray worker seen running a conversion task. Ray titles a worker
+    process `ray::<task name>` while it runs one, so the process table tells which it is."""
+    import psutil
+
+    while not stop.is_set() and not killed:
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            if "ray::convert_task" in " ".join(proc.info["cmdline"] or []):
+                os.kill(proc.info["pid"], signal.SIGKILL)
+                killed.append(proc.info["pid"])
+                return
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_worker_mid_conversion_gives_the_uninterrupted_manifest(ray_rt, tmp_path):
+    _resume_inputs(tmp_path / "data")
+    spec = {
+        "sources": [{"name": "vols", "root": str(tmp_path / "data"), "modality": "CT"}],
+        "volume": {"spacing": [1.0, 1.0, 1.0]},
+        "shards": {"task_items": 1},
+    }
+    ingest(spec, tmp_path / "reference")
+    killed: list[int] = []
+    stop = threading.Event()
+    killer = threading.Thread(target=_kill_a_converting_worker, args=(killed, stop))
+    killer.start()
+    try:
+        summary = ingest(spec, tmp_path / "dest")  # Ray retries the killed worker's task
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "no conversion task was seen running"
+    rows, files = _comparable(tmp_path / "dest")
+    ref_rows, ref_files = _comparable(tmp_path / "reference")
+    assert _row_differences(rows, ref_rows) == [] and files == ref_files
+    assert summary.quarantined == 0 and summary.written == len(ref_rows)
+    left = [p for p in (tmp_path / "dest").rglob("*") if TMP_MARKER in p.name]
+    assert left == [], left  # the dead attempt's temporaries are gone
+    assert verify(str(tmp_path / "dest")).ok
 
 
 def test_ct_zscore_uses_dataset_statistics_from_a_first_pass(ray_rt, tmp_path):
