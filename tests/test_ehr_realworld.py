@@ -39,15 +39,6 @@ def synthea_spec(root: Path, *overrides: str):
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def synthea(ray_local, tmp_path_factory):
     """One Synthea export and its ingest output, shared by the tests below."""
     base = tmp_path_factory.mktemp("synthea")

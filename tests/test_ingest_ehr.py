@@ -24,15 +24,6 @@ from medfm.shards import ShardSet, verify
 SPLIT = {"fractions": [0.6, 0.2, 0.2], "seed": 0}
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def ingest(out: Path, source: dict, resume: bool = False):
     opt_in = {"hash_paths": False}  # real relative paths: these tests read them
     spec = parse_spec({"sources": [source], "split": SPLIT, "shards": {"task_items": 1},

@@ -32,15 +32,6 @@ REAL_EEG = ["test_subsecond.edf", "test_utf8.edf"]
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def wfdb_dir(sample_data) -> Path:
     return sample_data / "wfdb"
 

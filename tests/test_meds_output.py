@@ -29,15 +29,6 @@ SPEC = Path(__file__).resolve().parents[1] / "ingest" / "specs" / "ehr_synthea.y
 SPLITS = {"train": "train", "val": "tuning", "test": "held_out"}
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def meds_database(meds_root: Path, dest: Path):
     """Convert with meds_reader_convert and open the meds_reader SubjectDatabase."""
     import meds_reader

@@ -466,15 +466,6 @@ def test_settings_record_the_signal_section(mit):
 # ---------------------------------------------------------------- the Ray job, format auto
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def _multi_file_record(mit: Path, folder: Path) -> None:
     """Record 100's first ten minutes with one signal file per lead, `m.d0` and `m.d1`."""
     rec = wfdb.rdrecord(str(mit / "100"), physical=False, sampto=10 * MINUTE)
