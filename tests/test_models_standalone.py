@@ -64,3 +64,34 @@ def test_models_and_exports_need_no_lightning(tmp_path):
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "standalone ok" in res.stdout
+
+
+def test_an_encoder_sidecar_reads_only_its_own_weights_and_names_a_corrupt_file(tmp_path):
+    """A sidecar naming weights outside its folder, or weights whose header is corrupt but
+    whose sha256 was recorded to match, fail with ExportError (found by bench/fuzz.py)."""
+    import json
+
+    import pytest
+    from safetensors.torch import save_file
+
+    from medfm.io import sha256_file
+    from medfm.models import ENCODERS
+    from medfm.models.export import ExportError, export_encoder, load_encoder
+
+    enc = ENCODERS.build("vit2d", {"size": "tiny", "img_size": 28, "patch_size": 7,
+                                   "embed_dim": 32, "depth": 1, "num_heads": 2})  # fmt: skip
+    path = export_encoder(enc, tmp_path / "export", preprocessing={}, data={}, training={})
+    sidecar = json.loads(path.read_text())
+    outside = tmp_path / "elsewhere.safetensors"
+    save_file({"w": enc.state_dict()["cls_token"].clone()}, str(outside))
+    for name in ("../elsewhere.safetensors", str(outside)):
+        probe = dict(sidecar, weights=dict(sidecar["weights"], file=name))
+        path.write_text(json.dumps(probe))
+        with pytest.raises(ExportError, match="weights.file must be a file name"):
+            load_encoder(path)
+    weights = path.parent / sidecar["weights"]["file"]
+    weights.write_bytes(b"\xff" * 8 + weights.read_bytes()[8:])  # header length now absurd
+    digest = sha256_file(weights)[0]
+    path.write_text(json.dumps(dict(sidecar, weights=dict(sidecar["weights"], sha256=digest))))
+    with pytest.raises(ExportError, match="not a readable safetensors file"):
+        load_encoder(path)

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -83,14 +84,22 @@ def load_encoder(path: str | Path, map_location: str = "cpu") -> tuple[Encoder, 
     """Rebuild an exported encoder from its sidecar (`.json`) and safetensors weights."""
     path = Path(path)
     sidecar = read_sidecar(path)
-    weights = path.parent / sidecar["weights"]["file"]
+    name = sidecar["weights"]["file"]
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        # A plain file name beside the sidecar: a path would let a sidecar probe or read
+        # files outside the export.
+        raise ExportError(f"{path.name}: weights.file must be a file name in the export")
+    weights = path.parent / name
     if not weights.exists():
         raise ExportError(f"{weights}: weights file named by {path.name} is missing")
     if sha256_file(weights)[0] != sidecar["weights"]["sha256"]:
         raise ExportError(f"{weights}: sha256 does not match {path.name} (corrupt or replaced)")
     arch = sidecar["architecture"]
     encoder = ENCODERS.build(arch["name"], arch["params"], where=f"{path.name}:architecture")
-    state = load_file(str(weights), device=map_location)
+    try:
+        state = load_file(str(weights), device=map_location)
+    except SafetensorError as e:  # a corrupt header that still matches the recorded sha256
+        raise ExportError(f"{weights.name}: not a readable safetensors file ({e})") from e
     missing, unexpected = encoder.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ExportError(
