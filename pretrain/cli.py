@@ -40,6 +40,9 @@ def pretrain(
         False, "--force-resume", help="Resume even if the checkpoint's config differs."
     ),
     list_: bool = typer.Option(False, "--list", help="List encoders, objectives, example configs."),
+    smoke: bool = typer.Option(
+        False, "--smoke", help="Apply the recipe's `smoke:` overrides (a few tiny CPU steps)."
+    ),
 ) -> None:
     """Train an encoder on shard sets. Extra `key=value` arguments override the config, e.g.
     `train.max_steps=2000 data.batch_size=64 objectives[0].mask_ratio=0.6`."""
@@ -59,7 +62,7 @@ def pretrain(
         typer.echo("medfm pretrain: --config is required (try --list)", err=True)
         raise typer.Exit(2)
     try:
-        cfg = load_config(config, ctx.args)
+        cfg = load_config(config, ctx.args, smoke=smoke)
     except ConfigError as e:
         typer.echo(f"medfm pretrain: bad config: {e}", err=True)
         raise typer.Exit(2) from None

@@ -56,7 +56,11 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 1000
-    lr: float = 1.5e-4
+    # Peak learning rate: `lr` as given, or `blr` (base lr, per 256 samples) scaled by the
+    # effective batch as in MAE (He et al., 2022): lr = blr * batch * grad_accum * world / 256.
+    # Neither set: DEFAULT_LR. Setting both is refused.
+    lr: float | None = None
+    blr: float | None = None
     min_lr: float = 0.0
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
@@ -81,6 +85,22 @@ class TrainConfig:
     loggers: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])
 
 
+DEFAULT_LR = 1.5e-4
+
+
+def effective_batch(cfg: PretrainConfig, world_size: int) -> int:
+    """Samples per optimizer step: batch_size x grad_accum x world size."""
+    return cfg.data.batch_size * cfg.train.grad_accum * world_size
+
+
+def resolved_lr(cfg: PretrainConfig, world_size: int) -> float:
+    """The peak learning rate the run uses (blr scaled by the effective batch, when given)."""
+    t = cfg.train
+    if t.blr is not None:
+        return t.blr * effective_batch(cfg, world_size) / 256
+    return DEFAULT_LR if t.lr is None else t.lr
+
+
 @dataclass
 class PretrainConfig:
     name: str
@@ -98,15 +118,38 @@ class PretrainConfig:
         """Hash of everything that changes what is trained (not logging or loader workers)."""
         d = self.to_dict()
         d.pop("out_dir")
+        # Runs from before `blr` existed keep their fingerprint (and so stay resumable).
+        if d["train"].pop("blr") is not None:
+            d["train"]["blr"] = self.train.blr
+        if d["train"]["lr"] is None:
+            d["train"]["lr"] = DEFAULT_LR
         d["data"].pop("num_workers")
         for k in ("log_every", "checkpoint_every", "plots", "loggers", "compile", "ledger"):
             d["train"].pop(k)
         return sha256_bytes(json.dumps(d, sort_keys=True).encode())[:16]
 
 
-def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None):
-    """Read YAML (or take `base`), apply overrides, validate everything, return PretrainConfig."""
-    cfg = from_dict(PretrainConfig, read_tree(path, overrides, base))
+def load_config(
+    path: str | Path | None,
+    overrides: list[str] = (),
+    base: dict | None = None,
+    smoke: bool = False,
+):
+    """Read YAML (or take `base`), apply overrides, validate everything, return PretrainConfig.
+
+    A packaged recipe carries a `smoke:` list of `key=value` overrides (tiny sizes, a few steps,
+    the same objective settings); `smoke=True` (`medfm pretrain --smoke`) applies them before
+    `overrides`. Without it the list is ignored."""
+    tree = read_tree(path, (), base)
+    smoke_overrides = tree.pop("smoke", None) or []
+    if not isinstance(smoke_overrides, list) or not all(
+        isinstance(o, str) for o in smoke_overrides
+    ):
+        raise ConfigError("smoke: expected a list of key=value overrides")
+    if smoke and not smoke_overrides:
+        raise ConfigError(f"smoke: {path or 'the config'} has no smoke overrides (--smoke)")
+    tree = read_tree(None, smoke_overrides if smoke else (), tree)
+    cfg = from_dict(PretrainConfig, read_tree(None, overrides, tree))
     validate(cfg)
     return cfg
 
@@ -134,6 +177,14 @@ def validate(cfg: PretrainConfig) -> None:
         OBJECTIVES.entry(name, f"objectives[{i}].name")
         OBJECTIVES.config(name, params, f"objectives[{i}]")
     t = cfg.train
+    if t.lr is not None and t.blr is not None:
+        raise ConfigError(
+            f"train.lr ({t.lr}) and train.blr ({t.blr}) are mutually exclusive: set lr for a "
+            "fixed learning rate, or blr to scale it by the effective batch (blr * batch / 256)"
+        )
+    for name in ("lr", "blr"):
+        if (getattr(t, name) or 0.0) < 0:
+            raise ConfigError(f"train.{name}: must be >= 0, got {getattr(t, name)}")
     for name in ("max_steps", "grad_accum", "checkpoint_every", "log_every"):
         if getattr(t, name) < 1:
             raise ConfigError(f"train.{name}: must be >= 1, got {getattr(t, name)}")

@@ -15,7 +15,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from medfm.models import Encoder, build_encoder
 
-from .config import PretrainConfig
+from .config import PretrainConfig, resolved_lr
 from .objectives import OBJECTIVES, Context
 
 STEP_SALT = 0x57E9
@@ -154,7 +154,7 @@ class PretrainModule(L.LightningModule):
         if self.ema is not None:
             self.ema.update_parameters(self.ema_target())
 
-    def param_groups(self) -> list[dict[str, Any]]:
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
         """No decay on norms/biases/tokens; layer-wise LR decay over the encoder's blocks."""
         t = self.cfg.train
         depth = len(self.encoder.blocks) if self.encoder is not None else 0
@@ -169,14 +169,15 @@ class PretrainModule(L.LightningModule):
                 scale = t.layer_decay ** (depth + 1 - layer)
             groups.setdefault((decay, scale), []).append(p)
         return [
-            {"params": ps, "weight_decay": d, "lr": t.lr * s, "lr_scale": s}
+            {"params": ps, "weight_decay": d, "lr": lr * s, "lr_scale": s}
             for (d, s), ps in sorted(groups.items())
         ]
 
     def configure_optimizers(self):
         t = self.cfg.train
-        opt = torch.optim.AdamW(self.param_groups(), lr=t.lr, betas=t.betas)
-        floor = t.min_lr / t.lr if t.lr > 0 else 0.0
+        lr = resolved_lr(self.cfg, self.trainer.world_size)  # blr scales with the global batch
+        opt = torch.optim.AdamW(self.param_groups(lr), lr=lr, betas=t.betas)
+        floor = t.min_lr / lr if lr > 0 else 0.0
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, cosine_with_warmup(t.warmup_steps, t.max_steps, floor)
         )

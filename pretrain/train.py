@@ -22,7 +22,7 @@ from .checkpoint import (
     checkpoint_dir,
     resume_checkpoint,
 )
-from .config import PretrainConfig
+from .config import PretrainConfig, effective_batch, resolved_lr
 from .data import PretrainData, set_vocab_size
 from .engine import PretrainModule
 from .plots import PlotCallback
@@ -164,7 +164,9 @@ def run(cfg: PretrainConfig, *, resume: bool = False, force_resume: bool = False
         default_root_dir=cfg.out_dir,
     )
     if trainer.is_global_zero:
-        write_json(out / "config.json", cfg.to_dict(), indent=1)
+        world = trainer.world_size  # what the lr rule scales by (train.blr)
+        resolved = {"lr": resolved_lr(cfg, world), "effective_batch": effective_batch(cfg, world)}
+        write_json(out / "config.json", cfg.to_dict() | {"resolved": resolved}, indent=1)
     trainer.fit(module, datamodule=data.module, ckpt_path=str(ckpt) if ckpt else None)
     trainer.save_checkpoint(checkpoint_dir(cfg) / LAST, weights_only=False)  # end state, always
     summary = {"steps": trainer.global_step, "throughput": throughput.summary}

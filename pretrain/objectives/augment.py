@@ -6,6 +6,7 @@ MONAI's random array transforms per sample, as MONAI users would.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,31 @@ def view_image2d(x: torch.Tensor, gen: torch.Generator, strength: Strength) -> t
     mean = y.mean(dim=(1, 2, 3), keepdim=True)
     y = (y - mean) * contrast + mean + bright
     return y + strength.noise * torch.randn(y.shape, generator=gen, device=dev)
+
+
+def resized_crop_flip(
+    x: torch.Tensor,
+    gen: torch.Generator,
+    scale: tuple[float, float] = (0.2, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    flip: bool = True,
+) -> torch.Tensor:
+    """torchvision's RandomResizedCrop + RandomHorizontalFlip (MAE's training transform), on the
+    batch: per sample an area fraction in `scale` with a log-uniform aspect ratio in `ratio`,
+    resized back to the input size (bicubic, as MAE). A crop too wide or tall for the image is
+    clamped to it rather than redrawn (torchvision retries 10 times, then centre-crops)."""
+    n, dev = x.shape[0], x.device
+    area = _uniform(n, scale[0], scale[1], gen, dev)
+    aspect = _uniform(n, math.log(ratio[0]), math.log(ratio[1]), gen, dev).exp()
+    w, h = (area * aspect).sqrt().clamp(max=1.0), (area / aspect).sqrt().clamp(max=1.0)
+    tx, ty = _uniform(n, -1, 1, gen, dev) * (1 - w), _uniform(n, -1, 1, gen, dev) * (1 - h)
+    mirror = torch.rand(n, generator=gen, device=dev) < 0.5
+    sign = torch.where(mirror & flip, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3, device=dev)
+    theta[:, 0, 0], theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2] = w * sign, h, tx, ty
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    y = F.grid_sample(x.float(), grid, mode="bicubic", padding_mode="border", align_corners=False)
+    return y.to(x.dtype)
 
 
 def view_volume3d(x: torch.Tensor, gen: torch.Generator, strength: Strength) -> torch.Tensor:

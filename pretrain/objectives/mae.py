@@ -3,6 +3,10 @@
 The encoder sees only the visible (1 - mask_ratio) tokens; a small decoder fills in mask tokens
 and regresses the pixels of the masked patches. `norm_pix_loss` defaults to off: on chest X-rays
 per-patch normalization amplifies noise in flat regions (facebookresearch/mae issue #190).
+
+2D images can get MAE's training transform, RandomResizedCrop(scale=(0.2, 1.0)) + horizontal
+flip (`crop_scale`, `hflip`). Both default to off so that runs from before they existed resume
+unchanged; the packaged 2D recipes switch them on.
 """
 
 from __future__ import annotations
@@ -14,9 +18,13 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from medfm.config import ConfigError
 from medfm.models.base import sincos_grid
 
+from .augment import resized_crop_flip
 from .base import OBJECTIVES, Context, Objective
+
+AUGMENT_SALT = 0xA06  # the crop/flip stream differs from the mask stream of the same step
 
 
 @dataclass
@@ -26,6 +34,8 @@ class MAEConfig:
     decoder_depth: int = 4
     decoder_heads: int = 8
     norm_pix_loss: bool = False
+    crop_scale: tuple[float, float] | None = None  # RandomResizedCrop area range; MAE (0.2, 1)
+    hflip: bool = False  # random horizontal flip (p = 0.5)
 
 
 def random_masking(n: int, tokens: int, keep: int, gen: torch.Generator, device) -> tuple:
@@ -44,10 +54,9 @@ class MAE(Objective):
     def __init__(self, cfg: MAEConfig, ctx: Context):
         super().__init__("mae", cfg, ctx)
         if not 0.0 < cfg.mask_ratio < 1.0:
-            from medfm.config import ConfigError
-
             raise ConfigError(f"mae.mask_ratio must be in (0, 1), got {cfg.mask_ratio}")
         enc = ctx.encoder
+        check_augment(cfg, enc.kind)
         n = enc.num_tokens
         self.keep = max(1, int(round(n * (1 - cfg.mask_ratio))))
         self.decoder_embed = nn.Linear(enc.embed_dim, cfg.decoder_dim)
@@ -90,8 +99,18 @@ class MAE(Objective):
             target = (target - mean) / (var + 1e-6).sqrt()
         return target
 
+    def augment(self, x: torch.Tensor) -> torch.Tensor:
+        """The configured crop/flip of this step's batch (seeded: the same after a resume)."""
+        cfg = self.config
+        if cfg.crop_scale is None and not cfg.hflip:
+            return x
+        gen = torch.Generator(device=x.device).manual_seed(self._ctx.seed ^ AUGMENT_SALT)
+        if cfg.crop_scale is None:  # flip only: the crop is the whole image
+            return resized_crop_flip(x, gen, (1.0, 1.0), (1.0, 1.0), flip=True)
+        return resized_crop_flip(x, gen, tuple(cfg.crop_scale), flip=cfg.hflip)
+
     def loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        x = batch["data"]
+        x = self.augment(batch["data"])
         pred, mask = self.forward_masked(x, batch)
         per_token = ((pred.float() - self.target(x).float()) ** 2).mean(-1)
         return {"loss": (per_token * mask).sum() / mask.sum()}
@@ -119,6 +138,15 @@ class MAE(Objective):
         masked = enc.unpatchify(target * (1 - mask[..., None]))
         pasted = enc.unpatchify(target * (1 - mask[..., None]) + pred * mask[..., None])
         return {"input": x, "masked": masked, "reconstruction": pasted}
+
+
+def check_augment(cfg: MAEConfig, kind: str) -> None:
+    if (cfg.crop_scale is not None or cfg.hflip) and kind != "image2d":
+        raise ConfigError(f"mae.crop_scale/hflip: 2D images only; this encoder takes {kind} data")
+    if cfg.crop_scale is not None:
+        lo, hi = cfg.crop_scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ConfigError(f"mae.crop_scale must satisfy 0 < low <= high <= 1, got {lo}, {hi}")
 
 
 @OBJECTIVES.register("mae", MAEConfig)
