@@ -96,19 +96,22 @@ def audit_cmd(
     override: list[str] = SET_OPTION,
 ):
     """Fidelity, diversity and memorization report with a pass/fail verdict (exit 1 on fail)."""
+    from medfm.shards import ShardError
+
     from .audit import audit, load_audit_config
 
     try:
         cfg = load_audit_config(config, override)
         cfg = dataclasses.replace(cfg, encoder=encoder) if encoder else cfg
         report = audit(synthetic, real, out or f"{synthetic.rstrip('/')}/audit", cfg)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ShardError) as e:  # e.g. a folder that is no set
         _fail(e)
     if as_json:
         typer.echo(json.dumps(report, indent=1, default=float))
     else:
         for c in report["checks"]:
-            typer.echo(f"{'ok  ' if c['pass'] else 'FAIL'} {c['name']}: {c['value']:.4g}")
+            value = "n/a" if c["value"] is None else f"{c['value']:.4g}"  # no reference: fails
+            typer.echo(f"{'ok  ' if c['pass'] else 'FAIL'} {c['name']}: {value}")
         mem = report["memorization"]
         typer.echo(f"memorization: {mem['flagged']} of {report['counts']['synthetic']} flagged")
         typer.echo(f"verdict: {report['verdict']}")

@@ -131,3 +131,16 @@ def test_pretraining_refuses_an_unaudited_set_and_records_the_override(sets, tmp
     sidecar = json.loads((tmp_path / "run" / "export" / "encoder.json").read_text())
     assert sidecar["data"]["synthetic_audit"] == {"audit": "fail", "audit_source":
         "audit/report.json", "generator_sha256": GENERATOR, "allow_unaudited": True}  # fmt: skip
+
+
+def test_audit_cli_names_a_folder_that_is_not_a_shard_set(tmp_path):
+    from typer.testing import CliRunner
+
+    from medfm.synth.cli import app
+
+    (tmp_path / "notes").mkdir()
+    res = CliRunner().invoke(
+        app, ["audit", "--synthetic", str(tmp_path / "notes"), "--real", str(tmp_path)]
+    )
+    assert res.exit_code == 2, res.output  # an error line, not a traceback
+    assert "no manifest.json; not a finished shard set" in res.output, res.output
