@@ -9,10 +9,14 @@ import json
 import os
 import re
 import subprocess
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from medfm.finetune import load, load_config
+from medfm.ingest.load import load_spec
+from medfm.ingest.privacy import Keyring, split_for
 from medfm.shards import Manifest, verify
 
 ALL_STAGES = [
@@ -60,14 +64,18 @@ def test_quick_demo_runs_every_stage_on_real_data(sample_data, medfm_exe, tmp_pa
     for root in summary["verified"]:
         report = verify(root)
         assert report.ok and report.rows_checked > 0, report.errors
+        # Each modality has >= 3 patients here (ECG: 4 records), and the demo picks a split
+        # seed that gives train, val and test one patient at least, whatever its fresh key.
+        splits = Counter(r["split"] for r in Manifest.open(root).rows())
+        assert set(splits) == {"train", "val", "test"}, (root, splits)
+    ecg = load_spec(out / "configs" / "ingest_ecg.yaml")
+    assert {s.name for s in ecg.sources} == {"pydicom_ecg", "mitdb", "ptbdb", "multisegment"}
     rows = list(Manifest.open(str(out / "shards" / "xray")).rows(decode_json=True))
     assert {r["labels"]["label"] for r in rows} == {0, 1}
     assert all(r["patient_id"].startswith("P") for r in rows)  # keyed pseudonyms
     assert not any("pneumoniamnist-" in r["patient_id"] for r in rows)  # never the raw ids
 
     # The configs the demo ran are the stages' own files: each loads through its stage's loader.
-    from medfm.finetune import load, load_config
-    from medfm.ingest.load import load_spec
     from medfm.pretrain.config import load_config as pretrain_config
 
     for name in ("imaging", "ecg", "ehr", "xray"):
@@ -119,3 +127,17 @@ def test_rerun_replaces_only_the_demo_outputs(tmp_path):
     assert prepare(out, overwrite=True) == key and key.read_text() == secret  # same pseudonyms
     assert not (out / "shards").exists() and not (out / "report.html").exists()
     assert (out / "notes.txt").read_text() == "the user's own file"
+
+
+def test_split_seed_gives_every_split_a_patient_whatever_the_key():
+    from medfm.demo.stages import split_seed
+
+    fractions = [0.8, 0.1, 0.1]
+    for i in range(20):  # 20 fresh keys, as 20 fresh demo output folders would make
+        keyring = Keyring(os.urandom(32).hex().encode())
+        patients = {keyring.patient(raw) for raw in ("100", "s0010_re", "041s")}
+        seed = split_seed(keyring, patients, fractions)
+        got = {split_for(keyring, p, fractions, seed) for p in patients}
+        assert got == {"train", "val", "test"}, (i, seed)
+        assert split_seed(keyring, patients, fractions) == seed  # same key, same seed
+    assert split_seed(keyring, set(list(patients)[:2]), fractions) is None  # 2 cannot fill 3

@@ -147,13 +147,20 @@ def ecg_spec(inputs: Inputs, key_file: Path) -> dict[str, Any]:
         {"name": "pydicom_ecg", "root": str(inputs.pydicom), "include": ["waveform_ecg.dcm"],
          "format": "dicom_waveform", "licence": "MIT (pydicom test data)"}
     ]  # fmt: skip
-    wfdb = inputs.sample_file("wfdb/100.hea")
-    if wfdb:
-        sources.append(
-            {"name": "mitdb", "root": str(wfdb.parent), "include": ["100.hea"], "format": "wfdb",
-             "patient_id": {"from": "stem"}, "options": {"annotators": ["atr"]},
-             "licence": "ODC-By-1.0 (PhysioNet MIT-BIH)"}
-        )  # fmt: skip
+    # One patient per record (its stem): with pydicom's, four patients, enough for a train, a
+    # val and a test patient (see `stages.split_seed`).
+    wfdb = inputs.sample_file("wfdb")
+    for name, rel, options, licence in (
+        ("mitdb", "100.hea", {"annotators": ["atr"]}, "ODC-By-1.0 (PhysioNet MIT-BIH)"),
+        ("ptbdb", "s0010_re.hea", {}, "ODC-By-1.0 (PhysioNet PTB)"),
+        ("multisegment", "041s/041s.hea", {}, "ODC-By-1.0 (PhysioNet, via wfdb-python)"),
+    ):
+        if wfdb and (wfdb / rel).is_file():
+            sources.append(
+                {"name": name, "root": str(wfdb), "include": [rel],
+                 "format": "wfdb", "patient_id": {"from": "stem"}, "options": options,
+                 "licence": licence}
+            )  # fmt: skip
     return {
         "sources": sources,
         "signal": {"target_rate": 500, "window_s": 10, "groups": ["ecg"]},
