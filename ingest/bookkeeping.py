@@ -90,8 +90,9 @@ def _file_mark(m: re.Match) -> str:
 
 def scrub_reason(reason: str) -> str:
     """A quarantine reason without paths, file names, UIDs or dates, bounded."""
-    # A marker left by an earlier, narrower scrub still stands between two pieces of one path
-    # ('<path> John ward 7<path>' from a path with spaces): count it as a separator.
+    # Reasons are scrubbed in the task and again when recorded: a marker left by the first pass
+    # still stands between two pieces of one path ('<path> John ward 7<path>' from a path with
+    # spaces), so it counts as a separator and the second pass stays safe.
     reason = reason.replace("<path>", "/")
     for pattern, mark in _SCRUB:
         if mark == "<file>":

@@ -8,7 +8,6 @@ shards. Warnings are silenced inside tasks: library warnings can quote header va
 from __future__ import annotations
 
 import logging
-import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -20,14 +19,13 @@ from medfm.io import get_fs, sha256_file
 from medfm.shards import Sample, SampleWriter
 from medfm.shards.manifest import medfm_version
 
-from .bookkeeping import Bookkeeper
+from .bookkeeping import Bookkeeper, scrub_reason
 from .imaging import HU_MIN, ct_histogram
 from .privacy import Keyring
 from .registry import IngestError, Quarantine, ReadContext, SourceFile, SourceItem, create_reader
 from .spec import IngestSpec
 
 MAX_REASON = 300
-_PATHLIKE = re.compile(r"(?:[A-Za-z]:)?[/\\][^\s'\"]*")
 
 
 @dataclass
@@ -57,11 +55,6 @@ def quiet() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-def scrub(message: str) -> str:
-    """An unexpected error's message without paths (folder names can be PHI), bounded."""
-    return _PATHLIKE.sub("<path>", message)[:MAX_REASON]
-
-
 def shown_path(spec: IngestSpec, keyring: Keyring, rel: str) -> str:
     """The relative path as recorded, or its keyed token when `deid.hash_paths` is on."""
     return keyring.token("path", rel)[:24] if spec.deid.hash_paths else rel
@@ -72,7 +65,8 @@ def quarantine_record(spec, keyring, item_or_rel, source: str, exc: BaseExceptio
     if isinstance(exc, IngestError):
         reason, error = str(exc)[:MAX_REASON], type(exc).__name__
     else:
-        reason, error = f"unexpected {type(exc).__name__}: {scrub(str(exc))}", "UnexpectedError"
+        reason = f"unexpected {type(exc).__name__}: {scrub_reason(str(exc))}"
+        error = "UnexpectedError"
     return Quarantine(shown_path(spec, keyring, rel), reason, source, error).to_dict()
 
 

@@ -80,9 +80,9 @@ def to_common_rate(
 
 def _msg(e: BaseException) -> str:
     """A library's error message without file paths (folder names can be PHI)."""
-    from ..tasks import scrub
+    from ..bookkeeping import scrub_reason
 
-    return scrub(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    return scrub_reason(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
 def _ratio(top: float, r: float) -> tuple[int, int]:
