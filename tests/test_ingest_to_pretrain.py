@@ -99,3 +99,43 @@ def test_png_chest_xrays_reach_the_mae_unchanged(ray_local, sample_data, tmp_pat
     pre = side["preprocessing"]
     assert pre["kind"] == "image2d" and pre["intensity"] == "auto"
     assert pre["source"]["modality"] == "DX" and pre["source"]["spacing"] == []
+
+
+# ---------------------------------------------------------------- signal
+
+
+def test_mitbih_windows_reach_the_1d_mae_unchanged(ray_local, sample_data, tmp_path):
+    """MIT-BIH record 100 -> ingest to 10 s windows at the native 360 Hz, no ingest-time
+    normalisation -> 1D MAE: the leads' names and rate arrive, and each window in the batch is
+    the wfdb-read signal at the row's window_start_s, z-scored over both leads (the contract)."""
+    import wfdb
+
+    spec = {
+        "sources": [{"name": "mitdb", "root": str(sample_data / "wfdb"), "include": ["100.hea"],
+                     "format": "wfdb", "patient_id": {"from": "stem"}}],
+        "signal": {"target_rate": None, "window_s": 10, "normalize": "none"},
+        "split": ALL_TRAIN,
+    }  # fmt: skip
+    out = tmp_path / "shards"
+    rows = {r["key"]: r for r in ingest(spec, out)}
+    rec = wfdb.rdrecord(str(sample_data / "wfdb" / "100"))
+    assert len(rows) == rec.sig_len // (10 * 360)  # every whole window, none dropped
+    for r in rows.values():
+        assert r["channels"] == ["MLII", "V5"] and r["sampling_rate"] == 360.0
+        assert r["shape"] == [2, 3600] and r["meta"]["source_rate"] == 360.0
+
+    model = {"name": "signal_vit", "num_leads": 2, "length": 3600, "patch_size": 36, **TINY}
+    tree = base_config(tmp_path, out, model, [{"name": "mae", "mask_ratio": 0.5, **DECODER}])
+    tree["data"]["batch_size"] = 8
+    batch, _ = first_batch(tree)
+    assert batch["data"].shape == (8, 2, 3600)
+    source = torch.from_numpy(rec.p_signal.T.astype(np.float32))  # (leads, T) in mV
+    for key, x in zip(batch["key"], batch["data"], strict=True):
+        start = round(rows[key]["meta"]["window_start_s"] * 360)
+        w = source[:, start : start + 3600]
+        torch.testing.assert_close(x, (w - w.mean()) / (w.std() + 1e-6), rtol=0, atol=1e-5)
+
+    side = pretrain(tree)
+    pre = side["preprocessing"]
+    assert pre["kind"] == "signal" and pre["signal_length"] == 3600
+    assert pre["source"]["channels"] == ["MLII", "V5"] and pre["source"]["sampling_rate"] == 360.0
