@@ -1,5 +1,6 @@
 """Conformance sweep: every file shipped by pydicom's test data, pydicom-data and deid-data goes
-through the DICOM reader (header scan, grouping, read; in-process, no Ray), and each file's
+through the DICOM reader (header scan, grouping, read; in-process, no Ray), every file of
+nibabel's test data through the reader `format: auto` picks for it (or none), and each file's
 outcome (the kind of sample it became, or the class of its quarantine reason) must equal the
 committed table tests/conformance/imaging.csv. A change in any outcome fails here and is
 reviewed into the table:
@@ -7,7 +8,8 @@ reviewed into the table:
     MEDFM_CONFORMANCE_REGEN=1 pytest tests/test_conformance_imaging.py   # rewrite, then diff
 
 Stored pixels are also checked against reference readers: pydicom's pixel_array (palette and
-modality LUT applied) for 2D images, SimpleITK for volumes; and every lossless encoding of one
+modality LUT applied) for 2D images, SimpleITK for DICOM volumes (voxels and geometry), nibabel
+for NIfTI voxels (every time point of a 4D file); and every lossless encoding of one
 image must decode to identical stored pixels.
 """
 
@@ -22,6 +24,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
@@ -32,7 +35,15 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut
 from medfm.ingest.load import parse_spec
 from medfm.ingest.privacy import Keyring
 from medfm.ingest.readers.dicom import reason_class, stored_pixels
-from medfm.ingest.registry import IngestError, Quarantine, ReadContext, SourceFile, create_reader
+from medfm.ingest.registry import (
+    IngestError,
+    Quarantine,
+    ReadContext,
+    SourceFile,
+    create_reader,
+    is_companion,
+    reader_for,
+)
 from medfm.io import get_fs, write_text
 
 TABLE = Path(__file__).parent / "conformance" / "imaging.csv"
@@ -51,7 +62,26 @@ CORPORA = {
     "pydicom": PYDICOM_FILES,
     "pydicom-data": _package_data("data_store", "data"),
     "deid-data": _package_data("deid_data", "data"),
+    "nibabel": _package_data("nibabel", "tests", "data"),
 }
+# Corpora swept as `format: auto` does (reader by extension, else by content sniff); the others
+# are all read as DICOM, whatever their names.
+AUTO_CORPORA = {"nibabel"}
+NIFTI = (".nii", ".nii.gz")
+MAX_BYTES = 20 << 20  # a larger file is listed as skipped_large, not read (keeps the sweep fast)
+# Stable short names for the other readers' quarantine reasons (the DICOM reader has its own,
+# `reason_class`), by the text each reason starts with or contains; the first match wins.
+OTHER_REASON_CLASSES = (
+    ("unrecognised file format", "unrecognised_format"),
+    ("corrupt gzip stream", "corrupt_gzip"),
+    ("corrupt NIfTI header", "bad_nifti_header"),
+    ("truncated: data shorter", "truncated"),
+    ("cannot open image", "unreadable_file"),
+    ("cannot read image", "unreadable_image"),  # ITK's own words vary; not worth a class each
+    ("not a readable EDF or BDF file", "not_edf"),  # .rec: EDF's old extension, and PAR/REC's
+    ("vector/RGB volumes", "vector_volume"),
+    ("-D images are not supported", "unsupported_dimension"),
+)
 
 # The same image in several lossless encodings (uncompressed little/big endian, implicit VR,
 # RLE, JPEG lossless, JPEG-LS lossless, JPEG 2000 lossless, planar or interleaved colour):
@@ -110,19 +140,54 @@ def _row(name: str, outcome: str, reason: str = "", n: int = 1, sample=None) -> 
             "shape": shape, "dtype": str(data.dtype) if data is not None else ""}  # fmt: skip
 
 
+def _reason_class(fmt: str, reason: str) -> str:
+    if fmt == "dicom":
+        return reason_class(reason)
+    return next((name for text, name in OTHER_REASON_CLASSES if text in reason), "other")
+
+
+def _by_format(corpus: str, files: list[SourceFile], out: Sweep) -> dict[str, list[SourceFile]]:
+    """The files per reader, as `format: auto` discovery picks it (ingest/job.py `discover`);
+    an unclaimed file is recorded as quarantined, a companion (`.raw` of an `.mhd`) as such."""
+    by_format: dict[str, list[SourceFile]] = {}
+    for f in files:
+        name = f"{corpus}/{f.rel}"
+        if f.size > MAX_BYTES:
+            out.rows[name] = _row(name, "skipped_large")
+            continue
+        with open(f.path, "rb") as fh:
+            fmt = reader_for(f.rel) or (
+                None if is_companion(f.rel) else reader_for(f.rel, fh.read(132))
+            )
+        if fmt is not None:
+            by_format.setdefault(fmt, []).append(f)
+        elif is_companion(f.rel):
+            out.rows[name] = _row(name, "companion")
+        else:
+            out.rows[name] = _row(name, "quarantine", "unrecognised_format")
+    return by_format
+
+
 def _sweep_corpus(corpus: str, root: Path, out: Sweep) -> None:
-    spec = parse_spec({"sources": [{"name": "c", "root": str(root), "format": "dicom"}],
-                       "deid": {"allow_burned_in": True}})  # fmt: skip
+    files = _files(root)
+    groups = _by_format(corpus, files, out) if corpus in AUTO_CORPORA else {"dicom": files}
+    for fmt, group in sorted(groups.items()):
+        _sweep_format(corpus, root, fmt, group, out)
+
+
+def _sweep_format(corpus: str, root: Path, fmt: str, files: list[SourceFile], out: Sweep) -> None:
+    # MR kept raw: the stored values are then the reference readers' values
+    spec = parse_spec({"sources": [{"name": "c", "root": str(root), "format": fmt}],
+                       "deid": {"allow_burned_in": True}, "intensity": {"mr": "raw"}})  # fmt: skip
     src, kr = spec.sources[0], Keyring(KEY)
     fs, _ = get_fs(str(root))
-    files = _files(root)
-    reader = create_reader("dicom")
+    reader = create_reader(fmt)
     ctx = ReadContext(fs, src, spec, kr)
     scans = {f.rel: reader.scan(f, ctx) for f in files}
     for item in reader.group(files, scans, src):
         if isinstance(item, Quarantine):
             name = f"{corpus}/{item.rel}"
-            out.rows[name] = _row(name, "quarantine", reason_class(item.reason))
+            out.rows[name] = _row(name, "quarantine", _reason_class(fmt, item.reason))
             continue
         rels = [f.rel for f in item.files]
         try:
@@ -137,7 +202,8 @@ def _sweep_corpus(corpus: str, root: Path, out: Sweep) -> None:
             name = f"{corpus}/{rel}"
             if rel in refused:
                 n = 1 if samples else len(rels)  # refused alone, or with its whole series
-                out.rows[name] = _row(name, "quarantine", reason_class(refused[rel].reason), n)
+                reason = _reason_class(item.format, refused[rel].reason)
+                out.rows[name] = _row(name, "quarantine", reason, n)
             else:
                 kind = "+".join(sorted({s.kind for s in samples}))
                 out.rows[name] = _row(name, kind, "", len(rels), samples[0])
@@ -242,8 +308,8 @@ SITK_VOXELS_DIFFER = {
 def test_volumes_equal_simpleitk(sweep):
     checked = 0
     for corpus, rels, samples in sweep.converted:
-        if [s.kind for s in samples] != ["volume3d"]:
-            continue
+        if [s.kind for s in samples] != ["volume3d"] or rels[0].endswith(NIFTI):
+            continue  # NIfTI: test_nifti_voxels_equal_nibabel
         s, ref = samples[0], _sitk_volume([CORPORA[corpus] / r for r in rels])
         name = f"{corpus}/{rels[0]}"
         assert s.data.shape == ref.GetSize(), name
@@ -252,6 +318,32 @@ def test_volumes_equal_simpleitk(sweep):
         if name not in SITK_VOXELS_DIFFER:
             want = sitk.GetArrayFromImage(ref).T
             assert np.array_equal(s.data.astype(np.float64), want.astype(np.float64)), name
+        checked += 1
+    assert checked >= 5
+
+
+def _nibabel_lps(path: Path) -> np.ndarray:
+    """nibabel's scaled voxels, permuted/flipped onto the nearest LPS axes (as medfm stores a
+    volume by default), time last."""
+    img = nib.load(path)
+    turn = nib.orientations.ornt_transform(
+        nib.orientations.io_orientation(img.affine), nib.orientations.axcodes2ornt("LPS")
+    )
+    return nib.orientations.apply_orientation(img.get_fdata(), turn)
+
+
+def test_nifti_voxels_equal_nibabel(sweep):
+    checked = 0
+    for corpus, rels, samples in sweep.converted:
+        if not rels[0].endswith(NIFTI):
+            continue
+        want, name = _nibabel_lps(CORPORA[corpus] / rels[0]), f"{corpus}/{rels[0]}"
+        want = want.reshape(*want.shape[:3], -1)  # a 3D file: one time point
+        assert len(samples) == want.shape[3], name
+        for t, s in enumerate(samples):
+            assert s.kind == "volume3d", name
+            ok = np.allclose(s.data, want[..., t], rtol=1e-6, atol=0, equal_nan=True)
+            assert ok, f"{name} t={t}"  # NaN voxels (resampled_anat_moved) are kept as NaN
         checked += 1
     assert checked >= 5
 
