@@ -129,6 +129,7 @@ class ShardSpec:
     image_encoding: Literal["auto", "png", "npy"] = "auto"
     task_items: int = 64
     task_bytes: int = 256 * 1024 * 1024
+    pyramid_levels: int = 0  # volumes: downsampled OME-Zarr levels for viewers (docs/storage.md)
 
 
 @dataclass
@@ -239,6 +240,11 @@ def _check_settings(spec: IngestSpec) -> None:
         raise SpecError("volume.orientation: a 3-letter ITK code such as LPS or RAS")
     if len(spec.shards.chunks) != 3:
         raise SpecError("shards.chunks: give three chunk edges")
+    if spec.shards.pyramid_levels:
+        from medfm.shards.volume import MAX_PYRAMID_LEVELS  # zarr: only when asked for
+
+        if not 0 < spec.shards.pyramid_levels <= MAX_PYRAMID_LEVELS:
+            raise SpecError(f"shards.pyramid_levels: give 0 to {MAX_PYRAMID_LEVELS}")
     if spec.image2d.size is not None and len(spec.image2d.size) != 2:
         raise SpecError("image2d.size: give [height, width], or null")
     p = spec.intensity.percentiles

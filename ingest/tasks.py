@@ -206,6 +206,7 @@ def convert_task(
         shard_max_bytes=spec.shards.shard_bytes,
         chunks=tuple(spec.shards.chunks),
         image_encoding=spec.shards.image_encoding,
+        pyramid_levels=spec.shards.pyramid_levels,
     )
     try:
         prov: dict[str, dict[str, Any]] = {}  # per item: a record yields many windows

@@ -126,3 +126,27 @@ def test_real_ct_pyramid_opens_in_ome_zarr_with_scaled_levels(tmp_path, sample_d
 def test_pyramid_levels_out_of_range_are_refused(tmp_path):
     with pytest.raises(ValueError, match="pyramid_levels must be an integer in"):
         VolumeStoreWriter(fsspec.filesystem("file"), str(tmp_path), pyramid_levels=-1)
+
+
+def test_ingest_writes_the_pyramid_the_spec_asks_for(tmp_path, sample_data, ray_local):
+    from ingest_helpers import KEY
+
+    from medfm.config import ConfigError
+    from medfm.ingest.job import run_ingest
+    from medfm.ingest.load import parse_spec
+    from medfm.ingest.privacy import Keyring
+
+    ts = sample_data / "totalsegmentator"
+    spec = {
+        "sources": [{"name": "ct", "root": str(ts), "include": ["example_ct_sm.nii.gz"],
+                     "format": "nifti", "modality": "CT"}],
+        "volume": {"spacing": None},
+        "shards": {"pyramid_levels": 1},
+    }  # fmt: skip
+    run_ingest(parse_spec(spec), str(tmp_path / "set"), keyring=Keyring(KEY), progress=False)
+    (row,) = ShardSet(str(tmp_path / "set")).rows()
+    metadata, levels = _ome_image(str(tmp_path / "set" / row["shard"]))
+    assert len(levels) == 2 and levels[1].size < levels[0].size
+    assert verify(str(tmp_path / "set")).ok
+    with pytest.raises(ConfigError, match="shards.pyramid_levels: give 0 to 8"):
+        parse_spec({**spec, "shards": {"pyramid_levels": 9}})
