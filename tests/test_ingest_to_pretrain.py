@@ -139,3 +139,66 @@ def test_mitbih_windows_reach_the_1d_mae_unchanged(ray_local, sample_data, tmp_p
     pre = side["preprocessing"]
     assert pre["kind"] == "signal" and pre["signal_length"] == 3600
     assert pre["source"]["channels"] == ["MLII", "V5"] and pre["source"]["sampling_rate"] == 360.0
+
+
+# ---------------------------------------------------------------- volume3d
+
+
+def locate(patch: torch.Tensor, volume: torch.Tensor) -> list[tuple[int, ...]]:
+    """Starts of every region of `volume` equal to `patch`, searched from its brightest voxel
+    (rare in a CT, so few candidates; air would match almost everywhere)."""
+    at = torch.tensor(np.unravel_index(int(patch.argmax()), patch.shape))
+    found = []
+    for start in (torch.nonzero(volume == patch.max()) - at).tolist():
+        region = tuple(slice(a, a + n) for a, n in zip(start, patch.shape, strict=True))
+        if min(start) >= 0 and volume[region].shape == patch.shape:
+            if torch.equal(volume[region], patch):
+                found.append(tuple(start))
+    return found
+
+
+def test_totalsegmentator_ct_patches_reach_the_3d_mae_unchanged(ray_local, sample_data, tmp_path):
+    """The TotalSegmentator CT (a RAS NIfTI) -> ingest at native spacing, LPS -> 3D MAE on
+    patches: the geometry is SimpleITK's after DICOMOrient(LPS), the stored voxels are its HU, and
+    every training patch is a region of it, HU-windowed to [0, 1] (the contract's CT default)."""
+    import SimpleITK as sitk
+
+    from medfm.models.contract import CT_WINDOW
+    from medfm.shards import ShardSet
+
+    nii = sample_data / "totalsegmentator" / "example_ct_sm.nii.gz"
+    spec = {
+        "sources": [{"name": "ts", "root": str(nii.parent), "include": [nii.name],
+                     "format": "nifti", "modality": "CT", "patient_id": {"from": "stem"}}],
+        "volume": {"spacing": None, "orientation": "LPS"},  # native grid: no resampling
+        "split": ALL_TRAIN,
+    }  # fmt: skip
+    out = tmp_path / "shards"
+    (row,) = ingest(spec, out)
+    lps = sitk.DICOMOrient(sitk.ReadImage(str(nii)), "LPS")  # RAS file: i and j flip
+    source = sitk.GetArrayFromImage(lps).transpose(2, 1, 0)  # (k, j, i) -> the shards' (i, j, k)
+    assert row["shape"] == list(source.shape) and row["spacing"] == list(lps.GetSpacing())
+    stored = ShardSet(str(out)).read_sample(next(ShardSet(str(out)).rows()))
+    np.testing.assert_array_equal(stored.data, source)  # HU, int16, unchanged
+    assert stored.geometry.direction == pytest.approx(lps.GetDirection())
+    assert stored.geometry.origin == pytest.approx(lps.GetOrigin(), abs=1e-4)
+
+    size = (32, 32, 16)
+    model = {"name": "vit3d", "img_size": list(size), "patch_size": [8, 8, 4], **TINY}
+    tree = base_config(tmp_path, out, model, [{"name": "mae", **DECODER}])
+    tree["data"].update(batch_size=4, patches_per_volume=8)
+    batch, data = first_batch(tree)
+    assert batch["data"].shape == (4, 1, *size)
+    lo, hi = CT_WINDOW
+    windowed = torch.from_numpy((source.clip(lo, hi).astype(np.float32) - lo) / (hi - lo))
+    for x in batch["data"]:  # the batch does not carry patch_start: find the patch in the CT
+        assert locate(x[0], windowed), "a training patch is no region of the source CT"
+    ds = data.datasets[0]  # its patch sampler, with the start the batch drops: raw HU there
+    p = ds.patches.patch(ds.row(0), 0, np.random.default_rng(0))
+    (i, j, k) = p["start"]
+    np.testing.assert_array_equal(p["image"], source[i : i + 32, j : j + 32, k : k + 16])
+
+    side = pretrain(tree)
+    pre = side["preprocessing"]
+    assert pre["kind"] == "volume3d" and pre["patch_size"] == list(size)
+    assert pre["source"]["modality"] == "CT" and pre["source"]["spacing"] == [3.0, 3.0, 3.0]
