@@ -1,5 +1,5 @@
 """`medfm ingest SPEC.yaml --out DEST [key=value ...] [--address RAY_ADDRESS] [--workers N]
-[--resume]`."""
+[--resume] [--dry-run] [--limit N]`."""
 
 from __future__ import annotations
 
@@ -29,6 +29,12 @@ def ingest(
     workers: int = typer.Option(None, "--workers", min=1, help="Parallel tasks (default: cores)."),
     resume: bool = typer.Option(False, "--resume", help="Finish an interrupted job in --out."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress line."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Discover, group and plan only; print the plan, write nothing."
+    ),
+    limit: int = typer.Option(
+        None, "--limit", min=1, help="Only the first N items of each source (to try a spec)."
+    ),
 ) -> None:
     """Run an ingest job. The de-identification key comes from MEDFM_DEID_KEY or a key file."""
     from medfm.config import ConfigError
@@ -42,7 +48,17 @@ def ingest(
 
     try:
         job_spec = load_spec(spec, overrides or ())
+        for source in job_spec.sources if limit else ():
+            source.limit = limit
         check_destination(job_spec, out)
+        if dry_run:
+            from .dryrun import describe
+            from .dryrun import dry_run as plan_job
+
+            plan = plan_job(job_spec, address=address, workers=workers)
+            typer.echo(describe(plan))
+            typer.echo(json.dumps(plan, sort_keys=True))
+            return
         summary = run_ingest(
             job_spec, out, address=address, workers=workers, resume=resume, progress=not quiet
         )

@@ -140,7 +140,8 @@ def discover(spec: IngestSpec, keyring: Keyring, ray) -> tuple[list[SourceItem],
                 else:
                     found.append(out)
         bad += [_record(spec, keyring, q) for q in attach_labels(labels, found, src.name)]
-        items += found
+        found.sort(key=lambda it: (it.rel, it.item_id))
+        items += found[: src.limit]  # limit None: every item
     items.sort(key=lambda it: (it.source, it.rel, it.item_id))
     return items, bad, n_files
 
@@ -376,6 +377,8 @@ def _attributes(spec: IngestSpec) -> dict[str, Any]:
             "spec_sha256": spec.fingerprint(),
             "split": dataclasses.asdict(spec.split),
             "settings": spec.settings(),
+            # A trial run of a spec: the set holds only the first N items of these sources.
+            "limits": {s.name: s.limit for s in spec.sources if s.limit is not None},
         },
     }
 

@@ -85,6 +85,8 @@ class SourceSpec:
     storage_options: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
     follow_symlinks: bool = False  # enter symlinked folders (each folder once: no loops)
+    # Convert only the first N items (in path order) to try a spec; the manifest records it.
+    limit: int | None = None
 
 
 @dataclass
@@ -238,6 +240,9 @@ def _check_settings(spec: IngestSpec) -> None:
         raise SpecError("volume.spacing: give three positive numbers in mm, or null")
     if len(spec.volume.orientation) != 3:
         raise SpecError("volume.orientation: a 3-letter ITK code such as LPS or RAS")
+    for i, src in enumerate(spec.sources):
+        if src.limit is not None and src.limit < 1:
+            raise SpecError(f"sources[{i}].limit: give a positive number of items, or null")
     if len(spec.shards.chunks) != 3:
         raise SpecError("shards.chunks: give three chunk edges")
     if spec.shards.pyramid_levels:
