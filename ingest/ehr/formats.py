@@ -250,7 +250,8 @@ class EHRReader(Reader):
 
 def _partition_safe(job, spec, keyring, namespace, work, root, options) -> dict[str, Any]:
     """partition_file, with a bad file reported (quarantined) instead of failing the job."""
-    from ..tasks import quiet, scrub
+    from ..bookkeeping import scrub_reason
+    from ..tasks import quiet
 
     quiet()
     try:
@@ -259,7 +260,7 @@ def _partition_safe(job, spec, keyring, namespace, work, root, options) -> dict[
         return {"error": str(e)[:300], "type": type(e).__name__}
     except Exception as e:  # noqa: BLE001 - a bad table is a finding, never a crash
         return {
-            "error": f"unexpected {type(e).__name__}: {scrub(str(e))}",
+            "error": f"unexpected {type(e).__name__}: {scrub_reason(str(e))}",
             "type": "UnexpectedError",
         }
 
