@@ -385,3 +385,55 @@ def test_dicom_seg_becomes_the_label_map_of_its_series(tmp_path):
     assert np.array_equal(s.label_map == 2, s.data > 0)
     assert np.array_equal(s.label_map == 0, (s.data > -100) & (s.data <= 0))
     assert s.meta["segments"] == {"1": "Tissue", "2": "Tissue"}
+
+
+def _rtstruct_of(folder: Path, masks: dict[str, np.ndarray]):
+    """An RTSTRUCT drawn on the series in `folder` by rt-utils (an independent writer): each
+    mask (rows, cols, slices in rt-utils' position order) becomes one ROI's contours."""
+    rt_utils = pytest.importorskip("rt_utils")
+    rt = rt_utils.RTStructBuilder.create_new(dicom_series_path=str(folder))
+    for name, mask in masks.items():
+        rt.add_roi(mask=mask, name=name)
+    return rt
+
+
+def test_rtstruct_becomes_the_label_map_of_its_series(tmp_path):
+    export_ct5n(tmp_path / "ct", blank=False)
+    rows, cols = np.mgrid[:16, :16]
+    disc = (rows - 7) ** 2 + (cols - 8) ** 2 <= 16
+    square = (rows >= 2) & (rows < 6) & (cols >= 9) & (cols < 14)
+    masks = {"GTV": np.stack([np.zeros_like(disc), disc, disc, disc, np.zeros_like(disc)], -1),
+             "cord": np.stack([square] * 2 + [np.zeros_like(square)] * 3, -1)}  # fmt: skip
+    rt = _rtstruct_of(tmp_path / "ct", masks)
+    rt.save(str(tmp_path / "rs.dcm"))
+    got = read_all({"sources": [src(tmp_path)], "intensity": {"ct": "raw"}})
+    assert [g[0] for g in got] == ["S"], got
+    s = got[0][2]
+    assert s.meta["segments"] == {"1": "GTV", "2": "cord"}
+    assert np.allclose(s.geometry.direction, np.eye(3).ravel())  # (x, y, z) = (col, row, slice)
+    # rt-utils' own rasterisation of the file it wrote (slices by ascending position, as here)
+    ref = _rtstruct_read(tmp_path)
+    want = np.zeros(s.data.shape, np.uint16)
+    for value, name in ((1, "GTV"), (2, "cord")):
+        assert ref[name].any()
+        want[ref[name].transpose(1, 0, 2)] = value
+    assert np.array_equal(s.label_map, want)
+
+
+def _rtstruct_read(folder: Path) -> dict[str, np.ndarray]:
+    rt_utils = pytest.importorskip("rt_utils")
+    rt = rt_utils.RTStructBuilder.create_from(str(folder / "ct"), str(folder / "rs.dcm"))
+    return {n: rt.get_roi_mask_by_name(n) for n in rt.get_roi_names()}
+
+
+def test_an_unreferenced_rtstruct_is_quarantined_with_the_reason(tmp_path):
+    export_ct5n(tmp_path / "ct", blank=False)
+    rows, cols = np.mgrid[:16, :16]
+    disc = (rows - 7) ** 2 + (cols - 8) ** 2 <= 16
+    _rtstruct_of(tmp_path / "ct", {"GTV": np.stack([disc] * 5, -1)}).save(str(tmp_path / "rs.dcm"))
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (tmp_path / "rs.dcm").rename(alone / "rs.dcm")
+    got = read_all({"sources": [src(alone)]})
+    assert [(g[0], g[1]) for g in got] == [("Q", "rs.dcm")]
+    assert reason_class(got[0][2]) == "rtstruct_unreferenced", got

@@ -45,6 +45,7 @@ from ..registry import (
 )
 from ..sources import identity
 from .itk import read_label
+from .rtstruct import RTSTRUCT, RTSTRUCT_REASON, referenced_series, rtstruct_label
 
 PROJECTION_MODALITIES = {"CR", "DX", "MG", "US", "SC", "OT", "XA", "RF", "IO", "PX", "ES",
                          "XC", "OP", "SM", "GM", "BMD"}  # fmt: skip
@@ -67,6 +68,7 @@ REASON_CLASSES = (
     ("cannot decode pixel data", "decode_failed"),
     ("without pixel data", "no_pixel_data"),
     ("DICOM SEG holds label masks", "segmentation"),
+    ("DICOM RTSTRUCT holds contours", "rtstruct_unreferenced"),
     ("no waveform reader", "no_waveform_reader"),
     ("BurnedInAnnotation", "burned_in_annotation"),
     ("ambiguous series", "ambiguous_series"),
@@ -491,6 +493,8 @@ def _classify(ds: Dataset, f: SourceFile) -> dict[str, Any]:
     kind = "series"
     if str(ds.get("SOPClassUID", "")) == SEGMENTATION:
         kind = "segmentation"
+    elif str(ds.get("SOPClassUID", "")) == RTSTRUCT:
+        kind = "rtstruct"
     elif "WaveformSequence" in ds:
         kind = "waveform"
     elif "Rows" not in ds:  # stop_before_pixels hides PixelData itself; Rows marks images
@@ -506,25 +510,29 @@ def _classify(ds: Dataset, f: SourceFile) -> dict[str, Any]:
     if kind == "segmentation":
         refs = ds.get("ReferencedSeriesSequence") or []
         scan["ref_series"] = [str(r.get("SeriesInstanceUID", "")) for r in refs]
+    if kind == "rtstruct":
+        scan["ref_series"] = referenced_series(ds)
     return scan
 
 
 def _attach_segs(
     segs: list[SourceFile], stacks: list[SourceItem | Quarantine], scans: dict, source: Any
 ) -> Iterator[Quarantine]:
-    """A SEG object is the label map of the series it references (ReferencedSeriesSequence):
-    attached to that series' item when exactly one stack of this source is that series and
-    has no label map yet; otherwise quarantined, never stored as an image."""
+    """A SEG (or RTSTRUCT) object is the label map of the series it references: attached to
+    that series' item when exactly one stack of this source is that series and has no label
+    map yet; otherwise quarantined, never stored as an image."""
     by_series: dict[str, list[SourceItem]] = defaultdict(list)
     for it in stacks:
         if isinstance(it, SourceItem):
             by_series[scans[it.files[0].rel]["series"]].append(it)
     for f in segs:
         targets = [it for uid in scans[f.rel]["ref_series"] for it in by_series.get(uid, [])]
+        kind = scans[f.rel]["kind"]
         if len(targets) == 1 and targets[0].label is None:
-            targets[0].label, targets[0].info["seg"] = f, True
+            targets[0].label, targets[0].info[kind] = f, True
         else:
-            yield Quarantine(f.rel, SEG_REASON, source.name, "UnsupportedInput")
+            reason = SEG_REASON if kind == "segmentation" else RTSTRUCT_REASON
+            yield Quarantine(f.rel, reason, source.name, "UnsupportedInput")
 
 
 def seg_segments(ds: Dataset) -> dict[str, str]:
@@ -610,7 +618,7 @@ class DicomReader(Reader):
                     yield SourceItem(source.name, "dicom_waveform", (f,))
                 else:
                     yield Quarantine(f.rel, "DICOM waveform: no waveform reader", source.name)
-            elif s["kind"] == "segmentation":
+            elif s["kind"] in ("segmentation", "rtstruct"):
                 segs.append(f)
             elif s["kind"] == "nopixels":
                 yield Quarantine(
@@ -665,8 +673,13 @@ class DicomReader(Reader):
         uid = series_uid if kind == "series" else str(first.get("SOPInstanceUID", item.rel))
         meta = {"dicom": self._meta(first, raw_pid, ctx, stored and stored[0]),
                 "slices": len(frames)}  # fmt: skip
-        if item.info.get("seg"):
+        if item.info.get("segmentation"):
             label, meta["segments"] = seg_label(ctx, item, img)
+        elif item.info.get("rtstruct"):
+            with ctx.fs.open(item.label.path, "rb") as fh:
+                label, meta["segments"], skipped = rtstruct_label(_read(fh), img)
+            if skipped:  # POINT/OPEN_PLANAR contours: markers, not areas
+                meta["unrasterised_contours"] = skipped
         else:
             label = read_label(ctx, item)
         sample = volume_sample(

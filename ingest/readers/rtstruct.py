@@ -1,0 +1,83 @@
+"""DICOM RT Structure Sets: contours rasterised into a label map on their series' voxel grid.
+
+An RTSTRUCT holds no pixels, only closed planar polygons in patient coordinates (mm). Each
+polygon is mapped into the referenced series' voxel indices (ImagePositionPatient/Orientation,
+as the stacked volume holds them), must lie on one of its slices, and is filled there."""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+from pydicom.dataset import Dataset
+from skimage.draw import polygon, polygon_perimeter
+
+from ..registry import LabelMismatch
+
+RTSTRUCT = "1.2.840.10008.5.1.4.1.1.481.3"
+RTSTRUCT_REASON = (
+    "DICOM RTSTRUCT holds contours, not an image: it becomes the label map of the one series "
+    "it references, and that series is not among this source's stacks"
+)
+SLICE_TOL = 1e-2  # voxels: how far a contour may sit off its slice plane
+
+
+def referenced_series(ds: Dataset) -> list[str]:
+    """The SeriesInstanceUIDs the structure set was drawn on."""
+    return [
+        str(series.get("SeriesInstanceUID", ""))
+        for frame in ds.get("ReferencedFrameOfReferenceSequence") or []
+        for study in frame.get("RTReferencedStudySequence") or []
+        for series in study.get("RTReferencedSeriesSequence") or []
+    ]
+
+
+def _fill(ij: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """One polygon's voxels on a (rows, cols) slice: the inside and the voxels its outline
+    crosses. Contours are written through the centres of a structure's boundary voxels (rt-utils,
+    most planning systems), so those voxels belong to it; centre-inside alone loses them."""
+    mask = np.zeros(shape, bool)
+    rows, cols = ij[:, 1], ij[:, 0]
+    mask[polygon(rows, cols, shape)] = True
+    mask[polygon_perimeter(np.round(rows), np.round(cols), shape)] = True
+    return mask
+
+
+def rtstruct_label(ds: Dataset, img: sitk.Image) -> tuple[sitk.Image, dict[str, str], int]:
+    """The structure set's ROIs on `img`'s grid: ROI n of StructureSetROISequence takes value n
+    (a later ROI wins where they overlap); several contours of one ROI on a slice combine by the
+    even-odd rule (a contour inside another is a hole). Returns the label image, the segments
+    (value -> ROIName) and the number of point/open contours, which outline no area."""
+    d = np.asarray(img.GetDirection()).reshape(3, 3)
+    origin, spacing = np.asarray(img.GetOrigin()), np.asarray(img.GetSpacing())
+    size = img.GetSize()
+    values = {
+        int(roi.ROINumber): n + 1 for n, roi in enumerate(ds.get("StructureSetROISequence") or [])
+    }
+    names = {
+        str(n + 1): str(roi.get("ROIName", ""))
+        for n, roi in enumerate(ds.get("StructureSetROISequence") or [])
+    }
+    out = np.zeros((size[2], size[1], size[0]), np.uint16)
+    skipped = 0
+    for roi in sorted(ds.get("ROIContourSequence") or [], key=lambda r: values.get(
+            int(r.ReferencedROINumber), 0)):  # fmt: skip
+        value = values.get(int(roi.ReferencedROINumber))
+        if value is None:
+            raise LabelMismatch("RTSTRUCT contour of an ROI the structure set does not list")
+        planes: dict[int, np.ndarray] = {}
+        for contour in roi.get("ContourSequence") or []:
+            if str(contour.get("ContourGeometricType", "")) != "CLOSED_PLANAR":
+                skipped += 1
+                continue
+            pts = np.asarray(contour.ContourData, np.float64).reshape(-1, 3)
+            ijk = (pts - origin) @ d / spacing  # patient mm -> continuous voxel indices
+            k = int(round(ijk[:, 2].mean()))
+            if np.abs(ijk[:, 2] - k).max() > SLICE_TOL or not 0 <= k < size[2]:
+                raise LabelMismatch("RTSTRUCT contour does not lie on a slice of its series")
+            plane = planes.setdefault(k, np.zeros((size[1], size[0]), bool))
+            plane ^= _fill(ijk[:, :2], plane.shape)
+        for k, plane in planes.items():
+            out[k][plane] = value
+    label = sitk.GetImageFromArray(out)
+    label.CopyInformation(img)
+    return label, names, skipped
