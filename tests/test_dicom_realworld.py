@@ -437,3 +437,53 @@ def test_an_unreferenced_rtstruct_is_quarantined_with_the_reason(tmp_path):
     got = read_all({"sources": [src(alone)]})
     assert [(g[0], g[1]) for g in got] == [("Q", "rs.dcm")]
     assert reason_class(got[0][2]) == "rtstruct_unreferenced", got
+
+
+def _mark(square: np.ndarray, zs: tuple[float, ...]):
+    """A change for export_ct5n: the slices at positions `zs` get 4000 inside `square`, so
+    the structure can be found again in the stored voxels, whatever reorientation did."""
+
+    def change(ds):
+        if round(float(ds.ImagePositionPatient[2]), 4) in zs:
+            arr = ds.pixel_array.copy()
+            arr[square] = 4000
+            ds.PixelData = arr.tobytes()
+
+    return change
+
+
+def test_rtstruct_on_a_rotated_series_lands_on_the_marked_voxels(tmp_path):
+    # In-plane rotated 90 degrees: rows run along +y, columns along -x.
+    rows, cols = np.mgrid[:16, :16]
+    square = (rows >= 2) & (rows < 6) & (cols >= 9) & (cols < 14)  # off-centre: not symmetric
+    zs = (1.2625, 3.7625)  # the 2nd and 3rd slice by position
+    export_ct5n(tmp_path / "ct", blank=False, ImageOrientationPatient=[0, 1, 0, -1, 0, 0],
+                PixelData=_mark(square, zs))  # fmt: skip
+    off = np.zeros_like(square)
+    rt = _rtstruct_of(tmp_path / "ct", {"GTV": np.stack([off, square, square, off, off], -1)})
+    rt.save(str(tmp_path / "rs.dcm"))
+    got = read_all({"sources": [src(tmp_path)], "intensity": {"ct": "raw"}})
+    assert [g[0] for g in got] == ["S"], got
+    s = got[0][2]
+    marked = s.data == s.data.max()
+    assert marked.sum() == 2 * square.sum()
+    assert np.array_equal(s.label_map == 1, marked)
+
+
+OFF_SLICE = "RTSTRUCT contour does not lie on a slice of its series"
+
+
+def test_an_rtstruct_off_the_series_slices_quarantines_the_series(tmp_path):
+    export_ct5n(tmp_path / "ct", blank=False)
+    rows, cols = np.mgrid[:16, :16]
+    disc = (rows - 7) ** 2 + (cols - 8) ** 2 <= 16
+    _rtstruct_of(tmp_path / "ct", {"GTV": np.stack([disc] * 5, -1)}).save(str(tmp_path / "rs.dcm"))
+    rs = pydicom.dcmread(tmp_path / "rs.dcm")
+    contour = rs.ROIContourSequence[0].ContourSequence[0]
+    pts = np.asarray(contour.ContourData, float).reshape(-1, 3)
+    pts[:, 2] += 1.25  # half the 2.5 mm slice spacing: between two slices
+    contour.ContourData = [f"{v:.4f}" for v in pts.ravel()]
+    rs.save_as(tmp_path / "rs.dcm")
+    got = read_all({"sources": [src(tmp_path)]})
+    # one record for the series item (named by its first file), as for a SEG that does not fit
+    assert got == [("Q", "ct/2062", "LabelMismatch: " + OFF_SLICE)], got
