@@ -104,41 +104,49 @@ def test_png_chest_xrays_reach_the_mae_unchanged(ray_local, sample_data, tmp_pat
 # ---------------------------------------------------------------- signal
 
 
-def test_mitbih_windows_reach_the_1d_mae_unchanged(ray_local, sample_data, tmp_path):
-    """MIT-BIH record 100 -> ingest to 10 s windows at the native 360 Hz, no ingest-time
-    normalisation -> 1D MAE: the leads' names and rate arrive, and each window in the batch is
-    the wfdb-read signal at the row's window_start_s, z-scored over both leads (the contract)."""
+@pytest.mark.parametrize("rate", [None, 500])  # native 360 Hz, and the spec's default 500 Hz
+def test_mitbih_windows_reach_the_1d_mae_unchanged(ray_local, sample_data, tmp_path, rate):
+    """MIT-BIH record 100 -> ingest to 10 s windows, no ingest-time normalisation -> 1D MAE: the
+    leads' names and rate arrive, and each window in the batch is the wfdb-read signal (resampled
+    as documented: scipy's resample_poly over the whole record) at the row's window_start_s,
+    z-scored over both leads (the contract). Equal to float32 rounding, not bit for bit: the
+    ingest works in float64 and stores float32, the z-score runs on the stored window."""
     import wfdb
+    from scipy.signal import resample_poly
 
     spec = {
         "sources": [{"name": "mitdb", "root": str(sample_data / "wfdb"), "include": ["100.hea"],
                      "format": "wfdb", "patient_id": {"from": "stem"}}],
-        "signal": {"target_rate": None, "window_s": 10, "normalize": "none"},
+        "signal": {"target_rate": rate, "window_s": 10, "normalize": "none"},
         "split": ALL_TRAIN,
     }  # fmt: skip
     out = tmp_path / "shards"
     rows = {r["key"]: r for r in ingest(spec, out)}
     rec = wfdb.rdrecord(str(sample_data / "wfdb" / "100"))
-    assert len(rows) == rec.sig_len // (10 * 360)  # every whole window, none dropped
+    fs = rate or 360
+    signal = rec.p_signal.T if rate is None else resample_poly(rec.p_signal.T, 25, 18, axis=1)
+    assert len(rows) == signal.shape[1] // (10 * fs)  # every whole window, none dropped
     for r in rows.values():
-        assert r["channels"] == ["MLII", "V5"] and r["sampling_rate"] == 360.0
-        assert r["shape"] == [2, 3600] and r["meta"]["source_rate"] == 360.0
+        assert r["channels"] == ["MLII", "V5"] and r["sampling_rate"] == float(fs)
+        assert r["shape"] == [2, 10 * fs] and r["meta"]["source_rate"] == 360.0
 
-    model = {"name": "signal_vit", "num_leads": 2, "length": 3600, "patch_size": 36, **TINY}
+    model = {"name": "signal_vit", "num_leads": 2, "length": 10 * fs, "patch_size": fs // 10,
+             **TINY}  # fmt: skip
     tree = base_config(tmp_path, out, model, [{"name": "mae", "mask_ratio": 0.5, **DECODER}])
     tree["data"]["batch_size"] = 8
     batch, _ = first_batch(tree)
-    assert batch["data"].shape == (8, 2, 3600)
-    source = torch.from_numpy(rec.p_signal.T.astype(np.float32))  # (leads, T) in mV
+    assert batch["data"].shape == (8, 2, 10 * fs)
+    source = torch.from_numpy(signal.astype(np.float32))  # (leads, T) in mV
     for key, x in zip(batch["key"], batch["data"], strict=True):
-        start = round(rows[key]["meta"]["window_start_s"] * 360)
-        w = source[:, start : start + 3600]
+        start = round(rows[key]["meta"]["window_start_s"] * fs)
+        w = source[:, start : start + 10 * fs]
         torch.testing.assert_close(x, (w - w.mean()) / (w.std() + 1e-6), rtol=0, atol=1e-5)
 
     side = pretrain(tree)
     pre = side["preprocessing"]
-    assert pre["kind"] == "signal" and pre["signal_length"] == 3600
-    assert pre["source"]["channels"] == ["MLII", "V5"] and pre["source"]["sampling_rate"] == 360.0
+    assert pre["kind"] == "signal" and pre["signal_length"] == 10 * fs
+    assert pre["source"]["channels"] == ["MLII", "V5"]
+    assert pre["source"]["sampling_rate"] == float(fs)
 
 
 # ---------------------------------------------------------------- volume3d
