@@ -3,6 +3,7 @@ colour, modality/VOI LUTs, colour spaces, and quarantine records per input file.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -487,3 +488,27 @@ def test_an_rtstruct_off_the_series_slices_quarantines_the_series(tmp_path):
     got = read_all({"sources": [src(tmp_path)]})
     # one record for the series item (named by its first file), as for a SEG that does not fit
     assert got == [("Q", "ct/2062", "LabelMismatch: " + OFF_SLICE)], got
+
+
+def test_an_inner_rtstruct_contour_is_a_hole(tmp_path):
+    export_ct5n(tmp_path / "ct", blank=False)
+    rows, cols = np.mgrid[:16, :16]
+    outer = (rows >= 2) & (rows < 14) & (cols >= 2) & (cols < 14)
+    off = np.zeros_like(outer)
+    _rtstruct_of(tmp_path / "ct", {"ring": np.stack([off, outer, off, off, off], -1)}).save(
+        str(tmp_path / "rs.dcm")
+    )
+    rs = pydicom.dcmread(tmp_path / "rs.dcm")
+    seq = rs.ROIContourSequence[0].ContourSequence
+    inner = copy.deepcopy(seq[0])  # the same slice, 4 voxels in from the outer square
+    pts = np.asarray(inner.ContourData, float).reshape(-1, 3)
+    centre = pts[:, :2].mean(0)
+    pts[:, :2] = centre + (pts[:, :2] - centre) * 0.5
+    inner.ContourData = [f"{v:.4f}" for v in pts.ravel()]
+    seq.append(inner)
+    rs.save_as(tmp_path / "rs.dcm")
+    got = read_all({"sources": [src(tmp_path)], "intensity": {"ct": "raw"}})
+    assert [g[0] for g in got] == ["S"], got
+    ref = _rtstruct_read(tmp_path)["ring"]  # rt-utils' reading (OpenCV fillPoly, even-odd)
+    assert ref[:, :, 1].sum() < outer.sum()  # it has a hole
+    assert np.array_equal(got[0][2].label_map == 1, ref.transpose(1, 0, 2))

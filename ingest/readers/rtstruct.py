@@ -31,21 +31,26 @@ def referenced_series(ds: Dataset) -> list[str]:
     ]
 
 
-def _fill(ij: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """One polygon's voxels on a (rows, cols) slice: the inside and the voxels its outline
-    crosses. Contours are written through the centres of a structure's boundary voxels (rt-utils,
-    most planning systems), so those voxels belong to it; centre-inside alone loses them."""
-    mask = np.zeros(shape, bool)
-    rows, cols = ij[:, 1], ij[:, 0]
-    mask[polygon(rows, cols, shape)] = True
-    mask[polygon_perimeter(np.round(rows), np.round(cols), shape)] = True
-    return mask
+def _fill(contours: list[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
+    """One ROI's voxels on a (rows, cols) slice from its contours' (col, row) vertices: insides
+    combined even-odd (a contour inside another is a hole), plus every voxel an outline crosses.
+    Contours are written through the centres of a structure's boundary voxels (rt-utils, most
+    planning systems), so those voxels belong to it; centre-inside alone loses them. This is
+    OpenCV fillPoly's rule, which rt-utils reads with."""
+    inside, outline = np.zeros(shape, bool), np.zeros(shape, bool)
+    for ij in contours:
+        rows, cols = ij[:, 1], ij[:, 0]
+        one = np.zeros(shape, bool)
+        one[polygon(rows, cols, shape)] = True
+        inside ^= one
+        outline[polygon_perimeter(np.round(rows), np.round(cols), shape)] = True
+    return inside | outline
 
 
 def rtstruct_label(ds: Dataset, img: sitk.Image) -> tuple[sitk.Image, dict[str, str], int]:
     """The structure set's ROIs on `img`'s grid: ROI n of StructureSetROISequence takes value n
-    (a later ROI wins where they overlap); several contours of one ROI on a slice combine by the
-    even-odd rule (a contour inside another is a hole). Returns the label image, the segments
+    (a later ROI wins where they overlap); several contours of one ROI on a slice combine as
+    `_fill` says. Returns the label image, the segments
     (value -> ROIName) and the number of point/open contours, which outline no area."""
     d = np.asarray(img.GetDirection()).reshape(3, 3)
     origin, spacing = np.asarray(img.GetOrigin()), np.asarray(img.GetSpacing())
@@ -64,7 +69,7 @@ def rtstruct_label(ds: Dataset, img: sitk.Image) -> tuple[sitk.Image, dict[str, 
         value = values.get(int(roi.ReferencedROINumber))
         if value is None:
             raise LabelMismatch("RTSTRUCT contour of an ROI the structure set does not list")
-        planes: dict[int, np.ndarray] = {}
+        planes: dict[int, list[np.ndarray]] = {}
         for contour in roi.get("ContourSequence") or []:
             if str(contour.get("ContourGeometricType", "")) != "CLOSED_PLANAR":
                 skipped += 1
@@ -74,10 +79,9 @@ def rtstruct_label(ds: Dataset, img: sitk.Image) -> tuple[sitk.Image, dict[str, 
             k = int(round(ijk[:, 2].mean()))
             if np.abs(ijk[:, 2] - k).max() > SLICE_TOL or not 0 <= k < size[2]:
                 raise LabelMismatch("RTSTRUCT contour does not lie on a slice of its series")
-            plane = planes.setdefault(k, np.zeros((size[1], size[0]), bool))
-            plane ^= _fill(ijk[:, :2], plane.shape)
-        for k, plane in planes.items():
-            out[k][plane] = value
+            planes.setdefault(k, []).append(ijk[:, :2])
+        for k, contours in planes.items():
+            out[k][_fill(contours, (size[1], size[0]))] = value
     label = sitk.GetImageFromArray(out)
     label.CopyInformation(img)
     return label, names, skipped
