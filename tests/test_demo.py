@@ -1,7 +1,8 @@
 """`medfm demo --quick` end to end, as a user runs it: on the real sample data every stage runs,
-the shard sets verify, report.html links PNGs that exist, and the export pulled back from the
-hub loads through `medfm.finetune.load` and scores what the fine-tuning run scored. Without
-MEDFM_SAMPLE_DATA the stages that need it are skipped with their reason and the rest runs."""
+the shard sets verify with train, val and test patients in each, report.html links PNGs that
+exist, and the export pulled back from the hub loads through `medfm.finetune.load` and scores
+what the fine-tuning run scored. Without MEDFM_SAMPLE_DATA the stages that need it are skipped
+with their reason and the rest runs."""
 
 from __future__ import annotations
 

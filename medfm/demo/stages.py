@@ -80,7 +80,8 @@ class Demo:
 
 
 def ingest(d: Demo, key: Path) -> dict[str, Path]:
-    """Every available source through the real ingest job (one local Ray runtime for all)."""
+    """Every available source through the real ingest job (one local Ray runtime for all); a
+    modality whose split left train, val or test empty is ingested again (see `reseed`)."""
     import ray
 
     from medfm.ingest.job import run_ingest
