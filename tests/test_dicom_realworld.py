@@ -512,3 +512,29 @@ def test_an_inner_rtstruct_contour_is_a_hole(tmp_path):
     ref = _rtstruct_read(tmp_path)["ring"]  # rt-utils' reading (OpenCV fillPoly, even-odd)
     assert ref[:, :, 1].sum() < outer.sum()  # it has a hole
     assert np.array_equal(got[0][2].label_map == 1, ref.transpose(1, 0, 2))
+
+
+def test_rtstruct_roi_names_are_recorded_in_the_manifest(tmp_path):
+    """Through a real ingest job (local Ray): the ROI names reach the manifest's sample row."""
+    import json
+
+    import ray
+
+    from medfm.ingest.job import run_ingest
+    from medfm.shards import Manifest
+
+    export_ct5n(tmp_path / "in" / "ct", blank=False)
+    rows, cols = np.mgrid[:16, :16]
+    disc = (rows - 7) ** 2 + (cols - 8) ** 2 <= 16
+    rt = _rtstruct_of(tmp_path / "in" / "ct", {"GTV": np.stack([disc] * 5, -1)})
+    rt.save(str(tmp_path / "in" / "rs.dcm"))
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        spec = parse_spec({"sources": [src(tmp_path / "in")]})
+        run_ingest(spec, str(tmp_path / "out"), keyring=Keyring(KEY), progress=False)
+    finally:
+        ray.shutdown()
+    (row,) = Manifest.open(str(tmp_path / "out")).rows()
+    meta = row["meta"] if isinstance(row["meta"], dict) else json.loads(row["meta"])
+    assert meta["segments"] == {"1": "GTV"}
+    assert not (tmp_path / "out" / "quarantine.jsonl").read_text().strip()
