@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from browser_helpers import check_page
 
 from medfm.finetune import load, load_config
 from medfm.ingest.load import load_spec
@@ -60,6 +61,10 @@ def test_quick_demo_runs_every_stage_on_real_data(sample_data, medfm_exe, tmp_pa
     for want in ("mae2d/plots/loss.png", "mae2d/plots/mae_step", "diffusion/plots/loss.png",
                  "audit/report.png", "audit/closest_pairs.png", "roc_pulled.png"):  # fmt: skip
         assert any(want in rel for rel in links), (want, links)
+    # The report as a reader sees it: loaded in a real browser, every image decoded.
+    page = check_page(out / "report.html")
+    assert page["images"] == len(links) and page["broken"] == [], page
+    assert page["screenshot"] == out / "report-screenshot.png"
 
     assert len(summary["verified"]) == 4
     for root in summary["verified"]:
