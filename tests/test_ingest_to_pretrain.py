@@ -1,16 +1,19 @@
 """Issue 17, end to end per modality: real files go through the ingest job, a tiny encoder
 pretrains on the resulting shard set, and every field the encoder uses arrives unchanged.
 
-The ingest runs through `run_ingest`, the entry point `medfm ingest` calls (one module-scoped Ray
-runtime: a subprocess per test would start Ray three times), and pretraining through
-`medfm.pretrain.train.build`/`run`, which `medfm pretrain` calls. The batch checked is the first
-one the data module of the pretrain engine (`PretrainData.module`) yields. The EHR case is
+`medfm ingest` and `medfm pretrain` run as subprocesses, as a user runs them; the ingest joins
+the test module's Ray runtime through --address (one Ray start for the module). The batch checked
+is the first one the pretrain engine's data module (`PretrainData.module`, built by
+`medfm.pretrain.train.build` from the same config) yields. The EHR case is
 tests/test_ehr_realworld.py::test_ingested_time_and_age_reach_the_model."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,37 +21,45 @@ import pytest
 import torch
 from ingest_helpers import KEY
 from PIL import Image
-from pretrain_helpers import DECODER, TINY, base_config
+from pretrain_helpers import DECODER, TINY, base_config, run_cli, write_yaml
 
-from medfm.ingest.job import run_ingest
-from medfm.ingest.load import parse_spec
-from medfm.ingest.privacy import Keyring
 from medfm.pretrain.config import load_config
-from medfm.pretrain.train import build, run
+from medfm.pretrain.train import build
 from medfm.shards import Manifest
 
-pytestmark = [pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]  # two CLI runs each
 
+MEDFM = str(Path(sys.executable).parent / "medfm")
 ALL_TRAIN = {"fractions": [1.0, 0.0, 0.0]}  # every sample reaches the training split
 
 
-def ingest(spec: dict, dest: Path) -> list[dict]:
-    summary = run_ingest(parse_spec(spec), str(dest), keyring=Keyring(KEY), progress=False)
-    assert summary.written > 0 and summary.quarantined == 0, summary
+def ingest_cli(ray, spec: dict, dest: Path) -> list[dict]:
+    """`medfm ingest` in a subprocess, on the test module's Ray runtime (--address)."""
+    spec_path = write_yaml(spec, dest.parent / "spec.yaml")
+    env = {**os.environ, "MEDFM_DEID_KEY": KEY.decode()}
+    address = ray.get_runtime_context().gcs_address
+    proc = subprocess.run(
+        [MEDFM, "ingest", str(spec_path), "--out", str(dest), "--address", address, "--quiet"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["written"] > 0 and summary["quarantined"] == 0, summary
     return list(Manifest.open(str(dest)).rows(decode_json=True))
+
+
+def pretrain_cli(tree: dict, steps: int = 2) -> dict:
+    """`medfm pretrain --config` in a subprocess; returns the exported encoder sidecar."""
+    tree["train"].update(max_steps=steps, log_every=1)
+    res = run_cli(["--config", str(write_yaml(tree, Path(tree["out_dir"]).parent / "run.yaml"))])
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads((Path(tree["out_dir"]) / "export" / "encoder.json").read_text())
 
 
 def first_batch(tree: dict) -> tuple[dict, object]:
     """The first batch the pretrain engine's data module yields, and the PretrainData."""
     _, data = build(load_config(None, base=tree))
     return next(iter(data.module.train_dataloader())), data
-
-
-def pretrain(tree: dict, steps: int = 2) -> dict:
-    """A short real run; returns the exported encoder sidecar."""
-    tree["train"].update(max_steps=steps, log_every=1)
-    assert run(load_config(None, base=tree))["steps"] == steps
-    return json.loads((Path(tree["out_dir"]) / "export" / "encoder.json").read_text())
 
 
 # ---------------------------------------------------------------- image2d
@@ -76,7 +87,7 @@ def test_png_chest_xrays_reach_the_mae_unchanged(ray_local, sample_data, tmp_pat
         "split": ALL_TRAIN,
     }  # fmt: skip
     out = tmp_path / "shards"
-    stored = {r["key"]: r for r in ingest(spec, out)}
+    stored = {r["key"]: r for r in ingest_cli(ray_local, spec, out)}
     assert len(stored) == 24
     source_of = {}
     for key, r in stored.items():  # hash_paths: the source is found by its bytes' sha256
@@ -95,7 +106,7 @@ def test_png_chest_xrays_reach_the_mae_unchanged(ray_local, sample_data, tmp_pat
         assert torch.equal((x[0] * 255).round().to(torch.uint8), img), key  # every grey level
         torch.testing.assert_close(x[0], img / 255.0, rtol=0, atol=1e-7)  # x * float32(1/255)
 
-    side = pretrain(tree)
+    side = pretrain_cli(tree)
     pre = side["preprocessing"]
     assert pre["kind"] == "image2d" and pre["intensity"] == "auto"
     assert pre["source"]["modality"] == "DX" and pre["source"]["spacing"] == []
@@ -121,7 +132,7 @@ def test_mitbih_windows_reach_the_1d_mae_unchanged(ray_local, sample_data, tmp_p
         "split": ALL_TRAIN,
     }  # fmt: skip
     out = tmp_path / "shards"
-    rows = {r["key"]: r for r in ingest(spec, out)}
+    rows = {r["key"]: r for r in ingest_cli(ray_local, spec, out)}
     rec = wfdb.rdrecord(str(sample_data / "wfdb" / "100"))
     fs = rate or 360
     signal = rec.p_signal.T if rate is None else resample_poly(rec.p_signal.T, 25, 18, axis=1)
@@ -142,7 +153,7 @@ def test_mitbih_windows_reach_the_1d_mae_unchanged(ray_local, sample_data, tmp_p
         w = source[:, start : start + 10 * fs]
         torch.testing.assert_close(x, (w - w.mean()) / (w.std() + 1e-6), rtol=0, atol=1e-5)
 
-    side = pretrain(tree)
+    side = pretrain_cli(tree)
     pre = side["preprocessing"]
     assert pre["kind"] == "signal" and pre["signal_length"] == 10 * fs
     assert pre["source"]["channels"] == ["MLII", "V5"]
@@ -182,7 +193,7 @@ def test_totalsegmentator_ct_patches_reach_the_3d_mae_unchanged(ray_local, sampl
         "split": ALL_TRAIN,
     }  # fmt: skip
     out = tmp_path / "shards"
-    (row,) = ingest(spec, out)
+    (row,) = ingest_cli(ray_local, spec, out)
     lps = sitk.DICOMOrient(sitk.ReadImage(str(nii)), "LPS")  # RAS file: i and j flip
     source = sitk.GetArrayFromImage(lps).transpose(2, 1, 0)  # (k, j, i) -> the shards' (i, j, k)
     assert row["shape"] == list(source.shape) and row["spacing"] == list(lps.GetSpacing())
@@ -206,7 +217,7 @@ def test_totalsegmentator_ct_patches_reach_the_3d_mae_unchanged(ray_local, sampl
     (i, j, k) = p["start"]
     np.testing.assert_array_equal(p["image"], source[i : i + 32, j : j + 32, k : k + 16])
 
-    side = pretrain(tree)
+    side = pretrain_cli(tree)
     pre = side["preprocessing"]
     assert pre["kind"] == "volume3d" and pre["patch_size"] == list(size)
     assert pre["source"]["modality"] == "CT" and pre["source"]["spacing"] == [3.0, 3.0, 3.0]
