@@ -53,7 +53,11 @@ def pretrain_cli(tree: dict, steps: int = 2) -> dict:
     tree["train"].update(max_steps=steps, log_every=1)
     res = run_cli(["--config", str(write_yaml(tree, Path(tree["out_dir"]).parent / "run.yaml"))])
     assert res.returncode == 0, res.stderr[-3000:]
-    return json.loads((Path(tree["out_dir"]) / "export" / "encoder.json").read_text())
+    side = json.loads((Path(tree["out_dir"]) / "export" / "encoder.json").read_text())
+    root = tree["data"]["shards"]  # the sidecar names the ingested shard set it trained on
+    assert side["data"]["manifests"] == {root: Manifest.open(root).header["manifest"]["sha256"]}
+    assert side["training"]["steps"] == steps
+    return side
 
 
 def first_batch(tree: dict) -> tuple[dict, object]:
@@ -109,6 +113,7 @@ def test_png_chest_xrays_reach_the_mae_unchanged(ray_local, sample_data, tmp_pat
     side = pretrain_cli(tree)
     pre = side["preprocessing"]
     assert pre["kind"] == "image2d" and pre["intensity"] == "auto"
+    assert pre["channels"] == 1 and pre["image_size"] == 28
     assert pre["source"]["modality"] == "DX" and pre["source"]["spacing"] == []
 
 
