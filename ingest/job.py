@@ -217,6 +217,7 @@ def run_stats_pass(spec, keyring, tasks, book: Bookkeeper, ray) -> dict[str, Any
 
 
 PREPARE_FILE = "_ingest/prepare.json"
+OUTPUT_FOLDERS = ("tars", "volumes.zarr", "ehr")  # where conversion tasks write samples
 
 
 def run_prepare(spec, keyring, items, dest, book: Bookkeeper, ray) -> dict[str, Any]:
@@ -509,6 +510,11 @@ def _run(spec, dest, book: Bookkeeper, lease: Lease, keyring, summary: Summary, 
             spec, keyring, tasks, stats, dest, book, ray, workers, prog
         )
     lease.check()
+    # Every task is done: a temporary among the outputs now is a dead attempt's (a worker killed
+    # mid-write, whose task Ray retried under a new temporary name). Not under _ingest/, where
+    # the lease's heartbeat thread still writes through temporaries.
+    for folder in OUTPUT_FOLDERS:
+        remove_temporaries(book.fs, f"{book.root}/{folder}")
     parts = {t.task_id: parts[t.task_id] for t in tasks}  # only this job's tasks, in order
     summary.wall_s = round(time.monotonic() - t0, 3)
     finish(spec, keyring, dest, book, parts, bad, stats, summary)

@@ -203,7 +203,8 @@ def find_temporaries(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
 
 
 def remove_temporaries(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
-    """Delete what a killed writer left behind. Call once per job, before writers start."""
+    """Delete what a killed writer left behind. Call only while no writer runs under root:
+    before a job's writers start, or on their folders once they all finished."""
     found = find_temporaries(fs, root)
     for path in found:
         fs.rm(path, recursive=True)

@@ -294,7 +294,8 @@ def test_patient_level_splits_duplicates_and_near_duplicates(ray_rt, tmp_path):
 # ---------------------------------------------------------------- kill -9 and resume
 
 
-def _resume_inputs(root: Path) -> None:
+def _resume_inputs(root: Path) -> dict:
+    """14 CT volumes and 6 PNGs in `root`, and the spec that ingests them one task each."""
     vol = small_ct()
     root.mkdir()
     for i in range(14):
@@ -302,6 +303,11 @@ def _resume_inputs(root: Path) -> None:
         sitk.WriteImage(shifted, str(root / f"vol{i:02d}.nii.gz"))
     for i in range(6):
         Image.fromarray(np.full((40, 40), i * 20, np.uint8)).save(root / f"img{i}.png")
+    return {
+        "sources": [{"name": "vols", "root": str(root), "modality": "CT"}],
+        "volume": {"spacing": [1.0, 1.0, 1.0]},
+        "shards": {"task_items": 1},
+    }
 
 
 def _comparable(dest: Path) -> tuple[list, dict]:
@@ -323,12 +329,7 @@ def _row_differences(rows: list, ref_rows: list) -> list:
 
 @pytest.mark.slow
 def test_kill_9_then_resume_equals_uninterrupted_run(ray_rt, tmp_path):
-    _resume_inputs(tmp_path / "data")
-    spec = {
-        "sources": [{"name": "vols", "root": str(tmp_path / "data"), "modality": "CT"}],
-        "volume": {"spacing": [1.0, 1.0, 1.0]},
-        "shards": {"task_items": 1},
-    }
+    spec = _resume_inputs(tmp_path / "data")
     ingest(spec, tmp_path / "reference")
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(json.dumps(spec))
@@ -383,12 +384,7 @@ def _kill_a_converting_worker(killed: list[int], stop: threading.Event) -> None:
 
 @pytest.mark.slow
 def test_kill_9_of_a_worker_mid_conversion_gives_the_uninterrupted_manifest(ray_rt, tmp_path):
-    _resume_inputs(tmp_path / "data")
-    spec = {
-        "sources": [{"name": "vols", "root": str(tmp_path / "data"), "modality": "CT"}],
-        "volume": {"spacing": [1.0, 1.0, 1.0]},
-        "shards": {"task_items": 1},
-    }
+    spec = _resume_inputs(tmp_path / "data")
     ingest(spec, tmp_path / "reference")
     killed: list[int] = []
     stop = threading.Event()
