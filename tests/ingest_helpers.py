@@ -124,3 +124,28 @@ def centroids_mm(label: np.ndarray, affine: np.ndarray, min_voxels: int = 50) ->
             c = idx.mean(axis=0)
             out[int(v)] = affine[:3, :3] @ c + affine[:3, 3]
     return out
+
+
+def read_items(spec_dict: dict[str, Any]) -> tuple[list, list[tuple[str, str, Any]]]:
+    """(items, [("S", rel, sample) | ("Q", rel, reason)]) of every source, read in-process (no
+    Ray) with each source's reader options; a reader may yield a Quarantine for part of an item
+    (a bad signal window) as well as raise for the whole."""
+    spec = parse_spec(spec_dict)
+    kr, items, out = Keyring(KEY), [], []
+    for s in spec.sources:
+        fs, files, _ = list_files(s)
+        reader = create_reader(s.format, **s.options)
+        ctx = ReadContext(fs, s, spec, kr)
+        scans = {f.rel: reader.scan(f, ctx) for f in files}
+        for item in reader.group(files, scans, s):
+            if isinstance(item, Quarantine):
+                out.append(("Q", item.rel, item.reason))
+                continue
+            items.append(item)
+            try:
+                for o in reader.read(item, ReadContext(fs, s, spec, kr, {}, item)):
+                    bad = isinstance(o, Quarantine)
+                    out.append(("Q", item.rel, o.reason) if bad else ("S", item.rel, o))
+            except IngestError as e:
+                out.append(("Q", item.rel, str(e)))
+    return items, out

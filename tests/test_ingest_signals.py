@@ -13,16 +13,14 @@ import pydicom
 import pyedflib
 import pytest
 import wfdb
-from ingest_helpers import KEY, PYDICOM_FILES
+from ingest_helpers import KEY, PYDICOM_FILES, read_items
 from scipy.signal import resample_poly
 
 from medfm.ingest.job import run_ingest
 from medfm.ingest.load import parse_spec
 from medfm.ingest.privacy import Keyring
-from medfm.ingest.registry import IngestError, Quarantine, ReadContext, create_reader
 from medfm.ingest.signals.channels import canonical_name, unit_factor
 from medfm.ingest.signals.readers import BEAT_SYMBOLS
-from medfm.ingest.sources import list_files
 from medfm.shards import ShardSet, verify
 
 EDF_FILES = Path(pyedflib.__file__).parent / "tests" / "data"
@@ -37,23 +35,8 @@ def wfdb_dir(sample_data) -> Path:
 
 
 def read_all(spec_dict: dict) -> list[tuple[str, str, object]]:
-    """Discover and read in-process (no Ray), with each source's reader options:
-    [("S", rel, sample) | ("Q", rel, reason)]."""
-    spec = parse_spec(spec_dict)
-    kr, out = Keyring(KEY), []
-    for s in spec.sources:
-        fs, files, _ = list_files(s)
-        reader = create_reader(s.format, **s.options)
-        ctx = ReadContext(fs, s, spec, kr)
-        scans = {f.rel: reader.scan(f, ctx) for f in files}
-        for item in reader.group(files, scans, s):
-            try:
-                for o in reader.read(item, ReadContext(fs, s, spec, kr, {}, item)):
-                    bad = isinstance(o, Quarantine)
-                    out.append(("Q", item.rel, o.reason) if bad else ("S", item.rel, o))
-            except IngestError as e:
-                out.append(("Q", item.rel, str(e)))
-    return out
+    """Discover and read in-process (no Ray): [("S", rel, sample) | ("Q", rel, reason)]."""
+    return read_items(spec_dict)[1]
 
 
 def src(name, root, fmt, **kw):
