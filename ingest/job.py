@@ -220,7 +220,8 @@ PREPARE_FILE = "_ingest/prepare.json"
 OUTPUT_FOLDERS = ("tars", "volumes.zarr", "ehr")  # where conversion tasks write samples
 
 
-def run_prepare(spec, keyring, items, dest, book: Bookkeeper, ray) -> dict[str, Any]:
+def run_prepare(spec, keyring, items, dest, book: Bookkeeper, ray,
+                progress: bool = True) -> dict[str, Any]:  # fmt: skip
     """Readers' driver-side passes (EHR vocabulary); cached so that a resume reuses them."""
     cached = book.read_json(PREPARE_FILE)
     if cached is not None:
@@ -233,7 +234,7 @@ def run_prepare(spec, keyring, items, dest, book: Bookkeeper, ray) -> dict[str, 
             continue
         fs, _ = get_fs(src.root, **src.storage_options)
         work = book.path(f"_ingest/prepare/{source}")
-        ctx = PrepareContext(spec, src, keyring, fs, dest, work, ray)
+        ctx = PrepareContext(spec, src, keyring, fs, dest, work, ray, progress)
         mine = [i for i in items if i.source == source and i.format == fmt]
         out[source] = reader.prepare(mine, ctx)
         if "quarantine" in out[source]:
@@ -503,7 +504,7 @@ def _run(spec, dest, book: Bookkeeper, lease: Lease, keyring, summary: Summary, 
         summary.items = len(items)
         summary.bytes_in = sum(t.nbytes for t in tasks)
         stats = run_stats_pass(spec, keyring, tasks, book, ray) if needs_stats_pass(spec) else {}
-        for source, prep in run_prepare(spec, keyring, items, dest, book, ray).items():
+        for source, prep in run_prepare(spec, keyring, items, dest, book, ray, progress).items():
             stats[source] = {**stats.get(source, {}), **prep}
         prog = Progress(summary.bytes_in, len(tasks), enabled=progress)
         parts, summary.tasks_run, summary.tasks_reused = run_conversion(

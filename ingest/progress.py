@@ -1,17 +1,25 @@
-"""A periodic progress line: tasks, samples/s, MB/s of input read, ETA (by input bytes)."""
+"""A periodic progress line: tasks, samples/s, MB/s of input read, ETA (by input bytes).
+
+The conversion uses `Progress` as it is; a reader's prepare pass (the EHR identifier scan,
+partition, clean, MEDS) names itself with `phase` and counts its own `unit`, and `gather`
+collects its Ray tasks as they finish so that the line is live.
+"""
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from collections.abc import Sequence
+from typing import Any, TextIO
 
 
 class Progress:
     def __init__(self, total_bytes: int, total_tasks: int, *, every: float = 2.0,
-                 stream: TextIO | None = None, enabled: bool = True):  # fmt: skip
-        self.total_bytes, self.total_tasks = max(total_bytes, 1), total_tasks
+                 stream: TextIO | None = None, enabled: bool = True, phase: str = "",
+                 unit: str = "tasks"):  # fmt: skip
+        self.total_bytes, self.total_tasks = max(total_bytes, 0), total_tasks
         self.every, self.stream, self.enabled = every, stream or sys.stderr, enabled
+        self.phase, self.unit = phase, unit
         self.start = self.last = time.monotonic()
         self.tasks = self.samples = self.bytes_in = self.bytes_out = 0
 
@@ -25,17 +33,54 @@ class Progress:
             self.last = now
             self.show()
 
+    def fraction(self) -> float:
+        """Share of the work done, by input bytes; a prepare phase whose bytes are unknown (0)
+        goes by count. The conversion goes by bytes only: items without any show no ETA."""
+        if self.total_bytes:
+            return min(self.bytes_in / self.total_bytes, 1.0)
+        if self.phase and self.total_tasks:
+            return min(self.tasks / self.total_tasks, 1.0)
+        return 0.0
+
+    def eta(self, elapsed: float) -> str:
+        frac = self.fraction()
+        if frac <= 0:
+            return "--:--:--"
+        return time.strftime("%H:%M:%S", time.gmtime(elapsed * (1 - frac) / frac))
+
     def line(self) -> str:
         el = max(time.monotonic() - self.start, 1e-6)
-        frac = min(self.bytes_in / self.total_bytes, 1.0)
-        eta = el * (1 - frac) / frac if frac > 0 else float("nan")
-        eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta == eta else "--:--:--"
+        mb_in = f"in {self.bytes_in / el / 1e6:.1f} MB/s"
+        if self.phase:
+            rate = f" | {mb_in}" if self.total_bytes else ""  # no "0.0 MB/s" when unknown
+            return (
+                f"[ingest] {self.phase}: {self.unit} {self.tasks}/{self.total_tasks} "
+                f"({self.tasks / el:.1f}/s){rate} | ETA {self.eta(el)}"
+            )
         return (
             f"[ingest] tasks {self.tasks}/{self.total_tasks} | samples {self.samples} "
-            f"({self.samples / el:.1f}/s) | in {self.bytes_in / el / 1e6:.1f} MB/s | "
-            f"out {self.bytes_out / el / 1e6:.1f} MB/s | ETA {eta_s}"
+            f"({self.samples / el:.1f}/s) | {mb_in} | "
+            f"out {self.bytes_out / el / 1e6:.1f} MB/s | ETA {self.eta(el)}"
         )
 
     def show(self) -> None:
         if self.enabled:
             print(self.line(), file=self.stream, flush=True)
+
+
+def gather(ray: Any, refs: Sequence[Any], progress: Progress,
+           nbytes: Sequence[int] | None = None) -> list[Any]:  # fmt: skip
+    """`ray.get(refs)` (results in order), counting each task in `progress` as it finishes
+    (with `nbytes[i]` input bytes), and showing the line every `progress.every` seconds."""
+    index = {ref: i for i, ref in enumerate(refs)}
+    out: list[Any] = [None] * len(refs)
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=progress.every)
+        for ref in ready:
+            i = index[ref]
+            out[i] = ray.get(ref)
+            progress.update(1, 0, nbytes[i] if nbytes else 0, 0)
+        if not ready:
+            progress.show()
+    return out

@@ -117,7 +117,10 @@ class SourceItem:
 
     @property
     def nbytes(self) -> int:
-        return sum(f.size for f in self.files) + (self.label.size if self.label else 0)
+        """Input bytes, for task sizes, progress and the summary. Items that share files (EHR
+        buckets, `files=()`) carry their share of them in `info["nbytes"]`."""
+        own = sum(f.size for f in self.files) + (self.label.size if self.label else 0)
+        return own + int(self.info.get("nbytes", 0))
 
 
 @dataclass
@@ -188,7 +191,8 @@ class ReadContext:
 
 @dataclass
 class PrepareContext:
-    """What `Reader.prepare` gets on the driver: Ray, and a work folder under the destination."""
+    """What `Reader.prepare` gets on the driver: Ray, and a work folder under the destination.
+    `progress`: the job's flag; a prepare pass shows its progress lines only when it is set."""
 
     spec: Any
     source: Any
@@ -197,6 +201,7 @@ class PrepareContext:
     dest: str
     work_dir: str
     ray: Any
+    progress: bool = True
 
 
 class Reader:

@@ -4,7 +4,9 @@
 Items are patient buckets. `prepare` runs on the driver before conversion: it partitions every
 table file into buckets (Ray tasks), cleans each bucket and fits the vocabulary and bin edges
 on train patients (Ray tasks), and writes `ehr/<source>/vocab.json` into the shard set. `read`
-then tokenizes one bucket into one sample per patient (or admission).
+then tokenizes one bucket into one sample per patient (or admission). Each bucket carries an
+equal share of the table files' bytes (`info["nbytes"]`): the job counts every file once, and
+the conversion's ETA has bytes to go by. Each prepare pass shows its own progress line.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from medfm.shards import Sample
 from medfm.shards.schema import EHR_AGE, EHR_DELTA, EHR_DIR, EHR_TIME, EHR_TYPE
 
 from ..privacy import Keyring, split_for
+from ..progress import Progress, gather
 from ..registry import (
     IngestError,
     PrepareContext,
@@ -76,9 +79,10 @@ class EHRReader(Reader):
         # once, or it would be partitioned, counted and quarantined once per listing.
         unique = {f.path: f for fs in matched.values() for f in fs}
         tables = [(f.path, f.rel, f.size) for f in unique.values()]
+        shares = _shares(sum(f.size for f in unique.values()), self.ehr.buckets)
         for k in range(self.ehr.buckets):
             yield SourceItem(source.name, self.name, (), info={"part": f"b{k:04d}", "bucket": k,
-                             "tables": tables})  # fmt: skip
+                             "tables": tables, "nbytes": shares[k]})  # fmt: skip
 
     def table_files(self, files: list[SourceFile]) -> dict[str, list[SourceFile]]:
         """Files per table name (`patients` for the patients table), by the tables' globs."""
@@ -98,11 +102,14 @@ class EHRReader(Reader):
         ray, src = ctx.ray, ctx.source
         tables = [SourceFile(p, r, s) for p, r, s in items[0].info["tables"]]
         jobs = self.partition_jobs(tables)
-        self.refuse_identifiers(ray, jobs, src)
+        size = {t.path: t.size for t in tables}
+        sizes = [size[j.path] for j in jobs]  # a file of two tables is read by two jobs
+        self.refuse_identifiers(ctx, jobs, sizes)
         namespace = ctx.spec.deid.patient_namespace
         remote = ray.remote(num_cpus=1, max_retries=3)(_partition_safe)
-        parts = ray.get([remote.remote(j, self.ehr, ctx.keyring, namespace, ctx.work_dir,
-                                       src.root, src.storage_options) for j in jobs])  # fmt: skip
+        refs = [remote.remote(j, self.ehr, ctx.keyring, namespace, ctx.work_dir, src.root,
+                              src.storage_options) for j in jobs]  # fmt: skip
+        parts = gather(ray, refs, _phase(ctx, "partition", "files", len(jobs), sum(sizes)), sizes)
         quarantine = []
         uses = Counter(j.rel for j in jobs)
         for job, part in zip(jobs, parts, strict=True):
@@ -116,8 +123,9 @@ class EHRReader(Reader):
                 quarantine.append(Quarantine(job.rel, reason + which, src.name, "BadRows"))
         split_of = SplitOf(ctx.keyring, ctx.spec.split.fractions, ctx.spec.split.seed)
         clean = ray.remote(num_cpus=1, max_retries=3)(clean_bucket)
-        stats = ray.get([clean.remote(k, self.ehr, ctx.work_dir, split_of, ctx.spec.split.seed)
-                         for k in range(self.ehr.buckets)])  # fmt: skip
+        refs = [clean.remote(k, self.ehr, ctx.work_dir, split_of, ctx.spec.split.seed)
+                for k in range(self.ehr.buckets)]  # fmt: skip
+        stats = gather(ray, refs, _phase(ctx, "clean", "buckets", len(refs)))
         quarantine += self.before_birth(stats, jobs, src.name)
         vocab = self.fit(stats)
         rel = vocab_rel(src.name)
@@ -144,10 +152,13 @@ class EHRReader(Reader):
             },  # fmt: skip
         }
 
-    def refuse_identifiers(self, ray: Any, jobs: list[PartitionJob], src: Any) -> None:
+    def refuse_identifiers(self, ctx: PrepareContext, jobs: list[PartitionJob],
+                           sizes: list[int]) -> None:  # fmt: skip
         """Stop the job (exit 2) if a code column's values look like identifiers."""
-        scan = ray.remote(num_cpus=1, max_retries=3)(scan_identifiers)
-        found = ray.get([scan.remote(j, self.ehr, src.root, src.storage_options) for j in jobs])
+        src = ctx.source
+        scan = ctx.ray.remote(num_cpus=1, max_retries=3)(scan_identifiers)
+        refs = [scan.remote(j, self.ehr, src.root, src.storage_options) for j in jobs]
+        found = gather(ctx.ray, refs, _phase(ctx, "scan", "files", len(jobs), sum(sizes)), sizes)
         bad = [(j, c, why) for j, cols in zip(jobs, found, strict=True) for c, why in cols.items()]
         if bad:
             job, column, why = bad[0]
@@ -160,9 +171,10 @@ class EHRReader(Reader):
     def write_meds(self, ray: Any, ctx: PrepareContext, vocab: str, split_of: SplitOf) -> list:
         """The cleaned buckets as a MEDS dataset (Ray tasks); returns the files written."""
         write = ray.remote(num_cpus=1, max_retries=3)(write_meds_bucket)
-        parts = ray.get([write.remote(k, bucket_path(ctx.work_dir, k), vocab, self.ehr, ctx.dest,
-                                      ctx.source.name, split_of)
-                         for k in range(self.ehr.buckets)])  # fmt: skip
+        refs = [write.remote(k, bucket_path(ctx.work_dir, k), vocab, self.ehr, ctx.dest,
+                             ctx.source.name, split_of)
+                for k in range(self.ehr.buckets)]  # fmt: skip
+        parts = gather(ray, refs, _phase(ctx, "meds", "buckets", len(refs)))
         return write_meds_metadata(parts, ctx.dest, ctx.source.name, ctx.source.licence)
 
     def partition_jobs(self, tables: list[SourceFile]) -> list[PartitionJob]:
@@ -263,6 +275,17 @@ def _partition_safe(job, spec, keyring, namespace, work, root, options) -> dict[
             "error": f"unexpected {type(e).__name__}: {scrub_reason(str(e))}",
             "type": "UnexpectedError",
         }
+
+
+def _shares(total: int, n: int) -> list[int]:
+    """`total` bytes split into `n` near-equal shares that add up to it exactly."""
+    return [total // n + (k < total % n) for k in range(n)]
+
+
+def _phase(ctx: PrepareContext, name: str, unit: str, n: int, nbytes: int = 0) -> Progress:
+    """A prepare pass's progress (ETA by bytes where they are known, else by count)."""
+    return Progress(nbytes, n, phase=f"{ctx.source.name} {name}", unit=unit,
+                    enabled=ctx.progress)  # fmt: skip
 
 
 def _iso(seconds: int) -> str:
