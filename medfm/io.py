@@ -19,6 +19,8 @@ from typing import IO, TYPE_CHECKING, Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from medfm.config import ConfigError
+
 if TYPE_CHECKING:
     import torch
     from matplotlib.figure import Figure
@@ -30,9 +32,32 @@ HASH_BLOCK = 1 << 22
 Where = fsspec.AbstractFileSystem | str | os.PathLike
 
 
+# Protocols whose fsspec filesystem `pip install 'medfm[cloud]'` installs.
+CLOUD_PROTOCOLS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}
+
+
+class MissingExtraError(ConfigError, ImportError):
+    """A URL whose filesystem needs a package that is not installed. A ConfigError, so the
+    stage CLIs report it in one line with their bad-spec/destination exit code (2)."""
+
+
+def missing_extra(protocol: str, cause: ImportError) -> MissingExtraError:
+    """The error for a URL of `protocol` whose filesystem failed to import. Names the protocol
+    only: the URL may hold a bucket or path that should not reach logs."""
+    package = CLOUD_PROTOCOLS.get(protocol)
+    if package:
+        hint = f"need {package}: pip install 'medfm[cloud]'"
+    else:
+        hint = f"need a package medfm does not install ({cause})"
+    return MissingExtraError(f"{protocol}:// URLs {hint}")
+
+
 def get_fs(root: str, **storage_options: Any) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path) for a local path or any fsspec URL; local paths are made absolute."""
-    fs, path = fsspec.core.url_to_fs(str(root), **storage_options)
+    try:
+        fs, path = fsspec.core.url_to_fs(str(root), **storage_options)
+    except ImportError as e:
+        raise missing_extra(fsspec.core.split_protocol(str(root))[0] or "file", e) from None
     if isinstance(fs, LocalFileSystem):
         path = os.path.abspath(path)
     return fs, path.rstrip("/")

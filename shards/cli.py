@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import typer
 
-from medfm.io import write_text
+from medfm.io import MissingExtraError, write_text
 
 from .manifest import Manifest
 from .summary import LS_COLUMNS, ls_rows, stats
@@ -15,13 +17,24 @@ from .verify import verify
 app = typer.Typer(help="Inspect and verify shard sets.", no_args_is_help=True)
 
 
+@contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """A URL whose filesystem is not installed: one line naming the extra, exit 2."""
+    try:
+        yield
+    except MissingExtraError as e:
+        typer.echo(f"medfm shards: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
 @app.command("verify")
 def verify_cmd(
     root: str = typer.Argument(..., help="Shard-set folder or fsspec URL."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ):
     """Re-hash every shard and check every manifest row; exit 1 on any mismatch."""
-    report = verify(root)
+    with _one_line_errors():
+        report = verify(root)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=1))
     else:
@@ -42,7 +55,8 @@ def stats_cmd(
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Counts per dataset, modality, split and label, plus bytes."""
-    s = stats(Manifest.open(root))
+    with _one_line_errors():
+        s = stats(Manifest.open(root))
     if as_json:
         typer.echo(json.dumps(s, indent=1))
         return
@@ -65,7 +79,8 @@ def ls_cmd(
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
 ):
     """List samples with their location."""
-    rows = ls_rows(Manifest.open(root), split=split, kind=kind, dataset=dataset, limit=limit)
+    with _one_line_errors():
+        rows = ls_rows(Manifest.open(root), split=split, kind=kind, dataset=dataset, limit=limit)
     if as_json:
         for r in rows:
             typer.echo(json.dumps(r))
@@ -89,7 +104,8 @@ def pairs_cmd(
     from .pairs import find_pairs
 
     try:
-        report = find_pairs(a, b, window, collect=bool(out))
+        with _one_line_errors():
+            report = find_pairs(a, b, window, collect=bool(out))
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     if out:

@@ -6,7 +6,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from medfm.io import TMP_MARKER, sha256_bytes, sha256_file
+from medfm.io import TMP_MARKER, MissingExtraError, sha256_bytes, sha256_file
 
 from .codecs import decode
 from .errors import ShardError, ShardFormatError
@@ -47,6 +47,8 @@ def verify(root: str, **storage_options: Any) -> VerifyReport:
     except ShardError as e:
         report.errors.append(str(e))
         return report
+    except MissingExtraError:  # nothing wrong with the set: the CLI says what to install
+        raise
     except Exception as e:  # noqa: BLE001 - a reader bug must still end in a report
         report.errors.append(f"{root}: cannot open ({type(e).__name__}: {e})")
         return report
