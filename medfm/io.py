@@ -135,7 +135,14 @@ def commit(fs: fsspec.AbstractFileSystem, tmp: str, final: str) -> None:
     else:  # object stores have no rename; copy-then-delete is the best they offer
         if fs.exists(final):
             fs.rm(final, recursive=True)
-        fs.mv(tmp, final, recursive=True)
+        if not fs.isdir(tmp):
+            fs.mv(tmp, final)
+            return
+        # Object by object: fsspec's recursive mv also copies the folder itself, a key that
+        # S3 does not have (folders there are only prefixes), and fails on it.
+        keys = fs.find(tmp)
+        fs.copy(keys, [final + k[len(tmp) :] for k in keys])
+        fs.rm(tmp, recursive=True)
 
 
 @contextmanager

@@ -5,13 +5,25 @@ here mocks a filesystem call. Also: a URL whose filesystem is not installed name
 from __future__ import annotations
 
 import importlib.util
+import json
+import logging
+import os
 import subprocess
+from pathlib import Path
 
 import fsspec
 import pytest
+import torch
+import yaml
 from fsspec.registry import known_implementations
+from ingest_helpers import KEY, NIBABEL_FILES, PYDICOM_FILES
+from s3_helpers import moto_s3
 
-from medfm.io import MissingExtraError, get_fs
+from medfm.ingest.job import run_ingest
+from medfm.ingest.load import parse_spec
+from medfm.ingest.privacy import Keyring
+from medfm.io import TMP_MARKER, MissingExtraError, get_fs
+from medfm.shards import Manifest, ShardDataset, verify
 
 # ---------------------------------------------------------------- the `cloud` extra
 
@@ -50,3 +62,126 @@ def test_other_protocols_name_what_fsspec_asks_for():
         get_fs(f"{protocol}://bucket/set")
     assert str(e.value).startswith(f"{protocol}:// URLs need a package medfm does not install (")
     assert "bucket" not in str(e.value)
+
+
+# ---------------------------------------------------------------- ingest to s3:// and back
+
+
+@pytest.fixture(scope="module")
+def s3():
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto logs every request
+    with moto_s3() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def ray_s3(s3):
+    """A local Ray whose workers reach the S3 server: started after `s3` set the environment,
+    which the workers inherit (and get again through the runtime env, explicitly)."""
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": s3.env},
+    )
+    yield ray
+    ray.shutdown()
+
+
+def every_kind_spec(sample_data: Path) -> dict:
+    """2D DICOM, a 3D NIfTI and WFDB signals, one task per item (so resume has parts to skip)."""
+    return {
+        "sources": [
+            {"name": "ct", "root": str(PYDICOM_FILES), "include": ["CT_small.dcm"],
+             "format": "dicom"},
+            {"name": "nib", "root": str(NIBABEL_FILES), "format": "nifti", "modality": "MR",
+             "include": ["anatomical.nii"]},
+            {"name": "ecg", "root": str(sample_data / "wfdb"), "format": "wfdb",
+             "include": ["s0010_re.hea"]},
+        ],
+        "volume": {"spacing": [2.0, 2.0, 2.0]},
+        "shards": {"task_items": 1},
+    }  # fmt: skip
+
+
+def comparable_rows(root: str) -> list[dict]:
+    """Manifest rows without what differs between two runs of the same job (locations, times)."""
+    rows = list(Manifest.open(root).rows(decode_json=True))
+    drop = ("shard", "offset", "size", "member", "created")
+    return sorted(({k: v for k, v in r.items() if k not in drop} for r in rows),
+                  key=lambda r: r["key"])  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ingested(s3, ray_s3, sample_data, medfm_exe, tmp_path_factory):
+    """The same spec ingested by `medfm ingest` to s3:// (on the module's Ray) and to disk."""
+    work = tmp_path_factory.mktemp("s3ingest")
+    spec = every_kind_spec(sample_data)
+    (work / "spec.yaml").write_text(yaml.safe_dump(spec))
+    url, local = s3.url("every-kind"), str(work / "local")
+    address = ray_s3.get_runtime_context().gcs_address
+    env = {**os.environ, "MEDFM_DEID_KEY": KEY.decode()}
+    cmd = [medfm_exe, "ingest", str(work / "spec.yaml"), "--address", address, "--quiet"]
+    r = subprocess.run([*cmd, "--out", url], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run_ingest(parse_spec(spec), local, keyring=Keyring(KEY), progress=False)
+    return url, local, spec
+
+
+@pytest.mark.slow
+def test_ingest_to_s3_equals_ingest_to_disk_and_the_cli_reads_it(ingested, medfm_exe):
+    url, local, _ = ingested
+    fs, path = get_fs(url)
+    assert fs.protocol[0] == "s3" and fs.exists(f"{path}/manifest.json")
+    assert not [p for p in fs.find(path) if TMP_MARKER in p]  # every temporary was committed
+    rows = comparable_rows(url)
+    assert {r["kind"] for r in rows} == {"image2d", "volume3d", "signal"}
+    assert rows == comparable_rows(local)  # same samples, hashes, splits as on local disk
+
+    def cli(*args: str) -> str:
+        r = subprocess.run([medfm_exe, "shards", *args], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    report = json.loads(cli("verify", url, "--json"))
+    assert report["ok"] and report["rows_checked"] == len(rows) and report["files_checked"] > 0
+    stats = json.loads(cli("stats", url, "--json"))
+    assert stats["samples"] == len(rows) and stats["by_kind"]["volume3d"] == 1
+    listed = [json.loads(line) for line in cli("ls", url, "--json").splitlines()]
+    assert sorted(r["key"] for r in listed) == [r["key"] for r in rows]
+
+
+@pytest.mark.slow
+def test_2d_loader_reads_the_s3_set_like_the_local_one(ingested):
+    url, local, _ = ingested
+
+    def images(root: str) -> dict[str, torch.Tensor]:
+        ds = ShardDataset(root, kinds="image2d", shuffle=False)
+        return {item["key"]: item["data"] for item in ds}
+
+    remote, here = images(url), images(local)
+    assert remote.keys() == here.keys() and len(remote) == 1
+    for key, data in remote.items():
+        assert torch.equal(data, here[key])
+
+
+@pytest.mark.slow
+def test_resume_on_s3_reruns_only_the_unfinished_task(ingested, ray_s3):
+    """A job stopped before its end (one task's part and the manifest, the commit point, not
+    yet written; a dead attempt's temporary left among the tars) resumes on S3: the finished
+    tasks are reused, the temporary is removed, and the manifest equals the first run's."""
+    url, _, spec = ingested
+    before = comparable_rows(url)
+    fs, path = get_fs(url)
+    parts = sorted(fs.find(f"{path}/_ingest/parts"))
+    assert len(parts) == 3
+    fs.rm([parts[0], f"{path}/manifest.json", f"{path}/manifest.parquet"])
+    fs.pipe(f"{path}/tars/t0-000000.tar{TMP_MARKER}deadbeef0000", b"half a tar")
+    job = parse_spec(spec)
+    summary = run_ingest(job, url, keyring=Keyring(KEY), progress=False, resume=True)
+    assert (summary.tasks_run, summary.tasks_reused) == (1, 2)
+    assert comparable_rows(url) == before
+    assert not [p for p in fs.find(path) if TMP_MARKER in p]
+    assert verify(url).ok
