@@ -152,9 +152,12 @@ def _record(spec: IngestSpec, keyring: Keyring, q: Quarantine) -> dict[str, str]
 
 
 def _scan(spec, keyring, source, fmt, files, reader, ray) -> dict[str, Any]:
-    """Run the reader's header scan as Ray tasks, if it has one."""
+    """Run the reader's header scan as Ray tasks (here, in this process, when ray is None),
+    if it has one."""
     if type(reader).scan is Reader.scan:
         return {}
+    if ray is None:  # benchmarks time a worker's steady state: discovery and tasks, no Ray
+        return scan_files(spec, keyring, source, fmt, files)
     remote = ray.remote(num_cpus=1)(scan_files)
     refs = [
         remote.remote(spec, keyring, source, fmt, files[i : i + SCAN_BATCH])
