@@ -12,18 +12,20 @@ import subprocess
 from pathlib import Path
 
 import fsspec
+import numpy as np
 import pytest
 import torch
 import yaml
 from fsspec.registry import known_implementations
 from ingest_helpers import KEY, NIBABEL_FILES, PYDICOM_FILES
+from readers_helpers import write_ct_set
 from s3_helpers import moto_s3
 
 from medfm.ingest.job import run_ingest
 from medfm.ingest.load import parse_spec
 from medfm.ingest.privacy import Keyring
 from medfm.io import TMP_MARKER, MissingExtraError, get_fs
-from medfm.shards import Manifest, ShardDataset, verify
+from medfm.shards import CountingStore, Manifest, PatchSampler, ShardDataset, ShardSet, verify
 
 # ---------------------------------------------------------------- the `cloud` extra
 
@@ -185,3 +187,46 @@ def test_resume_on_s3_reruns_only_the_unfinished_task(ingested, ray_s3):
     assert comparable_rows(url) == before
     assert not [p for p in fs.find(path) if TMP_MARKER in p]
     assert verify(url).ok
+
+
+# ---------------------------------------------------------------- 3D patches: ranged reads
+
+
+def counted_patches(root: str, draws: int) -> tuple[list[dict], list[list[tuple]], int]:
+    """`draws` uniform patches of the CT and, per patch, the (key, range, bytes) its store
+    returned, after a first patch that opens the group (metadata is read once)."""
+    stores: list[CountingStore] = []
+
+    def counting(store):
+        stores.append(CountingStore(store))
+        return stores[-1]
+
+    sampler = PatchSampler(root, (24, 24, 12), mode="uniform", store_wrapper=counting)
+    row = next(r for r in ShardSet(root).rows() if r["key"] == "ct0")
+    rng = np.random.default_rng(0)
+    sampler.patch(row, 0, rng)
+    patches, reads = [], []
+    for _ in range(draws):
+        stores[0].reset()
+        patches.append(sampler.patch(row, 0, rng))
+        reads.append(sorted((k, repr(r), n) for k, r, n in stores[0].requests))  # async: any order
+    fs, path = get_fs(root)
+    return patches, reads, fs.size(f"{path}/{row['shard']}/image/c/0/0/0")
+
+
+@pytest.mark.slow
+def test_patches_from_s3_fetch_only_their_chunks(s3, sample_data, tmp_path):
+    """The CT written to S3 and to disk (chunks of 16): each patch from S3 asks the server for
+    the same byte ranges as from disk, where test_readers_patches bounds them by the chunks the
+    patch intersects (<= 1.2x), and for far less than the shard object."""
+    url, local = s3.url("ct-patches"), str(tmp_path / "ct")
+    for root in (url, local):
+        write_ct_set(root, sample_data, copies=1, chunks=(16, 16, 16))
+    remote, remote_reads, shard_bytes = counted_patches(url, 4)
+    here, local_reads, _ = counted_patches(local, 4)
+    assert remote_reads == local_reads
+    for p, q, reads in zip(remote, here, remote_reads, strict=True):
+        assert np.array_equal(p["image"], q["image"]) and np.array_equal(p["label"], q["label"])
+        assert all(k.startswith(("image/c/", "label/c/")) for k, _, _ in reads)
+        image_bytes = sum(n for k, _, n in reads if k.startswith("image/"))
+        assert 0 < image_bytes < 0.5 * shard_bytes
