@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from medfm.compat import ray_jobs_dead
-from medfm.io import get_fs, is_local, remove_temporaries, sha256_bytes, sha256_file
+from medfm.io import as_url, get_fs, is_local, remove_temporaries, sha256_bytes, sha256_file
 from medfm.shards import write_manifest
 from medfm.shards.tarshard import ShardFile
 
@@ -236,7 +236,7 @@ def run_prepare(spec, keyring, items, dest, book: Bookkeeper, ray,
         if type(reader).prepare is Reader.prepare:
             continue
         fs, _ = get_fs(src.root, **src.storage_options)
-        work = book.path(f"_ingest/prepare/{source}")
+        work = as_url(book.fs, book.path(f"_ingest/prepare/{source}"))
         ctx = PrepareContext(spec, src, keyring, fs, dest, work, ray, progress)
         mine = [i for i in items if i.source == source and i.format == fmt]
         out[source] = reader.prepare(mine, ctx)

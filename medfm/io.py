@@ -78,6 +78,12 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
+def as_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """What `get_fs` maps back to (fs, path): a path that travels as one string (to a Ray task,
+    into a cached JSON) must keep its protocol, or "bucket/key" reads as a local path."""
+    return path if is_local(fs) else fs.unstrip_protocol(path)
+
+
 def tmp_name(path: str) -> str:
     return f"{path}{TMP_MARKER}{uuid.uuid4().hex[:12]}"
 

@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
-from medfm.io import atomic_write_bytes, get_fs, sha256_bytes
+from medfm.io import as_url, atomic_write_bytes, get_fs, sha256_bytes
 from medfm.shards import Sample
 from medfm.shards.schema import EHR_AGE, EHR_DELTA, EHR_DIR, EHR_TIME, EHR_TYPE
 
@@ -131,11 +131,12 @@ class EHRReader(Reader):
         rel = vocab_rel(src.name)
         dest_fs, dest = get_fs(ctx.dest)
         atomic_write_bytes(dest_fs, f"{dest}/{rel}", vocab.to_json().encode())
-        meds_files = self.write_meds(ray, ctx, f"{dest}/{rel}", split_of) if self.ehr.meds else []
+        vocab_url = as_url(dest_fs, f"{dest}/{rel}")
+        meds_files = self.write_meds(ray, ctx, vocab_url, split_of) if self.ehr.meds else []
         return {
             "work": ctx.work_dir,
             "scratch": ctx.work_dir,  # every raw code and value: removed once the job is done
-            "vocab": f"{dest}/{rel}",
+            "vocab": vocab_url,
             "artifacts": [rel, *meds_files],
             "inputs": {
                 j.rel: p["sha256"] for j, p in zip(jobs, parts, strict=True) if "sha256" in p
