@@ -3,6 +3,8 @@ same grids: a real CT and label map, and synthetic volumes with permuted and fli
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -153,6 +155,18 @@ def test_reorient_equals_dicomorient(orientation):
             np.testing.assert_allclose(a, b, atol=1e-9)
 
 
+def test_blocked_copy_equals_numpy_for_every_axis_order_and_flip():
+    """c_order_copy (32-voxel blocks) on views of a stack larger than one block and not a
+    multiple of it, in every permutation, flipped or not: numpy's own copy, C-ordered."""
+    stack = np.random.default_rng(0).integers(-1024, 3000, (70, 45, 33), dtype=np.int16)
+    for perm in itertools.permutations(range(3)):
+        for flip in (slice(None), slice(None, None, -1)):
+            view = stack.transpose(perm)[flip, :, flip]
+            got = imaging.c_order_copy(view)
+            assert got.flags.c_contiguous and owns_memory(got)
+            assert np.array_equal(got, view) and not np.shares_memory(got, stack)
+
+
 def test_volume_from_array_round_trips_to_sitk():
     src = synthetic(np.int16)
     vol = as_volume(src)
@@ -161,9 +175,12 @@ def test_volume_from_array_round_trips_to_sitk():
     assert copy.GetDirection() == src.GetDirection() and copy.GetOrigin() == src.GetOrigin()
 
 
-def test_hu_histogram_counts_every_foreground_voxel_once(ts):
-    """The int16 fast path (one bincount over all 65536 values) against a plain per-voxel
-    count, on the real CT and its label map, in memory and transposed order, and on floats."""
+@pytest.mark.parametrize("step", [imaging.HIST_STEP, 4099])  # 4099: many uneven slices
+def test_hu_histogram_counts_every_foreground_voxel_once(ts, monkeypatch, step):
+    """The int16 fast path (a bincount over all 65536 values, slice by slice) against a plain
+    per-voxel count, on the real CT and its label map, in memory and transposed order, and on
+    floats."""
+    monkeypatch.setattr(imaging, "HIST_STEP", step)
     ct = sitk.GetArrayFromImage(sitk.ReadImage(str(ts / "example_ct_sm.nii.gz"))).astype(np.int16)
     seg = sitk.GetArrayFromImage(sitk.ReadImage(str(ts / "example_seg.nii.gz")))
 
