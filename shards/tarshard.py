@@ -6,7 +6,6 @@ and mtime, so the same samples always produce the same bytes (and the same shard
 
 from __future__ import annotations
 
-import io
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ DEFAULT_SHARD_BYTES = 512 * 1024 * 1024
 TAR_DIR = "tars"
 BLOCK = 512
 NUL_BLOCK = bytes(BLOCK)
+RECORD = tarfile.RECORDSIZE
 READ_PIECE = 16 * 1024 * 1024
 
 
@@ -51,6 +51,30 @@ class ShardFile:
     samples: int = 0
 
 
+def _header_template() -> tuple[bytes, int]:
+    """tarfile's own ustar header of a regular file (mode 0444, owner 0, mtime 0), and its
+    checksum without the name and size fields: `ustar_header` fills in those two per member."""
+    info = tarfile.TarInfo("x")
+    info.mode, info.mtime = 0o444, 0
+    buf = info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
+    # The checksum counts its own field as eight spaces.
+    return buf, sum(buf[100:124]) + sum(buf[136:148]) + 8 * ord(" ") + sum(buf[156:])
+
+
+_TEMPLATE, _TEMPLATE_SUM = _header_template()
+
+
+def ustar_header(name: str, size: int) -> bytes:
+    """The 512-byte header tarfile writes for a member `name` of `size` bytes, built without a
+    TarInfo (whose copy and field-by-field encoding cost more than the member's own bytes)."""
+    if size >= 8**11:  # tarfile's ustar limit, the same refusal
+        raise ValueError(f"member {name!r} of {size} bytes is over the ustar size limit")
+    raw_name, size_field = name.encode("ascii"), b"%011o\0" % size
+    chksum = _TEMPLATE_SUM + sum(raw_name) + sum(size_field)
+    return b"".join((raw_name, bytes(100 - len(raw_name)), _TEMPLATE[100:124], size_field,
+                     _TEMPLATE[136:148], b"%06o\0 " % chksum, _TEMPLATE[156:]))  # fmt: skip
+
+
 class TarShardWriter:
     """Append samples to `tars/<prefix>-NNNNNN.tar`, rolling over at `max_bytes`."""
 
@@ -66,8 +90,8 @@ class TarShardWriter:
         self.fs, self.root, self.prefix, self.max_bytes = fs, root, prefix, max_bytes
         self.finished: list[ShardFile] = []
         self._index = 0
-        self._open_shard: tuple[str, str, IO[bytes], HashingWriter, tarfile.TarFile] | None = None
-        self._samples = 0
+        self._open_shard: tuple[str, str, IO[bytes], HashingWriter] | None = None
+        self._samples = self._offset = 0
         fs.makedirs(f"{root}/{TAR_DIR}", exist_ok=True)
 
     @property
@@ -76,23 +100,23 @@ class TarShardWriter:
 
     def add(self, key: str, members: dict[str, bytes]) -> tuple[str, dict[str, MemberLocation]]:
         """Write one sample's members; returns (shard relative path, locations by extension)."""
-        size = sum(512 + len(b) + 511 for b in members.values())
-        if self._open_shard and self._samples and self._tell() + size > self.max_bytes:
+        size = sum(BLOCK + len(b) + BLOCK - 1 for b in members.values())
+        if self._open_shard and self._samples and self._offset + size > self.max_bytes:
             self._finish()
         if not self._open_shard:
             self._start()
-        rel, _, _, _, tar = self._open_shard
-        out = {}
+        rel, _, _, hw = self._open_shard
+        out, parts, offset = {}, [], self._offset
         for ext, payload in members.items():
             name = f"{key}.{ext}"
             if not MEMBER_RE.fullmatch(name) or len(name) > 100:  # USTAR's name field is 100 bytes
                 raise ValueError(f"invalid tar member name {name!r}")
-            info = tarfile.TarInfo(name)
-            info.size, info.mode, info.mtime = len(payload), 0o444, 0
-            tar.addfile(info, io.BytesIO(payload))
-            # addfile pads data to 512-byte blocks; the data starts that far before the end.
-            data_offset = tar.offset - ((len(payload) + 511) // 512) * 512
-            out[ext] = MemberLocation(sha256_bytes(payload), data_offset, len(payload))
+            padding = -len(payload) % BLOCK
+            parts += (ustar_header(name, len(payload)), payload, NUL_BLOCK[:padding])
+            out[ext] = MemberLocation(sha256_bytes(payload), offset + BLOCK, len(payload))
+            offset += BLOCK + len(payload) + padding
+        hw.write(b"".join(parts))  # one write and one hash update per sample
+        self._offset = offset
         self._samples += 1
         return rel, out
 
@@ -104,28 +128,25 @@ class TarShardWriter:
     def abort(self) -> None:
         """Drop the shard being written (its temporary file) without committing it."""
         if self._open_shard:
-            _, tmp, raw, _, tar = self._open_shard
-            tar.close()
+            _, tmp, raw, _ = self._open_shard
             raw.close()
             self.fs.rm(tmp)
             self._open_shard = None
-
-    def _tell(self) -> int:
-        return self._open_shard[4].offset
 
     def _start(self) -> None:
         rel = f"{TAR_DIR}/{self.prefix}-{self._index:06d}.tar"
         self._index += 1
         tmp = tmp_name(f"{self.root}/{rel}")
         raw = self.fs.open(tmp, "wb")
-        hw = HashingWriter(raw)
-        tar = tarfile.open(fileobj=hw, mode="w", format=tarfile.USTAR_FORMAT)
-        self._open_shard = (rel, tmp, raw, hw, tar)
-        self._samples = 0
+        self._open_shard = (rel, tmp, raw, HashingWriter(raw))
+        self._samples, self._offset = 0, 0
 
     def _finish(self) -> None:
-        rel, tmp, raw, hw, tar = self._open_shard
-        tar.close()
+        rel, tmp, raw, hw = self._open_shard
+        # The end of the archive as tarfile writes it: two zero blocks, then zeros up to a
+        # whole record (like `tar -b20`).
+        end = self._offset + 2 * BLOCK
+        hw.write(bytes(2 * BLOCK + -end % RECORD))
         fsync_file(raw)
         raw.close()
         commit(self.fs, tmp, f"{self.root}/{rel}")
