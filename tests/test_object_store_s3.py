@@ -1,5 +1,5 @@
 """Every stage against a real S3 API: moto's standalone server on loopback (tests/s3_helpers.py),
-reached over HTTP by s3fs in this process, in `medfm` subprocesses and in Ray workers. Nothing
+reached over HTTP by s3fs in this process and in Ray workers. Nothing
 here mocks a filesystem call. Also: a URL whose filesystem is not installed names the extra."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import importlib.util
 import json
 import logging
 import os
-import subprocess
+import re
 from pathlib import Path
 
 import fsspec
@@ -16,11 +16,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from click.testing import Result
 from fsspec.registry import known_implementations
 from ingest_helpers import KEY, NIBABEL_FILES, PYDICOM_FILES
 from readers_helpers import write_ct_set
 from s3_helpers import moto_s3
+from typer.testing import CliRunner
 
+from medfm.cli import app
 from medfm.ingest.job import run_ingest
 from medfm.ingest.load import parse_spec
 from medfm.ingest.privacy import Keyring
@@ -30,23 +33,23 @@ from medfm.shards import CountingStore, Manifest, PatchSampler, ShardDataset, Sh
 # ---------------------------------------------------------------- the `cloud` extra
 
 
+def medfm(*args: str) -> Result:
+    return CliRunner().invoke(app, list(args))
+
+
 @pytest.mark.skipif(importlib.util.find_spec("gcsfs") is not None, reason="gcsfs is installed")
-def test_a_url_without_its_filesystem_names_the_extra_and_exits_2(medfm_exe, tmp_path):
-    with pytest.raises(
-        MissingExtraError, match=r"gs:// URLs need gcsfs: pip install 'medfm\[cloud\]'"
-    ):
+def test_a_url_without_its_filesystem_names_the_extra_and_exits_2(tmp_path, monkeypatch):
+    hint = "gs:// URLs need gcsfs: pip install 'medfm[cloud]'"
+    with pytest.raises(MissingExtraError, match=re.escape(hint)):
         get_fs("gs://bucket/set")
-    for args in (["shards", "verify"], ["shards", "stats"], ["shards", "ls"]):
-        r = subprocess.run([medfm_exe, *args, "gs://bucket/set"], capture_output=True, text=True)
-        assert r.returncode == 2, r.stderr
-        assert r.stderr.strip() == "medfm shards: gs:// URLs need gcsfs: pip install 'medfm[cloud]'"
+    for command in ("verify", "stats", "ls"):
+        r = medfm("shards", command, "gs://bucket/set")
+        assert r.exit_code == 2 and r.output.strip() == f"medfm shards: {hint}", r.output
     spec = tmp_path / "spec.yaml"
     spec.write_text(f"sources: [{{name: a, root: {tmp_path}, format: png}}]\n")
-    r = subprocess.run(
-        [medfm_exe, "ingest", str(spec), "--out", "gs://bucket/set"], capture_output=True, text=True
-    )
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert "pip install 'medfm[cloud]'" in r.stderr and "bucket" not in r.stderr
+    monkeypatch.setenv("MEDFM_DEID_KEY", KEY.decode())
+    r = medfm("ingest", str(spec), "--out", "gs://bucket/set")
+    assert r.exit_code == 2 and r.output.strip() == f"medfm ingest: {hint}", r.output
 
 
 def _a_protocol_not_installed() -> str:
@@ -93,7 +96,8 @@ def ray_s3(s3):
 
 
 def every_kind_spec(sample_data: Path) -> dict:
-    """2D DICOM, a 3D NIfTI and WFDB signals, one task per item (so resume has parts to skip)."""
+    """2D DICOM, a 3D NIfTI, WFDB signals and MIMIC-IV demo tables (three of them, for time),
+    one task per item, so that resume has parts to skip."""
     return {
         "sources": [
             {"name": "ct", "root": str(PYDICOM_FILES), "include": ["CT_small.dcm"],
@@ -102,6 +106,9 @@ def every_kind_spec(sample_data: Path) -> dict:
              "include": ["anatomical.nii"]},
             {"name": "ecg", "root": str(sample_data / "wfdb"), "format": "wfdb",
              "include": ["s0010_re.hea"]},
+            {"name": "mimic", "root": str(sample_data / "mimic-iv-demo-2.2"), "format": "mimic_iv",
+             "include": [f"hosp/{t}.csv.gz" for t in ("patients", "admissions", "diagnoses_icd")],
+             "options": {"buckets": 1}},
         ],
         "volume": {"spacing": [2.0, 2.0, 2.0]},
         "shards": {"task_items": 1},
@@ -117,17 +124,18 @@ def comparable_rows(root: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def ingested(s3, ray_s3, sample_data, medfm_exe, tmp_path_factory):
+def ingested(s3, ray_s3, sample_data, tmp_path_factory):
     """The same spec ingested by `medfm ingest` to s3:// (on the module's Ray) and to disk."""
     work = tmp_path_factory.mktemp("s3ingest")
     spec = every_kind_spec(sample_data)
     (work / "spec.yaml").write_text(yaml.safe_dump(spec))
     url, local = s3.url("every-kind"), str(work / "local")
-    address = ray_s3.get_runtime_context().gcs_address
-    env = {**os.environ, "MEDFM_DEID_KEY": KEY.decode()}
-    cmd = [medfm_exe, "ingest", str(work / "spec.yaml"), "--address", address, "--quiet"]
-    r = subprocess.run([*cmd, "--out", url], env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
+    os.environ["MEDFM_DEID_KEY"] = KEY.decode()
+    try:
+        r = medfm("ingest", str(work / "spec.yaml"), "--out", url, "--quiet")
+    finally:
+        del os.environ["MEDFM_DEID_KEY"]
+    assert r.exit_code == 0, r.output[-3000:]
     run_ingest(parse_spec(spec), local, keyring=Keyring(KEY), progress=False)
     return url, local, spec
 
@@ -139,13 +147,13 @@ def test_ingest_to_s3_equals_ingest_to_disk_and_the_cli_reads_it(ingested, medfm
     assert fs.protocol[0] == "s3" and fs.exists(f"{path}/manifest.json")
     assert not [p for p in fs.find(path) if TMP_MARKER in p]  # every temporary was committed
     rows = comparable_rows(url)
-    assert {r["kind"] for r in rows} == {"image2d", "volume3d", "signal"}
+    assert {r["kind"] for r in rows} == {"image2d", "volume3d", "signal", "ehr"}
     assert rows == comparable_rows(local)  # same samples, hashes, splits as on local disk
 
     def cli(*args: str) -> str:
-        r = subprocess.run([medfm_exe, "shards", *args], capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr
-        return r.stdout
+        r = medfm("shards", *args)
+        assert r.exit_code == 0, r.output
+        return r.output
 
     report = json.loads(cli("verify", url, "--json"))
     assert report["ok"] and report["rows_checked"] == len(rows) and report["files_checked"] > 0
@@ -153,6 +161,7 @@ def test_ingest_to_s3_equals_ingest_to_disk_and_the_cli_reads_it(ingested, medfm
     assert stats["samples"] == len(rows) and stats["by_kind"]["volume3d"] == 1
     listed = [json.loads(line) for line in cli("ls", url, "--json").splitlines()]
     assert sorted(r["key"] for r in listed) == [r["key"] for r in rows]
+    assert "ehr/mimic/vocab.json" in Manifest.open(url).header["files"]  # hashed, verified
 
 
 @pytest.mark.slow
@@ -178,12 +187,12 @@ def test_resume_on_s3_reruns_only_the_unfinished_task(ingested, ray_s3):
     before = comparable_rows(url)
     fs, path = get_fs(url)
     parts = sorted(fs.find(f"{path}/_ingest/parts"))
-    assert len(parts) == 3
+    assert len(parts) == 4
     fs.rm([parts[0], f"{path}/manifest.json", f"{path}/manifest.parquet"])
     fs.pipe(f"{path}/tars/t0-000000.tar{TMP_MARKER}deadbeef0000", b"half a tar")
     job = parse_spec(spec)
     summary = run_ingest(job, url, keyring=Keyring(KEY), progress=False, resume=True)
-    assert (summary.tasks_run, summary.tasks_reused) == (1, 2)
+    assert (summary.tasks_run, summary.tasks_reused) == (1, 3)
     assert comparable_rows(url) == before
     assert not [p for p in fs.find(path) if TMP_MARKER in p]
     assert verify(url).ok
