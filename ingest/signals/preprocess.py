@@ -201,24 +201,39 @@ def window_starts(n: int, fs: float, cfg: SignalConfig) -> list[int]:
     return list(range(0, n - size + 1, step)) if n >= size else []
 
 
-def quality(p: Prepared, start: int, size: int, cfg: SignalConfig) -> tuple[dict[str, str], int]:
-    """(channel -> reason for every bad channel, interpolated samples) of [start, start+size)."""
+# Windows are cut, checked and normalized in blocks of this many float64 values (32 MB): numpy
+# works on a block at once (no per-window calls), and the temporaries stay bounded on day-long
+# records.
+BLOCK_VALUES = 1 << 22
+REASONS = ("", "nan", "saturated", "flat")  # codes of `block_quality`
+
+
+def block_quality(
+    p: Prepared, starts: np.ndarray, size: int, std: np.ndarray, cfg: SignalConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """(reason codes (windows, channels) into REASONS, interpolated samples per window) of the
+    windows [start, start + size); `std` is each window's per-channel standard deviation."""
     scale = p.native_fs / p.fs
-    a, b = int(start * scale), max(int(start * scale) + 1, int(round((start + size) * scale)))
-    bad, filled = {}, 0
-    for row, name in enumerate(p.channels):
-        missing = int(p.nan[row, a:b].sum())
-        if missing > cfg.max_nan * (b - a):
-            bad[name] = "nan"
-            continue
-        filled += missing
-        if p.saturated[row, a:b].mean() > cfg.max_saturated:
-            bad[name] = "saturated"
-        else:
-            flat = cfg.flat_std.get(channel_group(name), DEFAULT_FLAT_STD["other"])
-            if p.signal[row, start : start + size].std() < flat:
-                bad[name] = "flat"
-    return bad, filled
+    n_native = p.nan.shape[1]
+    a = (starts * scale).astype(np.int64)
+    b = np.maximum(a + 1, np.rint((starts + size) * scale).astype(np.int64))
+    a_in, b_in = np.minimum(a, n_native), np.minimum(b, n_native)  # what a slice would hold
+    missing = _counts(p.nan, a_in, b_in)
+    nan_bad = missing > cfg.max_nan * (b - a)[:, None]
+    with np.errstate(invalid="ignore", divide="ignore"):  # an empty slice: never saturated
+        saturated = _counts(p.saturated, a_in, b_in) / (b_in - a_in)[:, None]
+    sat_bad = ~nan_bad & (saturated > cfg.max_saturated)
+    flat_std = [cfg.flat_std.get(channel_group(c), DEFAULT_FLAT_STD["other"]) for c in p.channels]
+    flat_bad = ~nan_bad & ~sat_bad & (std < np.asarray(flat_std))
+    codes = np.select([nan_bad, sat_bad, flat_bad], [1, 2, 3], 0)
+    return codes, np.where(nan_bad, 0, missing).sum(axis=1)
+
+
+def _counts(flags: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(windows, channels): how many of flags[c, a[w]:b[w]] are set, by cumulative sums."""
+    cum = np.zeros((flags.shape[0], flags.shape[1] + 1), np.int64)
+    np.cumsum(flags, axis=1, out=cum[:, 1:])
+    return (cum[:, b] - cum[:, a]).T
 
 
 def windows(rec: SignalRecord, p: Prepared, cfg: SignalConfig) -> list[Window]:
@@ -226,24 +241,39 @@ def windows(rec: SignalRecord, p: Prepared, cfg: SignalConfig) -> list[Window]:
     size = int(round(cfg.window_s * p.fs))
     scale = p.fs / rec.fs
     beats = np.round(rec.beats * scale).astype(np.int64)
-    rec_mean, rec_std = _stats(p.signal) if cfg.normalize == "record" else (None, None)
+    starts = np.asarray(window_starts(p.signal.shape[1], p.fs, cfg), np.int64)
+    if not len(starts):
+        return []
+    rec_stats = _stats(p.signal) if cfg.normalize == "record" else None
+    # (windows, channels, size) without a copy; indexing a block of it copies that block.
+    view = np.lib.stride_tricks.sliding_window_view(p.signal, size, axis=1).transpose(1, 0, 2)
+    per_block = max(1, BLOCK_VALUES // (size * len(p.channels)))
     out = []
-    for i, s in enumerate(window_starts(p.signal.shape[1], p.fs, cfg)):
-        x = p.signal[:, s : s + size].copy()
-        bad, filled = quality(p, s, size, cfg)
-        mask = np.array([c in bad for c in p.channels], bool)
+    for first in range(0, len(starts), per_block):
+        block = starts[first : first + per_block]
+        x = view[block]
+        std = x.std(axis=2)
+        codes, filled = block_quality(p, block, size, std, cfg)
+        mask = codes > 0
         x[mask] = 0.0
-        extras: dict[str, np.ndarray] = {}
+        norm = None
         if cfg.normalize != "none":
-            mean, std = _stats(x) if cfg.normalize == "window" else (rec_mean, rec_std)
+            if rec_stats is None:
+                mean, std = x.mean(axis=2), np.where(std > 1e-12, std, 1.0)
+            else:
+                mean, std = rec_stats
             mean, std = np.where(mask, 0.0, mean), np.where(mask, 1.0, std)
-            x = (x - mean[:, None]) / std[:, None]
-            extras["norm"] = np.stack([mean, std]).astype(np.float32)
-        if bad:
-            extras["mask"] = mask.astype(np.uint8)
-        labels, label_extras = window_labels(rec, beats, scale, s, size, p.fs, cfg)
-        extras.update(label_extras)
-        out.append(Window(i, s, x.astype(np.float32), labels, extras, bad, filled))
+            x = (x - mean[..., None]) / std[..., None]
+            norm = np.stack([mean, std], axis=1).astype(np.float32)  # (windows, 2, channels)
+        data = x.astype(np.float32)
+        for j, s in enumerate(block.tolist()):
+            extras: dict[str, np.ndarray] = {} if norm is None else {"norm": norm[j]}
+            bad = {c: REASONS[k] for c, k in zip(p.channels, codes[j].tolist(), strict=True) if k}
+            if bad:
+                extras["mask"] = mask[j].astype(np.uint8)
+            labels, label_extras = window_labels(rec, beats, scale, s, size, p.fs, cfg)
+            extras.update(label_extras)
+            out.append(Window(first + j, s, data[j], labels, extras, bad, int(filled[j])))
     return out
 
 
