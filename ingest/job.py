@@ -377,6 +377,8 @@ def _attributes(spec: IngestSpec) -> dict[str, Any]:
             "burned_in_annotation": "accepted" if spec.deid.allow_burned_in else "quarantined",
             # "relative" only by the spec's explicit opt-in, deid.hash_paths: false
             "paths": "keyed-hash" if spec.deid.hash_paths else "relative",
+            # RTSTRUCT segments: coded values, or the free-text ROIName by deid.keep_roi_names
+            "roi_names": "kept" if spec.deid.keep_roi_names else "coded-only",
         },
         "ingest": {
             "spec_sha256": spec.fingerprint(),

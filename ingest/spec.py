@@ -142,6 +142,7 @@ class DeidSpec:
     patient_namespace: str = ""
     keep_private_tags: bool = False
     allow_burned_in: bool = False
+    keep_roi_names: bool = False  # RTSTRUCT ROIName is free text: recorded only on request
     hash_paths: bool = True  # false: real relative paths, an opt-in the manifest records
 
     REFUSED_KEYS: ClassVar[dict[str, str]] = dict.fromkeys(

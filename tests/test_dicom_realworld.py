@@ -4,6 +4,7 @@ colour, modality/VOI LUTs, colour spaces, and quarantine records per input file.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 import SimpleITK as sitk
 from ingest_helpers import KEY, PYDICOM_FILES, read_all, small_ct, write_series
 from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 from pydicom.uid import MPEG2MPML, JPEG2000Lossless, RLELossless, generate_uid
 
@@ -410,7 +412,7 @@ def test_rtstruct_becomes_the_label_map_of_its_series(tmp_path):
     got = read_all({"sources": [src(tmp_path)], "intensity": {"ct": "raw"}})
     assert [g[0] for g in got] == ["S"], got
     s = got[0][2]
-    assert s.meta["segments"] == {"1": "GTV", "2": "cord"}
+    assert s.meta["segments"] == {"1": "", "2": ""}  # ROIName is free text; nothing coded here
     assert np.allclose(s.geometry.direction, np.eye(3).ravel())  # (x, y, z) = (col, row, slice)
     # rt-utils' own rasterisation of the file it wrote (slices by ascending position, as here)
     ref = _rtstruct_read(tmp_path)
@@ -514,9 +516,30 @@ def test_an_inner_rtstruct_contour_is_a_hole(tmp_path):
     assert np.array_equal(got[0][2].label_map == 1, ref.transpose(1, 0, 2))
 
 
-def test_rtstruct_roi_names_are_recorded_in_the_manifest(tmp_path):
-    """Through a real ingest job (local Ray): the ROI names reach the manifest's sample row."""
-    import json
+def test_rtstruct_segments_are_coded_values_not_the_free_text_roi_name(tmp_path):
+    """ROIName can hold anything a person typed (a patient's name, a date): by default a
+    segment is named by its RTROIIdentificationCodeSequence, else its RTROIInterpretedType."""
+    export_ct5n(tmp_path / "ct", blank=False)
+    rows, cols = np.mgrid[:16, :16]
+    disc = (rows - 7) ** 2 + (cols - 8) ** 2 <= 16
+    rt = _rtstruct_of(tmp_path / "ct", {"Smith^John liver": np.stack([disc] * 5, -1),
+                                        "jd 12/03": np.stack([disc] * 5, -1)})  # fmt: skip
+    first, second = rt.ds.RTROIObservationsSequence
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "10200004", "SCT", "Liver"
+    first.RTROIIdentificationCodeSequence = [code]
+    second.RTROIInterpretedType = "PTV"
+    rt.save(str(tmp_path / "rs.dcm"))
+    (got,) = read_all({"sources": [src(tmp_path)], "intensity": {"ct": "raw"}})
+    assert got[2].meta["segments"] == {"1": "Liver", "2": "PTV"}
+    assert "Smith" not in json.dumps(got[2].meta)
+    (kept,) = read_all({"sources": [src(tmp_path)], "deid": {"keep_roi_names": True}})
+    assert kept[2].meta["segments"] == {"1": "Smith^John liver", "2": "jd 12/03"}
+
+
+def test_rtstruct_roi_names_reach_the_manifest_on_opt_in(tmp_path):
+    """Through a real ingest job (local Ray), with deid.keep_roi_names: the ROI names reach
+    the manifest's sample row, and the opt-in is recorded in the settings."""
 
     import ray
 
@@ -530,11 +553,13 @@ def test_rtstruct_roi_names_are_recorded_in_the_manifest(tmp_path):
     rt.save(str(tmp_path / "in" / "rs.dcm"))
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
-        spec = parse_spec({"sources": [src(tmp_path / "in")]})
+        spec = parse_spec({"sources": [src(tmp_path / "in")], "deid": {"keep_roi_names": True}})
         run_ingest(spec, str(tmp_path / "out"), keyring=Keyring(KEY), progress=False)
     finally:
         ray.shutdown()
     (row,) = Manifest.open(str(tmp_path / "out")).rows()
     meta = row["meta"] if isinstance(row["meta"], dict) else json.loads(row["meta"])
     assert meta["segments"] == {"1": "GTV"}
+    deid = Manifest.open(str(tmp_path / "out")).header["attributes"]["deidentification"]
+    assert deid["roi_names"] == "kept"
     assert not (tmp_path / "out" / "quarantine.jsonl").read_text().strip()

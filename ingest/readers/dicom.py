@@ -10,6 +10,7 @@ enhanced objects become volumes from their per-frame functional groups.
 from __future__ import annotations
 
 import copy
+import io
 import posixpath
 import struct
 from collections import defaultdict
@@ -25,10 +26,10 @@ from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder
 from pydicom.pixels.utils import as_pixel_options
 
-from medfm.shards import Sample
+from medfm.shards import Geometry, Sample
 
 from ..dicom_deid import deidentify, safe_meta
-from ..imaging import fit_2d, volume_sample
+from ..imaging import Volume, fit_2d, volume_sample
 from ..registry import (
     READERS,
     GeometryError,
@@ -118,6 +119,17 @@ def _read(path_or_file: Any, **kw: Any) -> Dataset:
         raise UnreadableInput(f"cannot parse DICOM header ({type(e).__name__})") from None
 
 
+def _read_recorded(ctx: ReadContext, f: SourceFile) -> Dataset:
+    """Parse a file from one read of its bytes, which also give its provenance hash (else
+    every slice of a series would be read twice)."""
+    try:
+        data = ctx.fs.cat_file(f.path)
+    except OSError as e:
+        raise UnreadableInput(f"cannot read file ({type(e).__name__})") from None
+    ctx.record_digest(f, data)
+    return _read(io.BytesIO(data))
+
+
 @dataclass
 class Frame:
     """One 2D plane of a volume: its position, orientation, pixel spacing and pixels."""
@@ -143,6 +155,8 @@ def _rescale(arr: np.ndarray, slope: Any, intercept: Any) -> np.ndarray:
     intercept = float(intercept) if intercept not in (None, "") else 0.0
     if slope == 1.0 and intercept == 0.0:
         return arr
+    if slope == 1.0 and intercept == int(intercept) and arr.dtype.kind in "iu":
+        return _shift(arr, int(intercept))  # CT's usual -1024: integers, no float64 copy
     out = arr.astype(np.float64) * slope + intercept
     if slope == int(slope) and intercept == int(intercept):
         lo, hi = out.min(initial=0), out.max(initial=0)
@@ -150,6 +164,16 @@ def _rescale(arr: np.ndarray, slope: Any, intercept: Any) -> np.ndarray:
             return out.astype(np.int16)
         return out.astype(np.int32)
     return out.astype(np.float32)
+
+
+def _shift(arr: np.ndarray, intercept: int) -> np.ndarray:
+    """arr + intercept as int16 when every value fits (else int32), as _rescale's float path
+    would store it."""
+    lo, hi = int(arr.min(initial=0)) + intercept, int(arr.max(initial=0)) + intercept
+    dtype = np.int16 if -32768 <= min(lo, 0) and max(hi, 0) <= 32767 else np.int32
+    out = arr.astype(dtype)  # may wrap, but int16 addition is modular: exact when it fits
+    out += dtype(intercept)
+    return out
 
 
 def _invert_monochrome1(ds: Dataset, arr: np.ndarray) -> np.ndarray:
@@ -314,8 +338,8 @@ def multiframe_frames(ds: Dataset) -> list[Frame]:
     ]
 
 
-def stack_frames(frames: list[Frame]) -> sitk.Image:
-    """Order frames along the slice normal, check the geometry, return a 3D image. The slice
+def stack_frames(frames: list[Frame]) -> Volume:
+    """Order frames along the slice normal, check the geometry, return the volume. The slice
     spacing comes from the positions only: SliceThickness is not the distance between slices
     (overlapping or gapped reconstructions), and one slice has no spacing at all."""
     if len(frames) < 2:
@@ -354,12 +378,13 @@ def stack_frames(frames: list[Frame]) -> sitk.Image:
     arr = np.stack([f.pixels for f in frames])
     if arr.ndim != 3:
         raise UnsupportedInput("colour volumes are not supported")
-    img = sitk.GetImageFromArray(arr)
     ps_row, ps_col = frames[0].spacing_rc  # PixelSpacing = (row spacing, column spacing)
-    img.SetSpacing((float(ps_col), float(ps_row), step))
-    img.SetOrigin(tuple(float(x) for x in frames[0].position))
-    img.SetDirection(tuple(float(x) for x in np.stack([row, col, normal], axis=1).ravel()))
-    return img
+    geometry = Geometry(
+        (float(ps_col), float(ps_row), step),
+        tuple(float(x) for x in frames[0].position),
+        tuple(float(x) for x in np.stack([row, col, normal], axis=1).ravel()),
+    )
+    return Volume(arr.transpose(2, 1, 0), geometry)  # (K, J, I) slices seen as (I, J, K)
 
 
 def unique_instances(datasets: list[Dataset], frames: list[Frame]) -> list[Frame]:
@@ -674,10 +699,12 @@ class DicomReader(Reader):
         meta = {"dicom": self._meta(first, raw_pid, ctx, stored and stored[0]),
                 "slices": len(frames)}  # fmt: skip
         if item.info.get("segmentation"):
-            label, meta["segments"] = seg_label(ctx, item, img)
+            label, meta["segments"] = seg_label(ctx, item, img.sitk_image())
         elif item.info.get("rtstruct"):
             with ctx.fs.open(item.label.path, "rb") as fh:
-                label, meta["segments"], skipped = rtstruct_label(_read(fh), img)
+                label, meta["segments"], skipped = rtstruct_label(
+                    _read(fh), img.sitk_image(), ctx.spec.deid.keep_roi_names
+                )
             if skipped:  # POINT/OPEN_PLANAR contours: markers, not areas
                 meta["unrasterised_contours"] = skipped
         else:
@@ -705,8 +732,7 @@ class DicomReader(Reader):
         kept, stored, failed = [], [], []
         for f in item.files:
             try:
-                with ctx.fs.open(f.path, "rb") as fh:
-                    ds = _read(fh)
+                ds = _read_recorded(ctx, f)
                 _check_burned_in(ds, ctx)
                 stored.append(stored_pixels(ds, self.voi))
                 kept.append(ds)

@@ -47,19 +47,37 @@ def _fill(contours: list[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
     return inside | outline
 
 
-def rtstruct_label(ds: Dataset, img: sitk.Image) -> tuple[sitk.Image, dict[str, str], int]:
+def roi_kinds(ds: Dataset) -> dict[int, str]:
+    """ROINumber -> what the ROI is, from coded values only: the CodeMeaning of its
+    RTROIIdentificationCodeSequence, else its RTROIInterpretedType (a defined term: ORGAN,
+    PTV, GTV, EXTERNAL, ...). ROIName is free text a person typed, so it can hold anything."""
+    out = {}
+    for obs in ds.get("RTROIObservationsSequence") or []:
+        codes = obs.get("RTROIIdentificationCodeSequence") or []
+        kind = str(codes[0].get("CodeMeaning", "")) if codes else ""
+        out[int(obs.get("ReferencedROINumber", -1))] = kind or str(
+            obs.get("RTROIInterpretedType", "")
+        )
+    return out
+
+
+def rtstruct_label(
+    ds: Dataset, img: sitk.Image, keep_names: bool = False
+) -> tuple[sitk.Image, dict[str, str], int]:
     """The structure set's ROIs on `img`'s grid: ROI n of StructureSetROISequence takes value n
     (a later ROI wins where they overlap); several contours of one ROI on a slice combine as
-    `_fill` says. Returns the label image, the segments
-    (value -> ROIName) and the number of point/open contours, which outline no area."""
+    `_fill` says. Returns the label image, the segments (value -> `roi_kinds`, or ROIName
+    when `keep_names`: the deid.keep_roi_names opt-in) and the number of point/open contours,
+    which outline no area."""
     d = np.asarray(img.GetDirection()).reshape(3, 3)
     origin, spacing = np.asarray(img.GetOrigin()), np.asarray(img.GetSpacing())
     size = img.GetSize()
     values = {
         int(roi.ROINumber): n + 1 for n, roi in enumerate(ds.get("StructureSetROISequence") or [])
     }
+    kinds = roi_kinds(ds)
     names = {
-        str(n + 1): str(roi.get("ROIName", ""))
+        str(n + 1): str(roi.get("ROIName", "")) if keep_names else kinds.get(int(roi.ROINumber), "")
         for n, roi in enumerate(ds.get("StructureSetROISequence") or [])
     }
     out = np.zeros((size[2], size[1], size[0]), np.uint16)
