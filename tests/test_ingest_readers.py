@@ -370,3 +370,22 @@ def test_hash_paths_hides_folder_names_in_records(tmp_path):
     assert all("Smith" not in r and "1957" not in r for r in records)
     plain = parse_spec({"sources": [src(tmp_path)], "deid": {"hash_paths": False}})  # opt-in
     assert shown_path(plain, kr, rel) == rel
+
+
+def test_integer_rescale_equals_the_float_path():
+    """CT's slope 1 / integer intercept runs in integers (no float64 copy): the same values
+    and dtype as slope * x + intercept in float64, at the int16 edges and past them."""
+    from medfm.ingest.readers import dicom
+
+    rng = np.random.default_rng(0)
+    for dtype, intercept in [(np.uint16, -1024), (np.uint16, -40000), (np.int16, -1024),
+                             (np.int16, 30000), (np.uint8, -5)]:  # fmt: skip
+        info = np.iinfo(dtype)
+        arr = rng.integers(info.min, info.max, (64, 64), endpoint=True).astype(dtype)
+        arr.flat[:2] = info.min, info.max
+        got = dicom._rescale(arr, "1", str(intercept))
+        want = arr.astype(np.float64) + intercept
+        want_dtype = (
+            np.int16 if -32768 <= min(want.min(), 0) and max(want.max(), 0) <= 32767 else np.int32
+        )
+        assert got.dtype == want_dtype and np.array_equal(got, want), (dtype, intercept)
