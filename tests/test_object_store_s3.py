@@ -4,6 +4,7 @@ here mocks a filesystem call. Also: a URL whose filesystem is not installed name
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -18,12 +19,15 @@ import torch
 import yaml
 from click.testing import Result
 from fsspec.registry import known_implementations
+from hub_helpers import make_folder, tree_bytes
 from ingest_helpers import KEY, NIBABEL_FILES, PYDICOM_FILES
 from readers_helpers import write_ct_set
 from s3_helpers import moto_s3
 from typer.testing import CliRunner
 
 from medfm.cli import app
+from medfm.finetune import hub
+from medfm.finetune.hub import FsspecHub, open_hub
 from medfm.ingest.job import run_ingest
 from medfm.ingest.load import parse_spec
 from medfm.ingest.privacy import Keyring
@@ -239,3 +243,27 @@ def test_patches_from_s3_fetch_only_their_chunks(s3, sample_data, tmp_path):
         assert all(k.startswith(("image/c/", "label/c/")) for k, _, _ in reads)
         image_bytes = sum(n for k, _, n in reads if k.startswith("image/"))
         assert 0 < image_bytes < 0.5 * shard_bytes
+
+
+# ---------------------------------------------------------------- the hub on s3://
+
+
+def test_hub_on_s3_pushes_pulls_and_refuses_a_tampered_blob(s3, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDFM_HUB_CACHE", str(tmp_path / "pull-cache"))
+    backend = open_hub(s3.url("hub"))
+    assert isinstance(backend, FsspecHub)  # picked by the s3:// scheme
+    v1 = make_folder(tmp_path / "v1", 1.0)
+    rev = backend.push(v1, "lab/enc", "v1")
+    assert backend.resolve("lab/enc", "v1") == rev
+    backend.pull("lab/enc", "v1", tmp_path / "out")
+    assert tree_bytes(tmp_path / "out") == tree_bytes(v1)
+    assert hub.verify_folder(tmp_path / "out")["revision"] == rev
+    rev2 = backend.push(make_folder(tmp_path / "v2", 2.0), "lab/enc", "v1")  # moves the ref
+    assert rev2 != rev and backend.resolve("lab/enc", "v1") == rev2
+    assert backend.resolve("lab/enc", rev) == rev  # the old revision stays whole
+    digest = hashlib.sha256((v1 / "model.safetensors").read_bytes()).hexdigest()
+    blob = bytearray(backend.fs.cat_file(backend.blob_path(digest)))
+    blob[len(blob) // 2] ^= 0x01
+    backend.fs.pipe_file(backend.blob_path(digest), bytes(blob))
+    with pytest.raises(hub.IntegrityError, match="model.safetensors"):
+        backend.pull("lab/enc", rev, tmp_path / "tampered")
