@@ -213,9 +213,7 @@ JSON_COLUMNS = ("members", "labels", "provenance", "meta")
 
 def to_json(obj: Any) -> str:
     """Canonical JSON: sorted keys, no NaN (which is not JSON), so hashes are reproducible."""
-    return json.dumps(
-        obj, sort_keys=True, separators=(",", ":"), allow_nan=False, default=_json_default
-    )
+    return _ENCODER.encode(obj)
 
 
 def _json_default(o: Any) -> Any:
@@ -226,6 +224,13 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, float) and not math.isfinite(o):
         raise ValueError("non-finite float in JSON metadata")
     raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+
+
+# One encoder for every call: json.dumps with options builds a new one each time, which costs
+# as much as encoding a sample's small metadata dicts (a signal window writes nine of them).
+_ENCODER = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), allow_nan=False, default=_json_default
+)
 
 
 def sample_row(

@@ -231,6 +231,8 @@ def block_quality(
 
 def _counts(flags: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """(windows, channels): how many of flags[c, a[w]:b[w]] are set, by cumulative sums."""
+    if not flags.any():  # the usual case: no gap, no clipping
+        return np.zeros((len(a), flags.shape[0]), np.int64)
     cum = np.zeros((flags.shape[0], flags.shape[1] + 1), np.int64)
     np.cumsum(flags, axis=1, out=cum[:, 1:])
     return (cum[:, b] - cum[:, a]).T
