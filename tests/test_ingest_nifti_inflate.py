@@ -60,3 +60,25 @@ def test_multi_member_nifti_reads_every_voxel(tmp_path):
 
 def test_one_member_file_takes_the_libdeflate_path():
     assert isinstance(_gunzip(gzip.compress(DATA)), bytearray)  # ISA-L would return bytes
+
+
+def test_a_4d_nifti2_gives_one_volume_per_time_point(tmp_path):
+    """ITK reads no NIfTI-2, so a 4D one (nibabel's example_nifti2) is split here: each time
+    point's voxels and the affine's geometry (RAS -> LPS) as nibabel reads them; a 2D one
+    becomes a 1-slice volume."""
+    from medfm.shards import Geometry
+
+    path = os.path.join(os.path.dirname(nib.__file__), "tests", "data", "example_nifti2.nii.gz")
+    ref = nib.load(path)
+    vols = read_nifti(path, "image")
+    assert len(vols) == ref.shape[3] == 2
+    want = np.asanyarray(ref.dataobj)
+    for t, vol in enumerate(vols):
+        assert np.array_equal(vol.array, want[..., t])
+        assert vol.geometry == Geometry.from_nifti_affine(ref.affine)
+    flat = nib.Nifti2Image(want[:, :, 0, 0], ref.affine)
+    nib.save(flat, tmp_path / "flat.nii")
+    (one,) = read_nifti(str(tmp_path / "flat.nii"), "image")
+    assert one.array.shape == (*want.shape[:2], 1) and np.array_equal(
+        one.array[..., 0], want[:, :, 0, 0]
+    )

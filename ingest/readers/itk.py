@@ -64,7 +64,7 @@ def _nifti_bytes(path: str, what: str, record: Callable[[bytes], None] | None) -
 
 def read_nifti(
     path: str, what: str, record: Callable[[bytes], None] | None = None
-) -> Volume | sitk.Image:
+) -> Volume | list[Volume] | sitk.Image:
     """Voxels via nibabel from one decompression, left in that buffer (a 512x512x300 int16 copy
     into an ITK image costs more than resampling it); geometry from ITK's header reader, so the
     RAS->LPS conversion and qform/sform choice are exactly ITK's."""
@@ -91,6 +91,8 @@ def read_nifti(
         info.ReadImageInformation()
     except RuntimeError:  # ITK has no NIfTI-2 reader: take the geometry from nibabel
         info = None
+    if info is None and len(shape) in (2, 4):
+        return _nifti2_volumes(raw, hdr)
     if len(shape) != 3 or (
         info and (info.GetDimension() != 3 or info.GetNumberOfComponents() != 1)
     ):
@@ -100,6 +102,15 @@ def read_nifti(
     else:
         geo = Geometry(info.GetSpacing(), info.GetOrigin(), info.GetDirection())
     return Volume(_voxels(raw, hdr), geo)
+
+
+def _nifti2_volumes(raw: bytes | bytearray, hdr) -> list[Volume]:
+    """A 2D or 4D NIfTI-2 (ITK reads no NIfTI-2 at all): one volume per time point, a 2D
+    image as one 1-slice volume, as `volumes` splits what ITK reads."""
+    arr, geo = _voxels(raw, hdr), Geometry.from_nifti_affine(hdr.get_best_affine())
+    if arr.ndim == 2:
+        return [Volume(arr[:, :, None], geo)]
+    return [Volume(arr[..., t], geo) for t in range(arr.shape[3])]
 
 
 def _voxels(raw: bytes, hdr) -> np.ndarray:
@@ -115,7 +126,7 @@ def _voxels(raw: bytes, hdr) -> np.ndarray:
     return arr
 
 
-def read_image(ctx: ReadContext, f, what: str = "image") -> Volume | sitk.Image:
+def read_image(ctx: ReadContext, f, what: str = "image") -> Volume | list[Volume] | sitk.Image:
     """Read the whole file (every voxel decoded now, so corrupt data fails here)."""
     try:
         with ctx.local_path(f) as path:
@@ -130,10 +141,12 @@ def read_image(ctx: ReadContext, f, what: str = "image") -> Volume | sitk.Image:
         raise UnreadableInput(f"cannot read {what} ({cause})") from None
 
 
-def volumes(img: Volume | sitk.Image) -> list[Volume]:
+def volumes(img: Volume | list[Volume] | sitk.Image) -> list[Volume]:
     """3D volumes of an image: 2D -> one 1-slice volume, 4D -> one per time point."""
     if isinstance(img, Volume):
         return [img]
+    if isinstance(img, list):  # a NIfTI-2 read_nifti already split
+        return img
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise UnsupportedInput("vector/RGB volumes are not supported")
     dim = img.GetDimension()
