@@ -27,7 +27,7 @@ from medfm.shards.schema import EHR_DIR
 from ..registry import IngestError
 from .pipeline import YEAR_S, parquet_bytes, read_parquet
 from .spec import EHRSpec
-from .tables import BIRTH_CODE, KIND_BIRTH, KIND_EVENT, KIND_STATIC
+from .tables import BIRTH_CODE, KIND_BIRTH, KIND_EVENT, KIND_STATIC, factorize
 from .vocab import Vocabulary
 
 SPLITS = {"train": meds.train_split, "val": meds.tuning_split, "test": meds.held_out_split}
@@ -46,8 +46,8 @@ def subject_id(pid: str) -> int:
 def meds_events(table: pa.Table, vocab: Vocabulary, age_cap: float) -> pa.Table:
     """A cleaned bucket (pid, t, code, value, kind) as MEDS data rows, sorted for MEDS."""
     kind = np.asarray(table.column("kind"))
-    pids, patient = np.unique(table.column("pid").to_numpy(zero_copy_only=False),
-                              return_inverse=True)  # fmt: skip
+    patient, pids = factorize(table.column("pid"))  # as np.unique(..., return_inverse=True)
+    pids = pids.to_pylist()
     known = np.asarray(pc.is_in(table.column("code"), value_set=pa.array(vocab.tokens)))
     codes = pc.if_else(pa.array(known), table.column("code"), "[UNK]")
     code = pc.if_else(pa.array(kind == KIND_BIRTH), BIRTH_CODE, codes)
@@ -112,11 +112,11 @@ def write_meds_bucket(
     rel = f"{meds_root(source)}/{meds.data_subdirectory}/b{k:04d}.parquet"
     dfs, droot = get_fs(dest)
     atomic_write_bytes(dfs, f"{droot}/{rel}", parquet_bytes(events))
-    pids = sorted(set(table.column("pid").to_pylist()))
+    pids = pc.unique(table.column("pid")).to_pylist()
     return {
         "rel": rel,
-        "subjects": [[subject_id(p), SPLITS[split_of(p)]] for p in pids],
-        "codes": sorted(set(events.column("code").to_pylist())),
+        "subjects": [[subject_id(p), SPLITS[split_of(p)]] for p in sorted(pids)],
+        "codes": sorted(pc.unique(events.column("code")).to_pylist()),
     }
 
 

@@ -35,6 +35,7 @@ from .tables import (
     SCAN_ROWS,
     Pseudonymizer,
     event_batches,
+    factorize,
     identifier_reason,
     load_time_join,
     open_batches,
@@ -58,6 +59,12 @@ BIRTH_SLACK_S = 366 * 86400  # birth years estimated from an age are exact to a 
 
 def bucket_of(pids: list[str], buckets: int) -> np.ndarray:
     return np.array([int(p[1:9], 16) % buckets for p in pids], np.int64)
+
+
+def buckets_of_rows(pid: pa.Array | pa.ChunkedArray, buckets: int) -> np.ndarray:
+    """bucket_of for every row of a pseudonym column, computed once per distinct patient."""
+    rank, distinct = factorize(pid)
+    return np.r_[bucket_of(distinct.to_pylist(), buckets), -1][rank]
 
 
 @dataclass
@@ -152,7 +159,7 @@ def partition_file(
 def _write_buckets(events: pa.Table, buckets: int, work: str, tag: str, wfs, writers) -> None:
     if not events.num_rows:
         return
-    b = bucket_of(events.column("pid").to_pylist(), buckets)
+    b = buckets_of_rows(events.column("pid"), buckets)
     for k in np.unique(b):
         part = events.filter(pa.array(b == k))
         if k not in writers:
@@ -200,12 +207,32 @@ def clean_bucket(
         kind = pc.if_else(is_birth, pa.scalar(KIND_BIRTH, pa.int8()), table.column("kind"))
         table = table.set_column(table.schema.get_field_index("kind"), "kind", kind)
     table, before = drop_before_birth(table, spec)
-    table = table.sort_by([("pid", "ascending"), ("t", "ascending"), ("code", "ascending")])
+    table = sort_events(table)
     atomic_write_bytes(wfs, bucket_path(work, k), parquet_bytes(table))
-    out = train_statistics(table, spec, split_of, seed + k)
+    out, sample = train_statistics(table, spec, split_of, seed + k)
+    # The value sample (up to bin_sample values per code) goes to its own Parquet file: as
+    # JSON it would cost more to encode and decode than the rest of this pass.
+    out["values"] = f"{work}/clean/b{k:04d}.values.parquet"
+    atomic_write_bytes(wfs, out["values"], parquet_bytes(sample))
     out["before_birth"] = before
     atomic_write_bytes(wfs, stats_path, json.dumps(out, sort_keys=True).encode())
     return out
+
+
+def sort_events(table: pa.Table) -> pa.Table:
+    """The table sorted by patient, time (static rows, with null time, last) and code, stably:
+    as `sort_by` on those columns, on integer keys instead of strings."""
+    pid, _ = factorize(table.column("pid"))
+    code, _ = factorize(table.column("code"))
+    t = table.column("t")
+    order = np.lexsort((code, np.asarray(t.fill_null(0)), np.asarray(pc.is_null(t)), pid))
+    return table.take(pa.array(order))
+
+
+def per_patient(table: pa.Table, of_patient: Callable[[str], Any], missing: Any) -> np.ndarray:
+    """of_patient(pseudonym) for every row, computed once per distinct patient."""
+    rank, distinct = factorize(table.column("pid"))
+    return np.array([of_patient(p) for p in distinct.to_pylist()] + [missing])[rank]
 
 
 def births(table: pa.Table) -> dict[str, int]:
@@ -224,37 +251,42 @@ def drop_before_birth(table: pa.Table, spec: EHRSpec) -> tuple[pa.Table, dict[st
     if not born or not table.num_rows:
         return table, {}
     slack = BIRTH_SLACK_S if spec.patients and spec.patients.age else 0
-    birth = np.array([born.get(p, np.iinfo(np.int64).min // 2) for p in
-                      table.column("pid").to_pylist()], np.int64)  # fmt: skip
+    unknown = np.iinfo(np.int64).min // 2
+    birth = per_patient(table, lambda p: born.get(p, unknown), unknown).astype(np.int64)
     t = np.asarray(table.column("t").fill_null(np.iinfo(np.int64).max))
     kind = np.asarray(table.column("kind"))
     bad = (kind == KIND_EVENT) & (t < birth - slack)
-    counts = Counter(np.asarray(table.column("table"))[bad].tolist())
+    if not bad.any():
+        return table, {}
+    counts = Counter(table.column("table").filter(pa.array(bad)).to_pylist())
     return table.filter(pa.array(~bad)), dict(counts)
 
 
 def train_statistics(
     table: pa.Table, spec: EHRSpec, split_of: Callable[[str], str], seed: int
-) -> dict[str, Any]:
-    """Code counts and a bottom-k value sample per code, over train-split patients only."""
-    pids = table.column("pid").to_pylist()
-    split = {p: split_of(p) for p in set(pids)}
-    train = np.array([split[p] == "train" for p in pids], bool)
+) -> tuple[dict[str, Any], pa.Table]:
+    """Code counts over train-split patients only, and a bottom-k value sample per code
+    (a table of code, value, prio, sorted by code and prio)."""
+    patient, pids = factorize(table.column("pid"))
+    is_train = np.array([split_of(p) == "train" for p in pids.to_pylist()] + [False], bool)
+    train = is_train[patient]
     kind = np.asarray(table.column("kind"))
     counted = train & (kind != KIND_BIRTH)
-    codes = np.asarray(table.column("code").to_numpy(zero_copy_only=False), dtype=object)
-    counts = Counter(codes[counted].tolist())
+    code, distinct = factorize(table.column("code"))  # integer codes, in the strings' order
+    n = np.bincount(code[counted], minlength=len(distinct))
+    seen = np.flatnonzero(n)
+    counts = dict(zip(distinct.take(pa.array(seen)).to_pylist(), n[seen].tolist(), strict=True))
     values = np.asarray(table.column("value").fill_null(np.nan))
     has = counted & np.isfinite(values)
     prio = np.random.default_rng(seed).random(int(has.sum()))
-    c, v, p = bottom_k(codes[has].astype(str), values[has], prio, spec.bin_sample)
+    c, v, p = bottom_k(code[has], values[has], prio, spec.bin_sample)
+    sample = pa.table({"code": distinct.take(pa.array(c, pa.int64())), "value": v, "prio": p})
     return {
-        "counts": dict(counts),
-        "values": {"codes": c.tolist(), "values": v.tolist(), "prio": p.tolist()},
-        "train_patients": sum(1 for s in split.values() if s == "train"),
-        "patients": len(split),
+        "counts": counts,
+        "train_patients": int(is_train.sum()),
+        "patients": len(pids),
         "train_events": int(counted.sum()),
-    }
+    }, sample
 
 
 @dataclass
@@ -278,28 +310,35 @@ def tokenize_bucket(table: pa.Table, vocab: Vocabulary, spec: EHRSpec) -> Iterat
     """Token sequences of a cleaned, sorted bucket, one per patient or admission."""
     born = births(table)
     kind = np.asarray(table.column("kind"))
-    pids_all = np.asarray(table.column("pid").to_numpy(zero_copy_only=False), dtype=object)
-    codes_all = np.asarray(table.column("code").to_numpy(zero_copy_only=False), dtype=object)
+    # Patients, codes and admissions as integer ranks (ordered as their strings): every
+    # per-row step below is an array operation, and each string is looked up once.
+    pid_rank, pid_names = factorize(table.column("pid"))
+    pid_names = np.asarray(pid_names.to_numpy(zero_copy_only=False), dtype=object)
+    code_rank, code_names = factorize(table.column("code"))
+    ids = np.array([vocab.id(c) for c in code_names.to_pylist()] + [vocab.unk], np.int64)
     static: dict[str, list[int]] = {}
-    for p, c in zip(pids_all[kind == KIND_STATIC], codes_all[kind == KIND_STATIC], strict=True):
-        static.setdefault(p, []).append(vocab.id(c))
+    is_static = kind == KIND_STATIC
+    for p, c in zip(pid_rank[is_static], ids[code_rank[is_static]], strict=True):
+        static.setdefault(pid_names[p], []).append(int(c))
     ev = np.flatnonzero(kind == KIND_EVENT)
-    pid = pids_all[ev]
+    pid = pid_rank[ev]
     t = np.asarray(table.column("t").fill_null(0))[ev]
-    code = codes_all[ev]
+    code = code_rank[ev]
     value = np.asarray(table.column("value").fill_null(np.nan))[ev]
-    adm = np.asarray(table.column("adm").to_numpy(zero_copy_only=False), dtype=object)[ev]
+    adm_rank, adm_names = factorize(table.column("adm"))
+    adm_names = np.asarray(adm_names.to_numpy(zero_copy_only=False), dtype=object)
+    adm = adm_rank[ev]
     if spec.sample_per == "admission":
-        has = np.array([a is not None for a in adm], bool)
+        has = adm < len(adm_names)  # null admissions rank last
         pid, t, code, value, adm = pid[has], t[has], code[has], value[has], adm[has]
-        order = np.lexsort((t, adm.astype(str), pid.astype(str)))
+        order = np.lexsort((t, adm, pid))
         pid, t, code, value, adm = pid[order], t[order], code[order], value[order], adm[order]
-        group = np.array([f"{p}/{a}" for p, a in zip(pid, adm, strict=True)], dtype=object)
+        changed = (pid[1:] != pid[:-1]) | (adm[1:] != adm[:-1])
     else:
-        group = pid
-    code_id = np.array([vocab.id(c) for c in code], np.int64)
-    bin_id = _bins(code, value, vocab)
-    new = np.r_[True, group[1:] != group[:-1]] if len(group) else np.zeros(0, bool)
+        changed = pid[1:] != pid[:-1]
+    code_id = ids[code]
+    bin_id = _bins(code, value, code_names, vocab)
+    new = np.r_[True, changed] if len(t) else np.zeros(0, bool)
     gap = np.r_[0, np.diff(t)] if len(t) else np.zeros(0, np.int64)
     gap[new] = 0
     att = interval_token(gap) if spec.time_tokens else np.full(len(t), -1)
@@ -313,31 +352,34 @@ def tokenize_bucket(table: pa.Table, vocab: Vocabulary, spec: EHRSpec) -> Iterat
     ends = np.r_[starts[1:], len(t)]
     tok_bounds = np.searchsorted(ev_of_tok, np.r_[starts, len(t)])
     for a, b, ta, tb in zip(starts, ends, tok_bounds[:-1], tok_bounds[1:], strict=True):
-        yield _sequence(pid[a], adm[a] if spec.sample_per == "admission" else None,
+        p = pid_names[pid[a]]
+        yield _sequence(p, adm_names[adm[a]] if spec.sample_per == "admission" else None,
                         tok[ta:tb], typ[ta:tb], t[ev_of_tok[ta:tb]], t[a:b],
-                        static.get(pid[a], []), born.get(pid[a]), vocab, spec)  # fmt: skip
+                        static.get(p, []), born.get(p), vocab, spec)  # fmt: skip
     if spec.sample_per == "patient":  # known patients without events still get a sequence
         empty = np.zeros(0, np.int64)
-        for p in sorted((set(static) | set(born)) - set(pid.tolist())):
+        for p in sorted((set(static) | set(born)) - set(pid_names[np.unique(pid)].tolist())):
             yield _sequence(p, None, empty, empty, empty, empty, static.get(p, []),
                             born.get(p), vocab, spec)  # fmt: skip
 
 
-def _bins(code: np.ndarray, value: np.ndarray, vocab: Vocabulary) -> np.ndarray:
+def _bins(code: np.ndarray, value: np.ndarray, names: pa.Array, vocab: Vocabulary) -> np.ndarray:
+    """Value-bin token per event (-1: no value, or a code without bins); code: ranks into
+    names."""
     out = np.full(len(code), -1, np.int64)
     has = np.flatnonzero(np.isfinite(value))
     if not len(has):
         return out
-    by_code: dict[str, list[int]] = {}
-    for i in has:
-        by_code.setdefault(code[i], []).append(i)
-    for c, idx in by_code.items():
-        edges = vocab.edge_arrays.get(c)
+    has = has[np.argsort(code[has], kind="stable")]  # events grouped by code
+    starts = np.r_[0, np.flatnonzero(np.diff(code[has])) + 1, len(has)]
+    for a, b in zip(starts[:-1], starts[1:], strict=True):
+        c = int(code[has[a]])
+        edges = vocab.edge_arrays.get(names[c].as_py()) if c < len(names) else None
         if edges is None:
             continue
-        idx = np.asarray(idx)
-        k = np.searchsorted(edges, value[idx], side="right")
-        out[idx] = [vocab.bin_token(int(x)) for x in k]
+        idx = has[a:b]
+        tokens = np.array([vocab.bin_token(k) for k in range(len(edges) + 1)], np.int64)
+        out[idx] = tokens[np.searchsorted(edges, value[idx], side="right")]
     return out
 
 
@@ -376,13 +418,18 @@ def _sequence(pid, adm, tok, typ, tok_t, ev_t, static_ids, birth, vocab, spec) -
 def merge_statistics(
     parts: list[dict[str, Any]], spec: EHRSpec
 ) -> tuple[Counter, np.ndarray, np.ndarray]:
+    """Train code counts and the merged value sample (codes as str, values) of the buckets."""
     counts: Counter = Counter()
-    codes, values, prio = [], [], []
+    samples = []
     for p in parts:
         counts.update(p["counts"])
-        codes += p["values"]["codes"]
-        values += p["values"]["values"]
-        prio += p["values"]["prio"]
-    c, v, _ = bottom_k(np.asarray(codes, dtype=str), np.asarray(values, float),
-                       np.asarray(prio, float), spec.bin_sample)  # fmt: skip
-    return counts, c, v
+        fs, path = get_fs(p["values"])
+        samples.append(read_parquet(fs, path))
+    sample = pa.concat_tables(samples)
+    if not sample.num_rows:
+        return counts, np.zeros(0, str), np.zeros(0)
+    code, distinct = factorize(sample.column("code"))
+    c, v, _ = bottom_k(code, np.asarray(sample.column("value")), np.asarray(sample.column("prio")),
+                       spec.bin_sample)  # fmt: skip
+    names = np.asarray(distinct.to_numpy(zero_copy_only=False), dtype=str)
+    return counts, names[c], v

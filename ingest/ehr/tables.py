@@ -149,6 +149,28 @@ def as_strings(col: pa.Array) -> tuple[pa.Array, np.ndarray]:
         return pa.array(values, pa.string()), bad
 
 
+def factorize(col: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
+    """(rank of each row's value among the distinct values, distinct values in Arrow's sort
+    order): integer keys that sort, group and compare as the values do. Nulls rank last."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    enc = pc.dictionary_encode(col)
+    order = np.asarray(pc.sort_indices(enc.dictionary))
+    rank = np.empty(len(order) + 1, np.int64)
+    rank[order] = np.arange(len(order))
+    rank[len(order)] = len(order)
+    return rank[np.asarray(enc.indices.fill_null(len(order)))], enc.dictionary.take(order)
+
+
+def on_distinct(col: pa.Array, fn) -> tuple[np.ndarray, ...]:
+    """fn (an element-wise function returning numpy arrays) applied to the distinct values of
+    col only and spread back to its rows: repeated values (times, codes, ids) cost once.
+    A null row gets the value fn gives a null."""
+    rank, distinct = factorize(col)
+    out = fn(pa.concat_arrays([distinct, pa.nulls(1, distinct.type)]))
+    return tuple(o[rank] for o in out)
+
+
 def parse_times(col: pa.Array, unit: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(seconds int64, missing mask, invalid mask) from a timestamp, text or numeric column.
 
@@ -162,6 +184,10 @@ def parse_times(col: pa.Array, unit: str) -> tuple[np.ndarray, np.ndarray, np.nd
         secs = np.floor_divide(np.asarray(us.fill_null(0)), 1_000_000)
         return secs, missing, np.zeros(len(col), bool)
     strings, _ = as_strings(col)
+    return on_distinct(strings, lambda distinct: _parse_text_times(distinct, unit))
+
+
+def _parse_text_times(strings: pa.Array, unit: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     strings = pc.utf8_trim_whitespace(strings)
     missing = np.asarray(pc.or_kleene(pc.is_null(strings), pc.equal(strings, "")).fill_null(True))
     if unit:
@@ -319,45 +345,43 @@ def _event_times(batch, table, joined, bad_bytes):
     if table.time_from is not None and joined is not None:
         keys, b = as_strings(batch.column(table.time_from.key))
         bad_bytes |= b
-        for i, k in enumerate(keys.to_pylist()):
-            if missing[i] and k is not None and k in joined:
-                secs[i], missing[i] = joined[k], False
+        rank, distinct = factorize(keys)
+        found = [joined.get(k) for k in distinct.to_pylist()] + [None]
+        hit = np.array([f is not None for f in found])[rank] & missing
+        secs[hit] = np.array([f or 0 for f in found], np.int64)[rank][hit]
+        missing[hit] = False
     return secs, missing, invalid
 
 
-def _admissions(batch, table, pseudo, bad_bytes) -> list[str | None]:
+def _admissions(batch, table, pseudo, bad_bytes) -> pa.Array:
+    """Admission pseudonyms (null where there is none), computed once per distinct id."""
     if not table.admission:
-        return [None] * batch.num_rows
+        return pa.nulls(batch.num_rows, pa.string())
     col, b = as_strings(batch.column(table.admission))
     bad_bytes |= b
-    cache: dict[str, str] = {}
-    out = []
-    for v in col.to_pylist():
-        if v is None or v == "":
-            out.append(None)
-        else:
-            if v not in cache:
-                cache[v] = pseudo.admission(v)
-            out.append(cache[v])
-    return out
+    rank, distinct = factorize(col)
+    names = [pseudo.admission(v) if v else None for v in distinct.to_pylist()] + [None]
+    return pa.array(names, pa.string()).take(pa.array(rank))
 
 
 def _assemble(raw_pid, secs, code, value, adm, kind, keep, table_name, pseudo) -> pa.Table:
-    idx = np.flatnonzero(keep)
-    raw = raw_pid.take(pa.array(idx)).to_pylist()
-    mapped = [pseudo(r.strip()) for r in raw]
-    pid = [m[0] for m in mapped]
-    shift = np.array([m[1] for m in mapped], np.int64)
-    t = pa.array(secs[idx] + shift, pa.int64(), mask=kind[idx] == KIND_STATIC)
+    idx = pa.array(np.flatnonzero(keep))
+    # Pseudonyms and date shifts once per distinct raw id (keep excludes null ids).
+    rank, distinct = factorize(raw_pid.take(idx))
+    mapped = [pseudo(r.strip()) for r in distinct.to_pylist()]
+    pid = pa.array([m[0] for m in mapped], pa.string()).take(pa.array(rank))
+    shift = np.array([m[1] for m in mapped], np.int64)[rank]
+    rows = np.asarray(idx)
+    t = pa.array(secs[rows] + shift, pa.int64(), mask=kind[rows] == KIND_STATIC)
     return pa.table(
         {
-            "pid": pa.array(pid, pa.string()),
+            "pid": pid,
             "t": t,
-            "code": code.take(pa.array(idx)),
-            "value": pa.array(value[idx], pa.float64(), mask=np.isnan(value[idx])),
-            "adm": pa.array([adm[i] for i in idx], pa.string()),
-            "kind": pa.array(kind[idx], pa.int8()),
-            "table": pa.array([table_name] * len(idx), pa.string()),
+            "code": code.take(idx),
+            "value": pa.array(value[rows], pa.float64(), mask=np.isnan(value[rows])),
+            "adm": adm.take(idx),
+            "kind": pa.array(kind[rows], pa.int8()),
+            "table": pa.repeat(pa.scalar(table_name, pa.string()), len(rows)),
         },
         schema=EVENT_SCHEMA,
     )
@@ -378,16 +402,17 @@ def patient_batches(
     counts["not UTF-8"] += int(bad.sum())
     counts["missing patient id"] += int((~bad & pid_missing).sum())
     pieces = []
+    no_adm = pa.nulls(n, pa.string())
     birth, birth_ok = _birth_seconds(batch, table, counts, keep)
     if birth is not None:
         pieces.append(_assemble(raw_pid, birth, pa.array([BIRTH_CODE] * n), np.full(n, np.nan),
-                                [None] * n, np.full(n, KIND_BIRTH, np.int8), keep & birth_ok,
+                                no_adm, np.full(n, KIND_BIRTH, np.int8), keep & birth_ok,
                                 "patients", pseudo))  # fmt: skip
     for template in table.codes:
         code = render_code(template, batch, bad)
         static = np.full(n, KIND_STATIC, np.int8)
         pieces.append(_assemble(raw_pid, np.zeros(n, np.int64), code, np.full(n, np.nan),
-                                [None] * n, static, keep & ~bad, "patients", pseudo))  # fmt: skip
+                                no_adm, static, keep & ~bad, "patients", pseudo))  # fmt: skip
     return pa.concat_tables(pieces) if pieces else EVENT_SCHEMA.empty_table()
 
 
