@@ -7,7 +7,7 @@ plug-in declares an entry point in the `medfm.objectives` group instead). docs/p
 "Adding an objective".
 """
 
-from . import contrastive, mae, mcm  # noqa: F401  (registers the objectives)
+from . import contrastive, dino, mae, mcm  # noqa: F401  (registers the objectives)
 from .base import OBJECTIVES, Context, Objective, gather_with_grad
 
 __all__ = ["OBJECTIVES", "Context", "Objective", "gather_with_grad"]

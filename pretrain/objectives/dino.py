@@ -1,0 +1,336 @@
+"""DINOv2-style self-distillation (Oquab et al., TMLR 2024) for 2D ViTs: DINO's image-level loss
+over multi-crop views, iBOT's masked-patch loss and the KoLeo regulariser.
+
+- Views: 2 global crops at the encoder's size (area 0.32-1) and `local_crops` crops of
+  `local_size` px (area 0.05-0.32), each with a horizontal flip, drawn from the step seed with
+  torchvision's RandomResizedCrop rule on the batch (augment.resized_crop_flip), so a resumed run
+  sees the same views. Local crops get the position table interpolated to their grid, as DINOv2.
+- Teacher: an EMA of the student encoder and head, momentum on a cosine from `momentum` to
+  `momentum_end` over `schedule_steps`. The objective does not see the optimizer, so the teacher
+  takes its EMA step at the first micro-batch after the student's weights changed (their
+  version counters moved): once per optimizer step, also under gradient accumulation. The
+  step of the last optimizer step is therefore taken by the next run that resumes it, not at
+  export: the exported teacher trails the student's final step by one EMA update.
+- Targets: teacher logits are centred (an EMA of their batch mean, `center_momentum`, all-reduced
+  across ranks) and sharpened with a temperature that warms up linearly from
+  `teacher_temp_start` to `teacher_temp` over `teacher_temp_warmup_steps`; the student's
+  temperature is `student_temp`. DINOv2's Sinkhorn-Knopp centering is not implemented.
+- iBOT: a `mask_probability` share of the global views get a random `mask_ratio` range of their
+  patch tokens replaced by a learned mask token (random patches, not DINOv2's block masks); the
+  student's masked patch tokens are trained toward the teacher's on the full view, through the
+  same head (DINOv2's default, `ibot.separate_head: false`) with its own center.
+- KoLeo (Sablayrolles et al. 2019) on the student's class tokens of each global view spreads the
+  features over the sphere (DINOv2 weight 0.1).
+
+DINOv2 also schedules weight decay (0.04 -> 0.4) and freezes the prototypes for the first epoch;
+the engine keeps weight decay constant and this objective does not freeze them.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
+from torch import nn
+
+from medfm.config import ConfigError
+
+from .augment import resized_crop_flip
+from .base import OBJECTIVES, Context, Objective
+
+
+@dataclass
+class DINOConfig:
+    prototypes: int = 65536  # DINOv2 head_n_prototypes
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    head_layers: int = 3
+    global_scale: tuple[float, float] = (0.32, 1.0)
+    local_crops: int = 8  # DINOv2's default; DINO's ViT-B used 10
+    local_scale: tuple[float, float] = (0.05, 0.32)
+    local_size: int = 96
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    teacher_temp_start: float = 0.04
+    teacher_temp_warmup_steps: int = 0  # 0: teacher_temp from the first step
+    center_momentum: float = 0.9
+    momentum: float = 0.992
+    momentum_end: float = 1.0
+    schedule_steps: int = 1000  # horizon of the momentum cosine: set it to train.max_steps
+    ibot_weight: float = 1.0
+    mask_probability: float = 0.5
+    mask_ratio: tuple[float, float] = (0.1, 0.5)
+    koleo_weight: float = 0.1
+
+
+class DINOHead(nn.Module):
+    """MLP to a bottleneck, L2-normalised, scored against unit-norm prototypes (DINO's head with
+    its weight-normalised last layer at norm 1)."""
+
+    def __init__(self, dim: int, cfg: DINOConfig):
+        super().__init__()
+        widths = [dim] + [cfg.hidden_dim] * (cfg.head_layers - 1) + [cfg.bottleneck_dim]
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(widths, widths[1:], strict=False)):
+            layers += [nn.Linear(a, b)] + ([nn.GELU()] if i < len(widths) - 2 else [])
+        self.mlp = nn.Sequential(*layers)
+        self.prototypes = nn.Parameter(torch.empty(cfg.prototypes, cfg.bottleneck_dim))
+        nn.init.trunc_normal_(self.prototypes, std=0.02)
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.normalize(self.mlp(x), dim=-1)
+        return z @ F.normalize(self.prototypes, dim=-1).T
+
+
+def koleo(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """-mean log distance of each feature to its nearest neighbour on the unit sphere."""
+    x = F.normalize(x.float(), dim=-1, eps=eps)
+    with torch.no_grad():
+        dots = x @ x.T
+        dots.fill_diagonal_(-2.0)
+        nearest = dots.argmax(dim=1)
+    return -torch.log((x - x[nearest]).norm(dim=-1) + eps).mean()
+
+
+def tokens_at(enc: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Patch tokens of a crop of any size: the position table interpolated to its grid."""
+    if x.shape[-1] == enc.config.img_size:
+        return enc.tokenize(x)
+    pe = enc.patch_embed
+    t = pe.proj(x)
+    grid = list(t.shape[-2:])
+    t = pe.norm(t.flatten(2).transpose(1, 2))
+    pos = resample_abs_pos_embed(enc.pos_embed, grid, list(enc.token_grid()), num_prefix_tokens=0)
+    return t + pos
+
+
+def cross_entropy(teacher: torch.Tensor, student_logits: torch.Tensor, temp: float):
+    """Per-row -sum p_teacher log softmax(student / temp)."""
+    return -(teacher * F.log_softmax(student_logits.float() / temp, dim=-1)).sum(-1)
+
+
+class DINO(Objective):
+    kinds = ("image2d",)
+
+    def __init__(self, cfg: DINOConfig, ctx: Context):
+        super().__init__("dino", cfg, ctx)
+        enc = ctx.encoder
+        check(cfg, enc)
+        self.head = DINOHead(enc.embed_dim, cfg)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, enc.embed_dim))
+        self.teacher = nn.ModuleDict(
+            {"encoder": copy.deepcopy(enc), "head": copy.deepcopy(self.head)}
+        )
+        self.teacher.requires_grad_(False)
+        self.register_buffer("center", torch.zeros(1, cfg.prototypes))
+        self.register_buffer("patch_center", torch.zeros(1, cfg.prototypes))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))  # teacher EMA steps
+        self.register_buffer("started", torch.zeros((), dtype=torch.bool))
+        self._seen_version: int | None = None
+
+    def train(self, mode: bool = True) -> DINO:
+        super().train(mode)
+        self.teacher.eval()  # no stochastic depth or dropout in the teacher
+        return self
+
+    # -- schedules and the teacher ------------------------------------------------------------
+
+    def momentum_now(self) -> float:
+        cfg = self.config
+        progress = min(1.0, int(self.step) / max(1, cfg.schedule_steps))
+        return (
+            cfg.momentum_end
+            - (cfg.momentum_end - cfg.momentum) * (1 + math.cos(math.pi * progress)) / 2
+        )
+
+    def teacher_temp_now(self) -> float:
+        cfg = self.config
+        if int(self.step) >= cfg.teacher_temp_warmup_steps:
+            return cfg.teacher_temp
+        f = int(self.step) / cfg.teacher_temp_warmup_steps
+        return cfg.teacher_temp_start + f * (cfg.teacher_temp - cfg.teacher_temp_start)
+
+    def student_params(self) -> list[nn.Parameter]:
+        return [*self.encoder.parameters(), *self.head.parameters()]
+
+    def teacher_params(self) -> list[nn.Parameter]:
+        return [*self.teacher["encoder"].parameters(), *self.teacher["head"].parameters()]
+
+    @torch.no_grad()
+    def follow_student(self) -> None:
+        """One EMA step of the teacher when the student moved since the last one (see above)."""
+        version = sum(p._version for p in self.student_params())
+        # A resumed run: the checkpoint was written after an optimizer step the teacher has not
+        # followed yet (its update is due at the next micro-batch).
+        moved = (
+            version != self._seen_version if self._seen_version is not None else bool(self.started)
+        )
+        if moved:
+            m = self.momentum_now()
+            teacher = self.teacher_params()
+            torch._foreach_mul_(teacher, m)
+            torch._foreach_add_(teacher, self.student_params(), alpha=1 - m)
+            self.step += 1
+        self._seen_version = version
+        self.started.fill_(True)
+
+    @torch.no_grad()
+    def update_center(self, center: torch.Tensor, logits: torch.Tensor) -> None:
+        mean = logits.float().sum(0, keepdim=True)
+        count = torch.tensor(float(len(logits)), device=logits.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(mean)
+            dist.all_reduce(count)
+        m = self.config.center_momentum
+        center.mul_(m).add_(mean / count, alpha=1 - m)
+
+    # -- views and masks ----------------------------------------------------------------------
+
+    def views(self, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, list]:
+        """(2B global crops stacked view by view, the local crops one batch per view)."""
+        cfg = self.config
+        g = [resized_crop_flip(x, gen, tuple(cfg.global_scale)) for _ in range(2)]
+        loc = [resized_crop_flip(x, gen, tuple(cfg.local_scale), size=cfg.local_size)
+               for _ in range(cfg.local_crops)]  # fmt: skip
+        return torch.cat(g), loc
+
+    def masks(self, n: int, tokens: int, gen: torch.Generator, device) -> torch.Tensor:
+        """(n, tokens) bool, True = masked: a mask_probability share of the rows (at least one),
+        each with a ratio drawn uniformly from mask_ratio."""
+        cfg = self.config
+        if cfg.ibot_weight == 0 or cfg.mask_probability == 0:
+            return torch.zeros(n, tokens, dtype=torch.bool, device=device)
+        rows = torch.randperm(n, generator=gen, device=device)[
+            : max(1, round(n * cfg.mask_probability))
+        ]
+        lo, hi = cfg.mask_ratio
+        ratio = lo + (hi - lo) * torch.rand(len(rows), generator=gen, device=device)
+        count = (ratio * tokens).round().clamp(min=1)
+        rank = torch.rand(len(rows), tokens, generator=gen, device=device).argsort(1).argsort(1)
+        mask = torch.zeros(n, tokens, dtype=torch.bool, device=device)
+        mask[rows] = rank < count[:, None]
+        return mask
+
+    # -- the loss -----------------------------------------------------------------------------
+
+    def student(self, glob: torch.Tensor, loc: list, mask: torch.Tensor):
+        """Class tokens of every view (global ones masked) and the masked patch tokens."""
+        enc = self.encoder
+        tokens = enc.tokenize(glob)
+        out = enc.encode(torch.where(mask[..., None], self.mask_token + enc.pos_embed, tokens))
+        cls = [out[:, 0]]
+        if loc:  # all local crops in one pass
+            cls.append(enc.encode(tokens_at(enc, torch.cat(loc)))[:, 0])
+        return out[:, 0], self.head(torch.cat(cls)), self.head(out[:, 1:][mask])
+
+    @torch.no_grad()
+    def teacher_logits(self, glob: torch.Tensor, mask: torch.Tensor):
+        """The teacher's class-token and masked-patch logits on the full global views."""
+        enc, head = self.teacher["encoder"], self.teacher["head"]
+        out = enc.encode(enc.tokenize(glob))
+        return head(out[:, 0]).float(), head(out[:, 1:][mask]).float()
+
+    def loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if self.training:
+            self.follow_student()
+        cfg, x = self.config, batch["data"]
+        gen = self._ctx.generator(x.device)
+        glob, loc = self.views(x, gen)
+        mask = self.masks(len(glob), self.encoder.num_tokens, gen, x.device)
+        features, s_cls, s_patch = self.student(glob, loc, mask)
+        t_cls, t_patch = self.teacher_logits(glob, mask)
+        temp = self.teacher_temp_now()
+        dino = self.dino_loss(F.softmax((t_cls - self.center) / temp, dim=-1), s_cls, len(x))
+        ibot = self.ibot_loss(
+            F.softmax((t_patch - self.patch_center) / temp, dim=-1), s_patch, mask
+        )
+        reg = sum(koleo(f) for f in features.chunk(2)) if cfg.koleo_weight else dino * 0
+        if self.training:
+            self.update_center(self.center, t_cls)
+            if mask.any():
+                self.update_center(self.patch_center, t_patch)
+        parts = {"dino": dino, "ibot": ibot, "koleo": reg}
+        schedules = {"teacher_temp": temp, "momentum": self.momentum_now()}
+        return {
+            "loss": dino + cfg.ibot_weight * ibot + cfg.koleo_weight * reg,
+            **{k: v.detach() for k, v in parts.items()},
+            **{k: torch.tensor(v) for k, v in schedules.items()},
+        }
+
+    def dino_loss(self, teacher: torch.Tensor, student: torch.Tensor, n: int) -> torch.Tensor:
+        """Mean over (teacher global view, student view of another crop) pairs."""
+        t_views, s_views = teacher.chunk(2), student.split(n)
+        total, pairs = 0.0, 0
+        for i, t in enumerate(t_views):
+            for j, s in enumerate(s_views):
+                if i != j:
+                    total = total + cross_entropy(t, s, self.config.student_temp).mean()
+                    pairs += 1
+        return total / pairs
+
+    def ibot_loss(self, teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor):
+        """Per masked image the mean over its masked tokens, then the mean over those images."""
+        if not mask.any():
+            return student.sum() * 0
+        per_token = cross_entropy(teacher, student, self.config.student_temp)
+        weight = (1 / mask.sum(1, keepdim=True).clamp(min=1)).expand_as(mask)[mask]
+        return (per_token * weight).sum() / mask.any(1).sum()
+
+    def flops_per_sample(self) -> float:
+        cfg, enc = self.config, self.encoder
+        g = enc.num_tokens + 1
+        n_local = (cfg.local_size // enc.patch_embed.patch_size[0]) ** 2 + 1
+        student = (
+            2 * enc.flops_per_token(g) * g
+            + cfg.local_crops * enc.flops_per_token(n_local) * n_local
+        )
+        head = sum(p.numel() for p in self.head.parameters())
+        return (
+            student
+            + 2 * enc.flops_per_token(g) * g / 3
+            + 6.0 * head * (2 + cfg.local_crops)
+            + 4.0 * head
+        )
+
+    def export_modules(self) -> dict[str, nn.Module]:
+        """The teacher encoder (DINO evaluates the teacher), beside the exported student."""
+        return {"teacher": self.teacher["encoder"]}
+
+
+def check(cfg: DINOConfig, enc: nn.Module) -> None:
+    if not hasattr(enc, "patch_embed"):
+        raise ConfigError(
+            f"objective dino: the encoder {enc.name!r} has no patch embedding (local crops and "
+            "masked patches need a ViT: vit2d or a timm ViT arch)"
+        )
+    patch = enc.patch_embed.patch_size[0]
+    if cfg.local_crops and (
+        cfg.local_size % patch or not patch <= cfg.local_size <= enc.config.img_size
+    ):
+        raise ConfigError(
+            f"objectives.dino.local_size: {cfg.local_size} must be a multiple of the patch size "
+            f"{patch} and at most the image size {enc.config.img_size}"
+        )
+    for key in ("global_scale", "local_scale", "mask_ratio"):
+        lo, hi = getattr(cfg, key)
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ConfigError(
+                f"objectives.dino.{key} must satisfy 0 < low <= high <= 1, got {lo}, {hi}"
+            )
+    if cfg.head_layers < 1 or cfg.prototypes < 1:
+        raise ConfigError("objectives.dino: head_layers and prototypes must be >= 1")
+
+
+@OBJECTIVES.register("dino", DINOConfig)
+def dino(cfg: DINOConfig, ctx: Context) -> DINO:
+    return DINO(cfg, ctx)
