@@ -13,6 +13,7 @@ from medfm.clusters.cli import app as launch_app
 from medfm.finetune.cli import app as finetune_app
 from medfm.finetune.hub_cli import app as hub_app
 from medfm.ingest.cli import app as ingest_app
+from medfm.io import MissingExtraError
 from medfm.pretrain.cli import app as pretrain_app
 from medfm.shards.cli import app as shards_app
 from medfm.synth.cli import app as synth_app
@@ -51,4 +52,8 @@ def version():
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except MissingExtraError as e:  # any stage given a URL whose filesystem is not installed
+        typer.echo(f"medfm: {e}", err=True)
+        raise SystemExit(2) from None

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import subprocess
 from pathlib import Path
 
 import fsspec
@@ -47,7 +48,7 @@ def medfm(*args: str) -> Result:
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gcsfs") is not None, reason="gcsfs is installed")
-def test_a_url_without_its_filesystem_names_the_extra_and_exits_2(tmp_path, monkeypatch):
+def test_a_url_without_its_filesystem_names_the_extra_and_exits_2(tmp_path, monkeypatch, medfm_exe):
     hint = "gs:// URLs need gcsfs: pip install 'medfm[cloud]'"
     with pytest.raises(MissingExtraError, match=re.escape(hint)):
         get_fs("gs://bucket/set")
@@ -59,6 +60,10 @@ def test_a_url_without_its_filesystem_names_the_extra_and_exits_2(tmp_path, monk
     monkeypatch.setenv("MEDFM_DEID_KEY", KEY.decode())
     r = medfm("ingest", str(spec), "--out", "gs://bucket/set")
     assert r.exit_code == 2 and r.output.strip() == f"medfm ingest: {hint}", r.output
+    # Any other stage: the console script's own handler (one process, so main() runs).
+    r = subprocess.run([medfm_exe, "hub", "ls", "--hub", "gs://bucket/hub"],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and r.stderr.strip() == f"medfm: {hint}", r.stderr
 
 
 def _a_protocol_not_installed() -> str:
