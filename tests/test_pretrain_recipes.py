@@ -30,8 +30,10 @@ from medfm.pretrain.objectives import OBJECTIVES, Context
 from medfm.pretrain.train import run
 
 MAE_PARAMS = {"mask_ratio": 0.75, **DECODER}
-RECIPES = ["mae_vitb16_224", "mae3d_vitb_96", "simclr_resnet50", "clip_ehr_base"]
-SIZES = ("decoder_dim", "decoder_depth", "decoder_heads")  # the smoke runs shrink only these
+RECIPES = ["mae_vitb16_224", "mae3d_vitb_96", "simclr_resnet50", "clip_ehr_base", "dino_vitb16_224"]
+# The smoke runs shrink only these (MAE's decoder, DINO's head and local crop size).
+SIZES = ("decoder_dim", "decoder_depth", "decoder_heads", "prototypes", "hidden_dim",
+         "bottleneck_dim", "local_size")  # fmt: skip
 
 
 def chest_xrays(sample_data: Path, n: int = 8) -> torch.Tensor:
@@ -200,6 +202,20 @@ def test_mae_vitb16_recipe_has_the_published_settings(tmp_path):
     assert (cfg.model["size"], cfg.model["img_size"], cfg.model["patch_size"]) == ("base", 224, 16)
     assert cfg.data.batch_size * cfg.train.grad_accum == 4096
     assert resolved_lr(cfg, 1) == pytest.approx(2.4e-3)  # blr 1.5e-4 x 4096 / 256
+
+
+def test_dino_vitb16_recipe_has_the_published_settings():
+    cfg = load_config(EXAMPLES / "dino_vitb16_224.yaml", [])
+    (dino,) = cfg.objectives
+    assert (dino["prototypes"], dino["local_crops"], dino["local_size"]) == (65536, 10, 96)
+    assert (dino["global_scale"], dino["local_scale"]) == ([0.32, 1.0], [0.05, 0.32])
+    assert (dino["student_temp"], dino["teacher_temp_start"], dino["teacher_temp"]) == (
+        0.1, 0.04, 0.07)  # fmt: skip
+    assert (dino["momentum"], dino["momentum_end"], dino["koleo_weight"]) == (0.992, 1.0, 0.1)
+    assert dino["schedule_steps"] == cfg.train.max_steps
+    assert (cfg.model["size"], cfg.model["img_size"], cfg.model["patch_size"]) == ("base", 224, 16)
+    assert cfg.data.batch_size * cfg.train.devices == 1024 and cfg.train.lr == 4e-3
+    assert cfg.train.weight_decay == 0.04  # DINOv2's start value; the 0.4 end is not scheduled
 
 
 def test_smoke_flag_of_the_cli(sample_data, tmp_path):
