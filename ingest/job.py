@@ -36,6 +36,7 @@ from .bookkeeping import (
     scrub_records,
 )
 from .dicom_deid import METHOD, METHOD_CODES
+from .dicomweb import fetch_sources
 from .imaging import HU_MAX, HU_MIN, hist_stats
 from .privacy import Keyring
 from .progress import Progress
@@ -500,6 +501,7 @@ def _run(spec, dest, book: Bookkeeper, lease: Lease, keyring, summary: Summary, 
         try:
             ray = stack.enter_context(ray_runtime(address, workers))
             register_driver(book, ray, wait_for_previous=resume)
+            spec = fetch_sources(spec, book, keyring, progress)  # PACS sources: local copies
             items, bad, summary.files_in = discover(spec, keyring, ray)
             tasks = plan_tasks(items, spec)
         except BaseException:

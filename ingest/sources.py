@@ -22,7 +22,7 @@ from .registry import (
     SourceItem,
     known_extensions,
 )
-from .spec import IdMapping, IngestSpec, SourceSpec
+from .spec import DICOMWEB_SCHEME, IdMapping, IngestSpec, SourceSpec
 
 
 def glob_regex(pattern: str) -> re.Pattern[str]:
@@ -45,6 +45,9 @@ def glob_regex(pattern: str) -> re.Pattern[str]:
 def list_files(src: SourceSpec) -> tuple[Any, list[SourceFile], list[Quarantine]]:
     """(fs, matching files sorted by relative path, quarantine records for what discovery did
     not follow: directory symlinks and, with `follow_symlinks`, loops). Dot-files are ignored."""
+    if src.root.startswith(DICOMWEB_SCHEME):
+        raise IngestError(f"source {src.name!r}: a DICOMweb source is listed once the job has "
+                          "fetched it (ingest/dicomweb.py), not by a folder listing")  # fmt: skip
     fs, root = get_fs(src.root, **src.storage_options)
     if not fs.isdir(root):
         raise IngestError(f"source {src.name!r}: root folder does not exist or is not a folder")
@@ -419,6 +422,8 @@ def check_destination(spec: IngestSpec, dest: str) -> None:
     if fs.isfile(path):
         raise IngestError(f"--out {dest}: is a file; give a folder (new or a shard set's)")
     for src in spec.sources:
+        if src.root.startswith(DICOMWEB_SCHEME):  # fetched under the destination's _ingest/
+            continue
         sfs, root = get_fs(src.root, **src.storage_options)
         if fs.protocol != sfs.protocol:
             continue

@@ -14,6 +14,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 from medfm import config
 from medfm.config import ConfigError
@@ -68,9 +69,30 @@ class LabelsTable:
 
 
 @dataclass
+class DicomWebSpec:
+    """QIDO-RS filters and transfer limits of a `root: dicomweb+http(s)://...` source (a PACS).
+    Credentials never go here: MEDFM_DICOMWEB_USER / MEDFM_DICOMWEB_PASSWORD or
+    MEDFM_DICOMWEB_TOKEN_FILE (ingest/dicomweb.py)."""
+
+    modality: list[str] = field(default_factory=list)  # any of these (ModalitiesInStudy)
+    study_date: str = ""  # DICOM range: 20200101-20201231, 20200101-, -20201231 or one date
+    series_description: str = ""  # QIDO match, `*` and `?` wildcards
+    accessions: str = ""  # CSV with an `accession` column; relative to the spec's folder
+    concurrency: int = 4  # instances retrieved at once
+    retries: int = 4  # extra attempts on 5xx, 429 and connection errors, exponential backoff
+    backoff_s: float = 1.0  # first wait; doubled on each retry
+
+    REFUSED_KEYS: ClassVar[dict[str, str]] = dict.fromkeys(
+        ("user", "username", "password", "token", "auth", "authorization", "headers"),
+        "DICOMweb credentials never go in the spec; set MEDFM_DICOMWEB_USER and "
+        "MEDFM_DICOMWEB_PASSWORD, or MEDFM_DICOMWEB_TOKEN_FILE (a file holding a bearer token)",
+    )
+
+
+@dataclass
 class SourceSpec:
     name: str
-    root: str
+    root: str  # a folder, an fsspec URL, or dicomweb+http(s)://host/dicom-web (a PACS)
     include: list[str] = field(default_factory=lambda: ["**/*"])
     exclude: list[str] = field(default_factory=list)
     format: str = "auto"
@@ -87,6 +109,9 @@ class SourceSpec:
     follow_symlinks: bool = False  # enter symlinked folders (each folder once: no loops)
     # Convert only the first N items (in path order) to try a spec; the manifest records it.
     limit: int | None = None
+    dicomweb: DicomWebSpec | None = None  # filters of a dicomweb+ root
+    # A fetched source's real root (its DICOMweb URL), while `root` names the local copy.
+    origin: str = field(default="", metadata={"internal": True})
 
 
 @dataclass
@@ -178,6 +203,8 @@ class IngestSpec:
         """Hash of the settings that change outputs (resume refuses a different spec)."""
         d = dataclasses.asdict(self)
         d.pop("base_dir")
+        for s in d["sources"]:  # a fetched PACS source is the same job as before its fetch
+            s["root"] = s.pop("origin") or s["root"]
         return sha256_bytes(json.dumps(d, sort_keys=True, default=str).encode())
 
     def settings(self) -> dict[str, Any]:
@@ -228,7 +255,29 @@ def check_spec(spec: IngestSpec, formats: list[str]) -> None:
                         raise re.error("needs one capturing group")
                 except re.error as e:
                     raise SpecError(f"sources[{i}].{what}.regex: {e}") from e
+        _check_dicomweb(f"sources[{i}]", s)
     _check_settings(spec)
+
+
+DICOMWEB_SCHEME = "dicomweb+"
+DICOM_DATE_RANGE = re.compile(r"^(\d{8})?(-(\d{8})?)?$")
+
+
+def _check_dicomweb(where: str, s: SourceSpec) -> None:
+    if not s.root.startswith(DICOMWEB_SCHEME):
+        if s.dicomweb is not None:
+            raise SpecError(f"{where}.dicomweb: needs root: dicomweb+http(s)://host/dicom-web")
+        return
+    url = urlsplit(s.root[len(DICOMWEB_SCHEME) :])
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise SpecError(f"{where}.root: give dicomweb+http://host:port/path or dicomweb+https://")
+    if url.username or url.password:
+        raise SpecError(f"{where}.root: {DicomWebSpec.REFUSED_KEYS['user']}")
+    d = s.dicomweb or DicomWebSpec()
+    if d.study_date in ("-",) or not DICOM_DATE_RANGE.match(d.study_date):
+        raise SpecError(f"{where}.dicomweb.study_date: a DICOM date range, e.g. 20200101-20201231")
+    if d.concurrency < 1 or d.retries < 0 or d.backoff_s < 0:
+        raise SpecError(f"{where}.dicomweb: concurrency >= 1, retries and backoff_s >= 0")
 
 
 def _check_settings(spec: IngestSpec) -> None:
