@@ -55,6 +55,9 @@ from .vocab import (
 
 YEAR_S = 365.25 * 86400
 BIRTH_SLACK_S = 366 * 86400  # birth years estimated from an age are exact to a year only
+# Work files (bucket parts, clean buckets) are read back once or twice and then removed: LZ4
+# reads and writes at about twice zstd's speed, and their size does not matter.
+SCRATCH_COMPRESSION = "lz4"
 
 
 def bucket_of(pids: list[str], buckets: int) -> np.ndarray:
@@ -167,7 +170,8 @@ def _write_buckets(events: pa.Table, buckets: int, work: str, tag: str, wfs, wri
             wfs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
             tmp = tmp_name(final)
             f = wfs.open(tmp, "wb")
-            writers[k] = (final, tmp, pq.ParquetWriter(f, EVENT_SCHEMA, compression="zstd"), f)
+            writer = pq.ParquetWriter(f, EVENT_SCHEMA, compression=SCRATCH_COMPRESSION)
+            writers[k] = (final, tmp, writer, f)
         writers[k][2].write_table(part)
 
 
@@ -177,9 +181,9 @@ def read_parquet(fs: Any, path: str) -> pa.Table:
         return pq.read_table(f, use_threads=False)
 
 
-def parquet_bytes(table: pa.Table) -> bytes:
+def parquet_bytes(table: pa.Table, compression: str = "zstd") -> bytes:
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
+    pq.write_table(table, sink, compression=compression)
     return sink.getvalue().to_pybytes()
 
 
@@ -208,12 +212,12 @@ def clean_bucket(
         table = table.set_column(table.schema.get_field_index("kind"), "kind", kind)
     table, before = drop_before_birth(table, spec)
     table = sort_events(table)
-    atomic_write_bytes(wfs, bucket_path(work, k), parquet_bytes(table))
+    atomic_write_bytes(wfs, bucket_path(work, k), parquet_bytes(table, SCRATCH_COMPRESSION))
     out, sample = train_statistics(table, spec, split_of, seed + k)
     # The value sample (up to bin_sample values per code) goes to its own Parquet file: as
     # JSON it would cost more to encode and decode than the rest of this pass.
     out["values"] = f"{work}/clean/b{k:04d}.values.parquet"
-    atomic_write_bytes(wfs, out["values"], parquet_bytes(sample))
+    atomic_write_bytes(wfs, out["values"], parquet_bytes(sample, SCRATCH_COMPRESSION))
     out["before_birth"] = before
     atomic_write_bytes(wfs, stats_path, json.dumps(out, sort_keys=True).encode())
     return out
@@ -225,8 +229,8 @@ def sort_events(table: pa.Table) -> pa.Table:
     pid, _ = factorize(table.column("pid"))
     code, _ = factorize(table.column("code"))
     t = table.column("t")
-    order = np.lexsort((code, np.asarray(t.fill_null(0)), np.asarray(pc.is_null(t)), pid))
-    return table.take(pa.array(order))
+    keys = pa.table({"pid": pid, "null": pc.is_null(t), "t": t.fill_null(0), "code": code})
+    return table.take(pc.sort_indices(keys, [(c, "ascending") for c in keys.column_names]))
 
 
 def per_patient(table: pa.Table, of_patient: Callable[[str], Any], missing: Any) -> np.ndarray:
@@ -432,4 +436,5 @@ def merge_statistics(
     c, v, _ = bottom_k(code, np.asarray(sample.column("value")), np.asarray(sample.column("prio")),
                        spec.bin_sample)  # fmt: skip
     names = np.asarray(distinct.to_numpy(zero_copy_only=False), dtype=str)
-    return counts, names[c], v
+    order = np.argsort(c, kind="stable")  # grouped by code, as fit_vocabulary wants them
+    return counts, names[c[order]], v[order]

@@ -59,6 +59,7 @@ class Pseudonymizer:
     def __init__(self, keyring: Keyring, namespace: str):
         self.keyring, self.namespace = keyring, namespace
         self._cache: dict[str, tuple[str, int]] = {}
+        self._admissions: dict[str, str] = {}
 
     def __call__(self, raw: str) -> tuple[str, int]:
         hit = self._cache.get(raw)
@@ -69,7 +70,10 @@ class Pseudonymizer:
         return hit
 
     def admission(self, raw: str) -> str:
-        return self.keyring.token("admission", self.namespace, raw)[:20]
+        hit = self._admissions.get(raw)
+        if hit is None:
+            hit = self._admissions[raw] = self.keyring.token("admission", self.namespace, raw)[:20]
+        return hit
 
 
 def open_batches(

@@ -20,15 +20,19 @@ TYPE_SPECIAL, TYPE_CODE, TYPE_VALUE, TYPE_INTERVAL, TYPE_STATIC = 0, 1, 2, 3, 4
 
 
 def bottom_k(codes: np.ndarray, values: np.ndarray, prio: np.ndarray, k: int):
-    """Per code, the k values of lowest priority: a uniform sample that merges exactly
-    (the bottom-k of a union is the bottom-k of the parts' bottom-k)."""
+    """Per code (codes: integers >= 0), the k values of lowest priority, in no particular
+    order: a uniform sample that merges exactly (the bottom-k of a union is the bottom-k of
+    the parts' bottom-k). Only codes with more than k values are sorted."""
     if len(codes) == 0:
         return codes, values, prio
-    order = np.lexsort((prio, codes))
-    codes, values, prio = codes[order], values[order], prio[order]
-    starts = np.r_[0, np.flatnonzero(codes[1:] != codes[:-1]) + 1]
-    rank = np.arange(len(codes)) - np.repeat(starts, np.diff(np.r_[starts, len(codes)]))
-    keep = rank < k
+    keep = np.bincount(codes)[codes] <= k
+    over = np.flatnonzero(~keep)
+    if len(over):
+        order = over[np.lexsort((prio[over], codes[over]))]
+        c = codes[order]
+        starts = np.r_[0, np.flatnonzero(c[1:] != c[:-1]) + 1]
+        rank = np.arange(len(c)) - np.repeat(starts, np.diff(np.r_[starts, len(c)]))
+        keep[order[rank < k]] = True
     return codes[keep], values[keep], prio[keep]
 
 
@@ -85,13 +89,15 @@ def fit_vocabulary(
     min_values: int,
     fitted_on: dict[str, Any],
 ) -> Vocabulary:
-    """Vocabulary from train code counts; quantile edges from train value samples."""
+    """Vocabulary from train code counts; quantile edges from train value samples (codes and
+    their values, in any order; grouped by code, they are not sorted again)."""
     kept = sorted((c for c, n in counts.items() if n >= min_count), key=lambda c: (-counts[c], c))
     tokens = list(SPECIAL) + list(INTERVALS) + [f"Q{i}" for i in range(bins)] + kept
     edges: dict[str, list[float]] = {}
     if len(codes):
-        order = np.argsort(codes, kind="stable")
-        codes, values = codes[order], values[order]
+        if (codes[1:] < codes[:-1]).any():
+            order = np.argsort(codes, kind="stable")
+            codes, values = codes[order], values[order]
         starts = np.r_[0, np.flatnonzero(codes[1:] != codes[:-1]) + 1, len(codes)]
         qs = np.linspace(0, 1, bins + 1)[1:-1]
         for a, b in zip(starts[:-1], starts[1:], strict=True):
