@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -38,7 +39,7 @@ CACHE_DIR = f"{WORK_DIR}/dicomweb"
 COMPLETE = ".complete"  # a dot-file: discovery never lists it
 PAGE = 500  # QIDO results per request (servers cap a response; paging gets the rest)
 ACCESSION_COLUMN = "accession"
-STUDY, SERIES, SOP = "0020000D", "0020000E", "00080018"
+STUDY, SERIES, SOP, DESC = "0020000D", "0020000E", "00080018", "0008103E"
 ANY_SYNTAX = (("application/dicom", "*"),)  # the stored bytes, not a transcoded copy
 T = TypeVar("T")
 
@@ -142,14 +143,16 @@ class Fetcher:
         atomic_write_bytes(self.fs, f"{folder}/{COMPLETE}", b"{}")
 
     def series(self, study: str) -> set[str]:
-        base = {}
-        if self.cfg.series_description:
-            base["SeriesDescription"] = self.cfg.series_description
+        """The study's SeriesInstanceUIDs of the wanted modalities and description. The
+        description is matched here, not by the server: DICOM's `*` and `?` reach some servers
+        URL-encoded (%2A), and they then match nothing."""
+        want = self.cfg.series_description.replace("[", "[[]")  # no [...] sets in DICOM
         uids: set[str] = set()
         for modality in self.cfg.modality or [""]:
-            filters = {**base, **({"Modality": modality} if modality else {})}
-            uids |= {_value(r, SERIES) for r in self._paged(self.client.search_for_series,
-                                                             filters, study)}  # fmt: skip
+            filters = {"Modality": modality} if modality else {}
+            found = self._paged(self.client.search_for_series, filters, study, fields=[DESC])
+            uids |= {_value(r, SERIES) for r in found
+                     if not want or fnmatchcase(_value(r, DESC), want)}  # fmt: skip
         return uids - {""}
 
     def _fetch_instance(self, job: tuple[str, str, str, str]) -> int:
@@ -163,12 +166,13 @@ class Fetcher:
         atomic_write_bytes(self.fs, path, buf.getvalue())
         return buf.tell()
 
-    def _paged(self, search: Callable[..., list[dict]], filters: dict, *uids: str) -> list[dict]:
+    def _paged(self, search: Callable[..., list[dict]], filters: dict, *uids: str,
+               **kw: Any) -> list[dict]:  # fmt: skip
         out: list[dict] = []
         while True:
             offset = len(out)
             page = self._retry(
-                lambda: search(*uids, search_filters=filters, offset=offset, limit=PAGE)  # noqa: B023
+                lambda: search(*uids, search_filters=filters, offset=offset, limit=PAGE, **kw)  # noqa: B023
             )
             out += page
             if len(page) < PAGE:

@@ -22,6 +22,7 @@ from s3_helpers import free_port
 from medfm.ingest.job import run_ingest
 from medfm.ingest.load import parse_spec
 from medfm.ingest.privacy import Keyring
+from medfm.ingest.spec import SpecError
 from medfm.shards import Manifest
 
 pytest.importorskip("dicomweb_client", reason="dicomweb-client is not installed (medfm[pacs])")
@@ -103,7 +104,11 @@ def _wait_up(http: str, proc: subprocess.Popen, log: Path) -> None:
 
 def _inputs(folder: Path) -> list[Path]:
     """A written CT series (one accession number) and pydicom's CT and MR images."""
-    files = write_series(small_ct(), folder / "series", phi={"AccessionNumber": ACCESSION})
+    files = write_series(
+        small_ct(),
+        folder / "series",
+        phi={"AccessionNumber": ACCESSION, "SeriesDescription": "THORAX AXIAL"},
+    )
     for name in ("CT_small.dcm", "MR_small.dcm"):
         shutil.copy(PYDICOM_FILES / name, folder / name)
         files.append(folder / name)
@@ -153,13 +158,17 @@ def test_pacs_rows_equal_disk_rows_and_rerun_fetches_nothing(ray_local, pacs, tm
 
 
 def test_qido_filters_pick_matching_studies(ray_local, pacs, tmp_path):
-    mr = _ingest({"root": pacs.root, "dicomweb": {"modality": ["MR"]}}, tmp_path / "mr")
-    assert [r["modality"] for r in mr] == ["MR"]
+    def kinds(dicomweb: dict, name: str) -> list[tuple[str, str]]:
+        rows = _ingest({"root": pacs.root, "dicomweb": dicomweb}, tmp_path / name)
+        return sorted((r["kind"], r["modality"]) for r in rows)
+
+    assert kinds({"modality": ["MR"]}, "mr") == [("image2d", "MR")]
     table = tmp_path / "accessions.csv"
     table.write_text(f"accession\n{ACCESSION}\n")
-    by_acc = {"root": pacs.root, "dicomweb": {"accessions": str(table), "study_date": "20200101-"}}
-    rows = _ingest(by_acc, tmp_path / "acc")
-    assert [(r["kind"], r["modality"]) for r in rows] == [("volume3d", "CT")]
+    assert kinds({"accessions": str(table)}, "acc") == [("volume3d", "CT")]
+    # pydicom's images are from 2004: the range and the modality together leave CT_small
+    assert kinds({"study_date": "-20191231", "modality": ["CT"]}, "date") == [("image2d", "CT")]
+    assert kinds({"series_description": "*AXIAL*"}, "desc") == [("volume3d", "CT")]
 
 
 def _cli(spec: dict, tmp_path: Path, address: str | None = None) -> subprocess.CompletedProcess:
@@ -171,18 +180,23 @@ def _cli(spec: dict, tmp_path: Path, address: str | None = None) -> subprocess.C
                           capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
 
 
-@pytest.mark.parametrize("key", ["password", "token", "user"])
-def test_credentials_in_the_spec_are_refused(tmp_path, key):
-    src = {"name": "pacs", "root": "dicomweb+http://127.0.0.1:9/dicom-web",
-           "dicomweb": {key: "s3cret-value"}}  # fmt: skip
-    proc = _cli({"sources": [src]}, tmp_path)
+def test_credentials_in_the_spec_are_refused(tmp_path):
+    url = "dicomweb+http://127.0.0.1:9/dicom-web"
+    for key in ("password", "token", "user", "headers"):
+        src = {"name": "pacs", "root": url, "dicomweb": {key: "s3cret-value"}}
+        with pytest.raises(SpecError) as e:
+            parse_spec({"sources": [src]})
+        assert str(e.value).startswith(f"sources[0].dicomweb.{key}: DICOMweb credentials never")
+        assert "MEDFM_DICOMWEB_USER" in str(e.value) and "s3cret" not in str(e.value)
+    with pytest.raises(SpecError, match=r"^sources\[0\]\.root: DICOMweb credentials") as e:
+        parse_spec({"sources": [{"name": "pacs", "root": url.replace("//", "//al:s3cret@")}]})
+    assert "s3cret" not in str(e.value)
+    # The command line: exit 2 and the message, before anything starts.
+    proc = _cli({"sources": [{"name": "pacs", "root": url, "dicomweb": {"password": "x"}}]},
+                tmp_path)  # fmt: skip
     assert proc.returncode == 2, proc.stderr
-    assert f"sources[0].dicomweb.{key}: DICOMweb credentials never go in the spec" in proc.stderr
-    assert "MEDFM_DICOMWEB_USER" in proc.stderr and "s3cret-value" not in proc.stderr
-    src = {"name": "pacs", "root": "dicomweb+http://alice:s3cret@127.0.0.1:9/dicom-web"}
-    proc = _cli({"sources": [src]}, tmp_path)
-    assert proc.returncode == 2 and "sources[0].root: DICOMweb credentials" in proc.stderr
-    assert "s3cret" not in proc.stderr
+    assert "medfm ingest: sources[0].dicomweb.password: DICOMweb credentials" in proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_unreachable_server_is_one_clear_line(ray_local, tmp_path):
