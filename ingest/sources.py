@@ -46,8 +46,8 @@ def list_files(src: SourceSpec) -> tuple[Any, list[SourceFile], list[Quarantine]
     """(fs, matching files sorted by relative path, quarantine records for what discovery did
     not follow: directory symlinks and, with `follow_symlinks`, loops). Dot-files are ignored."""
     if src.root.startswith(DICOMWEB_SCHEME):
-        raise IngestError(f"source {src.name!r}: a DICOMweb source is listed once the job has "
-                          "fetched it (ingest/dicomweb.py), not by a folder listing")  # fmt: skip
+        raise IngestError(f"source {src.name!r}: a DICOMweb source has no folder to list until "
+                          "the job fetched it (--dry-run does not query a PACS)")  # fmt: skip
     fs, root = get_fs(src.root, **src.storage_options)
     if not fs.isdir(root):
         raise IngestError(f"source {src.name!r}: root folder does not exist or is not a folder")
