@@ -30,10 +30,12 @@ class Scale:
     sampler_steps: int
     finetune_epochs: int
     bootstrap: int  # patient-level resamples for the confidence intervals
+    ecg_steps: int  # 1D MAE on the MIT-BIH windows
+    ehr_steps: int  # masked-code modeling on the MIMIC-IV demo
 
 
-FULL = Scale(0, 400, 300, 256, 25, 2, 500)
-QUICK = Scale(600, 30, 20, 24, 4, 1, 50)
+FULL = Scale(0, 400, 300, 256, 25, 2, 500, 200, 200)
+QUICK = Scale(600, 30, 20, 24, 4, 1, 50, 10, 10)
 
 
 @dataclass(frozen=True)
@@ -248,6 +250,43 @@ def mae3d_config(shards: Path, run: Path, s: Scale) -> dict[str, Any]:
         "objectives": [{"name": "mae", "mask_ratio": 0.75, "decoder_dim": 64,
                         "decoder_depth": 1, "decoder_heads": 4}],
         "train": _train(s.mae_steps, 1.5e-3, plots=3),
+    }  # fmt: skip
+
+
+# 10 s at 500 Hz in 100 ms patches: 2 leads x 100 time steps = 200 tokens.
+SIGNAL_VIT = {"name": "signal_vit", "size": "tiny", "num_leads": 2, "length": 5000,
+              "patch_size": 50, "embed_dim": 64, "depth": 2, "num_heads": 4}  # fmt: skip
+# vocab_size comes from the shard set's vocabulary (see pretrain.data.set_vocab_size).
+EHR_MODEL = {"name": "ehr_transformer", "size": "tiny", "max_tokens": 256, "embed_dim": 64,
+             "depth": 2, "num_heads": 4}  # fmt: skip
+
+
+def mae1d_config(shards: Path, split: str, run: Path, s: Scale) -> dict[str, Any]:
+    """The MIT-BIH windows only: the other ECG records have 12 or 15 leads, and one encoder
+    takes one lead count. `split` is the one the record's patient landed in (one patient, so
+    one split): the MAE is label-free, the beat probe splits the record in time itself."""
+    return {
+        "name": "demo-mae1d-ecg",
+        "out_dir": str(run),
+        "data": {"shards": str(shards), "split": split, "kinds": ["signal"],
+                 "datasets": ["mitdb"], "batch_size": 16, "num_workers": 0},
+        "model": SIGNAL_VIT,
+        "objectives": [{"name": "mae", "mask_ratio": 0.75, "decoder_dim": 64,
+                        "decoder_depth": 1, "decoder_heads": 4}],
+        "train": _train(s.ecg_steps, 1.5e-3, plots=1),
+    }  # fmt: skip
+
+
+def mcm_config(shards: Path, run: Path, s: Scale) -> dict[str, Any]:
+    """BERT-style masked codes on random 256-token windows of the train patients' records."""
+    return {
+        "name": "demo-mcm-ehr",
+        "out_dir": str(run),
+        "data": {"shards": str(shards), "split": "train", "kinds": ["ehr"], "batch_size": 16,
+                 "num_workers": 0, "max_tokens": EHR_MODEL["max_tokens"]},
+        "model": EHR_MODEL,
+        "objectives": [{"name": "mcm", "mask_ratio": 0.15}],
+        "train": _train(s.ehr_steps, 1.5e-3, plots=1),
     }  # fmt: skip
 
 

@@ -7,6 +7,8 @@ under the output folder) and real data only.
     pretrain a small MAE (chest X-rays; without them a 3D MAE on the pip-shipped volumes)
     synth    a tiny diffusion model, synthetic X-rays, their audit
     finetune LoRA on the pneumonia task, export, hub push, pull, evaluate the pulled export
+    ecg      a 1D MAE on the MIT-BIH windows, a probe for normal vs non-normal beats (time split)
+    ehr      masked-code pretraining on the MIMIC-IV demo, a 30-day readmission probe (by patient)
 
 Every spec and config is written to `<out>/configs/` first and the stage runs exactly that file,
 so each stage can be rerun alone with the commands printed at the end. Data that is missing
@@ -28,7 +30,7 @@ from medfm.io import write_json, write_text
 
 from . import configs as dc
 from .report import print_table, write_report
-from .stages import Demo, finetune, ingest, pretrain, synth, verify_all
+from .stages import Demo, ecg, ehr, finetune, ingest, pretrain, synth, verify_all
 
 # What a demo run writes (and a rerun replaces); the hub and the key are kept across runs.
 OUTPUTS = ("configs", "staging", "shards", "runs", "synth", "exports", "pulled", "report.html",
@@ -103,6 +105,8 @@ def run_demo(out: str, overwrite: bool = True, quick: bool = False) -> dict[str,
         for name in ("pretrain diffusion", "synth generate", "synth audit", "finetune lora",
                      "export + hub", "evaluate pulled export"):  # fmt: skip
             d.skip(name, reason)
+    ecg(d, shards["ecg"])
+    ehr(d, shards.get("ehr"))
     total = time.perf_counter() - t0
     summary = {
         "out": str(d.out),

@@ -25,6 +25,7 @@ from . import configs as dc
 SPLITS = ("train", "val", "test")
 
 HUB_REPO = "demo/pneumonia-lora@v1"
+ECG_SECTION, EHR_SECTION = "ECG", "EHR"
 PREVIEWS = {"mae": "inputs, masked inputs, reconstructions",
             "diffusion": "training images and samples"}  # fmt: skip
 
@@ -190,8 +191,9 @@ def last_loss(run: Path, column: str = "train/loss") -> float:
     return float(np.mean(values[-5:]))
 
 
-def pretrain(d: Demo, name: str, tree: dict[str, Any]) -> Path:
-    """One `medfm pretrain` run from its written config; returns the export folder."""
+def pretrain(d: Demo, name: str, tree: dict[str, Any], section: str = "Pretraining") -> Path:
+    """One `medfm pretrain` run from its written config, its PNGs under `section`; returns the
+    export folder."""
     from medfm.pretrain.config import load_config
     from medfm.pretrain.train import run
 
@@ -203,10 +205,10 @@ def pretrain(d: Demo, name: str, tree: dict[str, Any]) -> Path:
         row.items = f"{summary['steps']} steps"
         row.metric = f"loss {last_loss(out):.4f}, {rate:.0f} samples/s"
     plots = out / "plots"
-    d.figure("Pretraining", f"{name}: training loss", plots / "loss.png")
+    d.figure(section, f"{name}: training loss", plots / "loss.png")
     previews = sorted(plots.glob("*_step*.png"))  # the objective's preview at each checkpoint
     if previews:
-        d.figure("Pretraining", f"{name}: {PREVIEWS[tree['objectives'][0]['name']]}", previews[-1])
+        d.figure(section, f"{name}: {PREVIEWS[tree['objectives'][0]['name']]}", previews[-1])
     return out / "export"
 
 
@@ -277,3 +279,61 @@ def finetune(d: Demo, encoder: Path, shards: Path) -> None:
     d.commands.append(f"medfm finetune evaluate {pulled} --config {path} --roc {roc}")
     d.results["evaluation"] = {"export": str(pulled), "auroc": auroc["value"], "n": m["n"]}
     d.figure("Fine-tuning", "ROC of the pulled export on the test split", roc)
+
+
+def _ci(m: dict[str, float]) -> str:
+    return f"{m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
+
+
+def ecg(d: Demo, shards: Path) -> None:
+    """1D MAE on the MIT-BIH windows, then a probe for normal vs non-normal beats on them."""
+    from medfm.finetune.encoder import load_base_encoder
+    from medfm.shards import Manifest
+
+    from .probes import ecg_beats, evaluate
+
+    splits = {r["split"] for r in Manifest.open(str(shards)).rows() if r["dataset"] == "mitdb"}
+    if not splits:
+        for name in ("pretrain mae1d", "probe ecg beats"):
+            d.skip(name, f"needs the MIT-BIH record ({d.inputs.missing('wfdb/100.hea')})")
+        return
+    (split,) = splits  # one record, one patient
+    tree = dc.mae1d_config(shards, split, d.out / "runs" / "mae1d", d.scale)
+    export = pretrain(d, "mae1d", tree, section=ECG_SECTION)
+    roc = d.out / "runs" / "roc_ecg_beats.png"
+    with d.stage("probe ecg beats") as row:
+        base = load_base_encoder(str(export))
+        m = evaluate(
+            ecg_beats(shards, base.encoder.eval(), base.preprocessing), roc, d.scale.bootstrap
+        )
+        c = m["counts"]
+        row.items = f"{c['train'] + c['test']} beats"
+        row.metric = (f"test AUROC {_ci(m['auroc'])} (95% CI; {c['test']} test beats, "
+                      f"{c['test_positive']} non-normal, later in time than the {c['train']} "
+                      f"train beats), balanced accuracy {_ci(m['balanced_accuracy'])}")  # fmt: skip
+    d.results["ecg_beats"] = m
+    d.figure(ECG_SECTION, "ROC of the beat probe on the record's last 40% (time split)", roc)
+
+
+def ehr(d: Demo, shards: Path | None) -> None:
+    """Masked-code pretraining on the MIMIC-IV demo, then a 30-day readmission probe."""
+    from medfm.finetune.encoder import load_base_encoder
+
+    from .probes import ehr_discharges, evaluate
+
+    if shards is None:
+        for name in ("pretrain mcm", "probe ehr readmission"):
+            d.skip(name, f"needs the MIMIC-IV demo ({d.inputs.missing('mimic-iv-demo-2.2')})")
+        return
+    export = pretrain(d, "mcm", dc.mcm_config(shards, d.out / "runs" / "mcm", d.scale), EHR_SECTION)
+    roc = d.out / "runs" / "roc_ehr_readmission.png"
+    with d.stage("probe ehr readmission") as row:
+        ps, n = ehr_discharges(shards, load_base_encoder(str(export)).encoder.eval())
+        m = evaluate(ps, roc, d.scale.bootstrap)
+        c = m["counts"]
+        row.items = f"{n['discharges']} discharges"
+        row.metric = (f"test AUROC {_ci(m['auroc'])} (95% CI; {c['test']} discharges of "
+                      f"{c['test_clusters']} held-out patients, {c['test_positive']} readmitted "
+                      "within 30 days: ~100 patients, a wide interval)")  # fmt: skip
+    d.results["ehr_readmission"] = m | {"n": n}
+    d.figure(EHR_SECTION, "ROC of the 30-day readmission probe on held-out patients", roc)
