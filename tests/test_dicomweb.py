@@ -22,6 +22,7 @@ from s3_helpers import free_port
 from medfm.ingest.job import run_ingest
 from medfm.ingest.load import parse_spec
 from medfm.ingest.privacy import Keyring
+from medfm.ingest.registry import IngestError
 from medfm.ingest.spec import SpecError
 from medfm.shards import Manifest
 
@@ -213,3 +214,22 @@ def test_unreachable_server_is_one_clear_line(ray_local, tmp_path):
     ], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out" / "_ingest").exists()  # a failed start leaves nothing
+
+
+def test_refused_credentials_are_one_line_naming_the_variables(ray_local, pacs, tmp_path,
+                                                               monkeypatch):  # fmt: skip
+    host = pacs.http.removeprefix("http://")
+    monkeypatch.setenv("MEDFM_DICOMWEB_PASSWORD", "wrong-pass")
+    with pytest.raises(IngestError) as e:
+        _ingest({"root": pacs.root}, tmp_path / "wrong")
+    assert str(e.value).startswith(f"source 'pacs': DICOMweb server {host}: HTTP 401")
+    assert "MEDFM_DICOMWEB_USER" in str(e.value) and "wrong-pass" not in str(e.value)
+    # A token file wins over the (now right) password: its bearer token is what Orthanc, which
+    # knows only its users, refuses.
+    monkeypatch.setenv("MEDFM_DICOMWEB_PASSWORD", PASSWORD)
+    token = tmp_path / "token"
+    token.write_text("not-a-token\n")
+    monkeypatch.setenv("MEDFM_DICOMWEB_TOKEN_FILE", str(token))
+    with pytest.raises(IngestError, match=f"DICOMweb server {host}: HTTP 401"):
+        _ingest({"root": pacs.root}, tmp_path / "token_out")
+    assert not (tmp_path / "wrong").exists() and not (tmp_path / "token_out").exists()
