@@ -40,7 +40,7 @@ from .pipeline import (
     clean_bucket,
     merge_statistics,
     partition_file,
-    read_parquet,
+    read_events,
     scan_identifiers,
     tokenize_bucket,
 )
@@ -225,7 +225,7 @@ class EHRReader(Reader):
         vocab = Vocabulary.from_json(vfs.cat_file(vpath).decode())
         wfs, _ = get_fs(prep["work"])
         path = bucket_path(prep["work"], item.info["bucket"])
-        table = read_parquet(wfs, path)
+        table = read_events(wfs, path)
         inputs = prep.get("inputs", {})
         for seq in tokenize_bucket(table, vocab, self.ehr):
             yield Sample(

@@ -25,7 +25,7 @@ from medfm.io import atomic_write_bytes, get_fs
 from medfm.shards.schema import EHR_DIR
 
 from ..registry import IngestError
-from .pipeline import YEAR_S, parquet_bytes, read_parquet
+from .pipeline import YEAR_S, parquet_bytes, read_events
 from .spec import EHRSpec
 from .tables import BIRTH_CODE, KIND_BIRTH, KIND_EVENT, KIND_STATIC, factorize
 from .vocab import Vocabulary
@@ -103,7 +103,7 @@ def write_meds_bucket(
 ) -> dict[str, Any]:
     """Write bucket k's MEDS data file; returns its relative path, subjects and codes."""
     fs, path = get_fs(clean_path)
-    table = read_parquet(fs, path)
+    table = read_events(fs, path)
     vfs, vpath = get_fs(vocab_path)
     vocab = Vocabulary.from_json(vfs.cat_file(vpath).decode())
     if not table.num_rows:

@@ -55,9 +55,10 @@ from .vocab import (
 
 YEAR_S = 365.25 * 86400
 BIRTH_SLACK_S = 366 * 86400  # birth years estimated from an age are exact to a year only
-# Work files (bucket parts, clean buckets) are read back once or twice and then removed: LZ4
-# reads and writes at about twice zstd's speed, and their size does not matter.
-SCRATCH_COMPRESSION = "lz4"
+# Work files (bucket parts, clean buckets) are read back once or twice and then removed: Arrow
+# IPC files, which need no encoding (about a third of Parquet's CPU to write and read), their
+# buffers zstd-compressed (three times Parquet's size, a third of uncompressed IPC's).
+SCRATCH_IPC = {"compression": "zstd", "use_threads": False}
 
 
 def bucket_of(pids: list[str], buckets: int) -> np.ndarray:
@@ -166,29 +167,38 @@ def _write_buckets(events: pa.Table, buckets: int, work: str, tag: str, wfs, wri
     for k in np.unique(b):
         part = events.filter(pa.array(b == k))
         if k not in writers:
-            final = f"{work}/buckets/b{k:04d}/{tag}.parquet"
+            final = f"{work}/buckets/b{k:04d}/{tag}.arrow"
             wfs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
             tmp = tmp_name(final)
             f = wfs.open(tmp, "wb")
-            writer = pq.ParquetWriter(f, EVENT_SCHEMA, compression=SCRATCH_COMPRESSION)
+            writer = pa.ipc.new_file(f, EVENT_SCHEMA, options=pa.ipc.IpcWriteOptions(**SCRATCH_IPC))
             writers[k] = (final, tmp, writer, f)
         writers[k][2].write_table(part)
 
 
-def read_parquet(fs: Any, path: str) -> pa.Table:
-    # Single-threaded: pyarrow 26's threaded reads can abort at interpreter exit (see manifest.py).
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f, use_threads=False)
-
-
-def parquet_bytes(table: pa.Table, compression: str = "zstd") -> bytes:
+def parquet_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression=compression)
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+def read_events(fs: Any, path: str) -> pa.Table:
+    """A work file (Arrow IPC) of events. Single-threaded: pyarrow 26's threaded reads can
+    abort at interpreter exit (see manifest.py)."""
+    reader = pa.ipc.open_file(pa.BufferReader(fs.cat_file(path)),
+                              options=pa.ipc.IpcReadOptions(use_threads=False))  # fmt: skip
+    return reader.read_all()
+
+
+def events_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema, options=pa.ipc.IpcWriteOptions(**SCRATCH_IPC)) as w:
+        w.write_table(table)
     return sink.getvalue().to_pybytes()
 
 
 def bucket_path(work: str, k: int) -> str:
-    return f"{work}/clean/b{k:04d}.parquet"
+    return f"{work}/clean/b{k:04d}.arrow"
 
 
 def clean_bucket(
@@ -199,10 +209,10 @@ def clean_bucket(
     stats_path = f"{work}/clean/b{k:04d}.json"
     if wfs.exists(stats_path):
         return json.loads(wfs.cat_file(stats_path))
-    files = sorted(wfs.glob(f"{work}/buckets/b{k:04d}/*.parquet"))
+    files = sorted(wfs.glob(f"{work}/buckets/b{k:04d}/*.arrow"))
     files = [f for f in files if ".tmp-" not in f]
     table = (
-        pa.concat_tables([read_parquet(wfs, f) for f in files])
+        pa.concat_tables([read_events(wfs, f) for f in files])
         if files
         else EVENT_SCHEMA.empty_table()
     )
@@ -212,12 +222,12 @@ def clean_bucket(
         table = table.set_column(table.schema.get_field_index("kind"), "kind", kind)
     table, before = drop_before_birth(table, spec)
     table = sort_events(table)
-    atomic_write_bytes(wfs, bucket_path(work, k), parquet_bytes(table, SCRATCH_COMPRESSION))
+    atomic_write_bytes(wfs, bucket_path(work, k), events_bytes(table))
     out, sample = train_statistics(table, spec, split_of, seed + k)
     # The value sample (up to bin_sample values per code) goes to its own Parquet file: as
     # JSON it would cost more to encode and decode than the rest of this pass.
-    out["values"] = f"{work}/clean/b{k:04d}.values.parquet"
-    atomic_write_bytes(wfs, out["values"], parquet_bytes(sample, SCRATCH_COMPRESSION))
+    out["values"] = f"{work}/clean/b{k:04d}.values.arrow"
+    atomic_write_bytes(wfs, out["values"], events_bytes(sample))
     out["before_birth"] = before
     atomic_write_bytes(wfs, stats_path, json.dumps(out, sort_keys=True).encode())
     return out
@@ -348,10 +358,9 @@ def tokenize_bucket(table: pa.Table, vocab: Vocabulary, spec: EHRSpec) -> Iterat
     att = interval_token(gap) if spec.time_tokens else np.full(len(t), -1)
     att_id = np.where(att >= 0, len(SPECIAL) + att, -1)  # interval tokens follow the specials
     mat = np.stack([att_id, code_id, bin_id], axis=1)
-    types = np.tile([TYPE_INTERVAL, TYPE_CODE, TYPE_VALUE], (len(t), 1))
     keep = mat >= 0
-    tok, typ = mat[keep], types[keep]
-    ev_of_tok = np.repeat(np.arange(len(t)), 3).reshape(-1, 3)[keep]
+    ev_of_tok, slot = np.nonzero(keep)  # each token's event, and which of the three it is
+    tok, typ = mat[keep], np.array([TYPE_INTERVAL, TYPE_CODE, TYPE_VALUE])[slot]
     starts = np.flatnonzero(new)
     ends = np.r_[starts[1:], len(t)]
     tok_bounds = np.searchsorted(ev_of_tok, np.r_[starts, len(t)])
@@ -428,7 +437,7 @@ def merge_statistics(
     for p in parts:
         counts.update(p["counts"])
         fs, path = get_fs(p["values"])
-        samples.append(read_parquet(fs, path))
+        samples.append(read_events(fs, path))
     sample = pa.concat_tables(samples)
     if not sample.num_rows:
         return counts, np.zeros(0, str), np.zeros(0)

@@ -286,9 +286,13 @@ def parse_values(col: pa.Array) -> np.ndarray:
         v = np.asarray(pc.cast(col, pa.float64()).fill_null(np.nan))
     else:
         strings, _ = as_strings(col)
-        ok = pc.match_substring_regex(strings, NUMBER).fill_null(False)
-        v = np.asarray(pc.cast(pc.if_else(ok, strings, None), pa.float64()).fill_null(np.nan))
+        (v,) = on_distinct(strings, lambda distinct: (_text_values(distinct),))
     return np.where(np.isfinite(v), v, np.nan)
+
+
+def _text_values(strings: pa.Array) -> np.ndarray:
+    ok = pc.match_substring_regex(strings, NUMBER).fill_null(False)
+    return np.asarray(pc.cast(pc.if_else(ok, strings, None), pa.float64()).fill_null(np.nan))
 
 
 def load_time_join(fs: Any, paths: list[str], key: str, time: str, batch_rows: int) -> dict:
