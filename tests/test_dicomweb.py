@@ -4,11 +4,13 @@ written CT series. Ingesting from it must give the manifest rows of the same fil
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,3 +235,54 @@ def test_refused_credentials_are_one_line_naming_the_variables(ray_local, pacs, 
     with pytest.raises(IngestError, match=f"DICOMweb server {host}: HTTP 401"):
         _ingest({"root": pacs.root}, tmp_path / "token_out")
     assert not (tmp_path / "wrong").exists() and not (tmp_path / "token_out").exists()
+
+
+class _Flaky(http.server.BaseHTTPRequestHandler):
+    """A reverse proxy to Orthanc that answers 503 to the first `failures` requests: a real
+    server under load, as the retries see it."""
+
+    upstream = ""
+    failures = 0
+    seen: list[int] = []  # status of each request
+    at: list[float] = []  # and when it came
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self.at.append(time.monotonic())
+        if len(self.seen) < self.failures:
+            self.seen.append(503)
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        headers = {k: v for k, v in self.headers.items() if k in ("Accept", "Authorization")}
+        r = requests.get(self.upstream + self.path, headers=headers, timeout=30)
+        self.seen.append(r.status_code)
+        self.send_response(r.status_code)
+        self.send_header("Content-Type", r.headers.get("Content-Type", ""))
+        self.send_header("Content-Length", str(len(r.content)))
+        self.end_headers()
+        self.wfile.write(r.content)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_5xx_answers_are_retried_with_backoff(ray_local, pacs, tmp_path):
+    _Flaky.upstream, _Flaky.failures, _Flaky.seen, _Flaky.at = pacs.http, 3, [], []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    root = f"dicomweb+http://127.0.0.1:{server.server_port}/dicom-web"
+    try:
+        src = {"root": root, "dicomweb": {"modality": ["MR"], "retries": 3, "backoff_s": 0.2}}
+        rows = _ingest(src, tmp_path / "flaky")
+        assert _Flaky.seen[:4] == [503, 503, 503, 200] and [r["modality"] for r in rows] == ["MR"]
+        waits = [b - a for a, b in zip(_Flaky.at[:3], _Flaky.at[1:4], strict=True)]
+        assert all(w >= 0.95 * want for w, want in zip(waits, (0.2, 0.4, 0.8), strict=True)), waits
+        _Flaky.failures, _Flaky.seen, _Flaky.at = 2, [], []
+        src["dicomweb"]["retries"] = 1
+        with pytest.raises(IngestError) as e:
+            _ingest(src, tmp_path / "gives_up")
+        host = f"127.0.0.1:{server.server_port}"
+        assert str(e.value) == f"source 'pacs': DICOMweb server {host}: HTTP 503 after 2 attempts"
+    finally:
+        server.shutdown()
