@@ -1,6 +1,6 @@
 """Every stage against a real S3 API: moto's standalone server on loopback (tests/s3_helpers.py),
-reached over HTTP by s3fs in this process and in Ray workers. Nothing
-here mocks a filesystem call. Also: a URL whose filesystem is not installed names the extra."""
+reached over HTTP by s3fs in this process and in Ray workers. Nothing here mocks a filesystem
+call. Also: a URL whose filesystem is not installed names the extra."""
 
 from __future__ import annotations
 
@@ -131,12 +131,10 @@ def every_kind_spec(sample_data: Path) -> dict:
     }  # fmt: skip
 
 
-def comparable_rows(root: str) -> list[dict]:
-    """Manifest rows without what differs between two runs of the same job (locations, times)."""
-    rows = list(Manifest.open(root).rows(decode_json=True))
-    drop = ("shard", "offset", "size", "member", "created")
-    return sorted(({k: v for k, v in r.items() if k not in drop} for r in rows),
-                  key=lambda r: r["key"])  # fmt: skip
+def sorted_rows(root: str) -> list[dict]:
+    """Every manifest row, whole: names and hashes derive from the inputs, so two runs of the
+    same job agree on all of them, shard names and offsets included."""
+    return sorted(Manifest.open(root).rows(decode_json=True), key=lambda r: r["key"])
 
 
 @pytest.fixture(scope="module")
@@ -162,9 +160,9 @@ def test_ingest_to_s3_equals_ingest_to_disk_and_the_cli_reads_it(ingested, medfm
     fs, path = get_fs(url)
     assert fs.protocol[0] == "s3" and fs.exists(f"{path}/manifest.json")
     assert not [p for p in fs.find(path) if TMP_MARKER in p]  # every temporary was committed
-    rows = comparable_rows(url)
+    rows = sorted_rows(url)
     assert {r["kind"] for r in rows} == {"image2d", "volume3d", "signal", "ehr"}
-    assert rows == comparable_rows(local)  # same samples, hashes, splits as on local disk
+    assert rows == sorted_rows(local)  # same samples, hashes, splits as on local disk
 
     def cli(*args: str) -> str:
         r = medfm("shards", *args)
@@ -200,7 +198,7 @@ def test_resume_on_s3_reruns_only_the_unfinished_task(ingested, ray_s3):
     yet written; a dead attempt's temporary left among the tars) resumes on S3: the finished
     tasks are reused, the temporary is removed, and the manifest equals the first run's."""
     url, _, spec = ingested
-    before = comparable_rows(url)
+    before = sorted_rows(url)
     fs, path = get_fs(url)
     parts = sorted(fs.find(f"{path}/_ingest/parts"))
     assert len(parts) == 4
@@ -209,7 +207,7 @@ def test_resume_on_s3_reruns_only_the_unfinished_task(ingested, ray_s3):
     job = parse_spec(spec)
     summary = run_ingest(job, url, keyring=Keyring(KEY), progress=False, resume=True)
     assert (summary.tasks_run, summary.tasks_reused) == (1, 3)
-    assert comparable_rows(url) == before
+    assert sorted_rows(url) == before
     assert not [p for p in fs.find(path) if TMP_MARKER in p]
     assert verify(url).ok
 
