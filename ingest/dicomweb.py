@@ -100,7 +100,7 @@ class Fetcher:
         # Errors name the server (host and port), never a path, query or patient value.
         self.what = f"source {src.name!r}: DICOMweb server {urlsplit(url).netloc}"
         self.accessions = read_accessions(self.cfg.accessions, base_dir, src.name)
-        self.client = _client(url)
+        self.client = _client(url, self.cfg.concurrency)
         self.counts = FetchCounts()
 
     def run(self) -> FetchCounts:
@@ -174,6 +174,8 @@ class Fetcher:
             page = self._retry(
                 lambda: search(*uids, search_filters=filters, offset=offset, limit=PAGE, **kw)  # noqa: B023
             )
+            if page and page[0] in out:  # a server that ignores offset: it sent everything
+                return out
             out += page
             if len(page) < PAGE:
                 return out
@@ -190,7 +192,8 @@ class Fetcher:
                 why = f"HTTP {code}"
                 if code < 500 and code != 429:  # the request is wrong: retrying cannot help
                     raise IngestError(f"{self.what}: {why}{_hint(code)}") from None
-            except (requests.ConnectionError, requests.Timeout) as e:
+            except (requests.ConnectionError, requests.Timeout,
+                    requests.exceptions.ChunkedEncodingError) as e:  # fmt: skip
                 why = f"unreachable ({type(e).__name__})"
             if attempt + 1 < attempts:
                 time.sleep(self.cfg.backoff_s * 2**attempt)
@@ -209,9 +212,9 @@ def _value(record: dict, tag: str) -> str:
     return str(values[0])
 
 
-def _client(url: str) -> Any:
-    """A dicomweb-client with the environment's credentials; its own retries are off (ours
-    also cover connection errors)."""
+def _client(url: str, connections: int) -> Any:
+    """A dicomweb-client with the environment's credentials and a connection for each
+    concurrent retrieval; its own retries are off (ours also cover connection errors)."""
     try:
         import requests
         from dicomweb_client.api import DICOMwebClient
@@ -220,6 +223,8 @@ def _client(url: str) -> Any:
             "a dicomweb source needs dicomweb-client: pip install 'medfm[pacs]'"
         ) from None
     session = requests.Session()
+    for scheme in ("http://", "https://"):
+        session.mount(scheme, requests.adapters.HTTPAdapter(pool_maxsize=connections))
     token_file = os.environ.get("MEDFM_DICOMWEB_TOKEN_FILE")
     if token_file:
         try:
