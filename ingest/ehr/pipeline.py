@@ -431,7 +431,7 @@ def _sequence(pid, adm, tok, typ, tok_t, ev_t, static_ids, birth, vocab, spec) -
 def merge_statistics(
     parts: list[dict[str, Any]], spec: EHRSpec
 ) -> tuple[Counter, np.ndarray, np.ndarray]:
-    """Train code counts and the merged value sample (codes as str, values) of the buckets."""
+    """Train code counts and the merged value sample (codes, values; grouped by code)."""
     counts: Counter = Counter()
     samples = []
     for p in parts:
@@ -444,6 +444,6 @@ def merge_statistics(
     code, distinct = factorize(sample.column("code"))
     c, v, _ = bottom_k(code, np.asarray(sample.column("value")), np.asarray(sample.column("prio")),
                        spec.bin_sample)  # fmt: skip
-    names = np.asarray(distinct.to_numpy(zero_copy_only=False), dtype=str)
+    names = distinct.to_numpy(zero_copy_only=False)  # object: a fixed-width str copy is slow
     order = np.argsort(c, kind="stable")  # grouped by code, as fit_vocabulary wants them
     return counts, names[c[order]], v[order]
