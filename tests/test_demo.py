@@ -24,8 +24,10 @@ from medfm.shards import Manifest, verify
 ALL_STAGES = [
     "stage xray PNGs", "ingest imaging", "ingest ecg", "ingest ehr", "ingest xray", "verify",
     "pretrain mae2d", "pretrain diffusion", "synth generate", "synth audit", "finetune lora",
-    "export + hub", "evaluate pulled export",
+    "export + hub", "evaluate pulled export", "pretrain mae1d", "probe ecg beats",
+    "pretrain mcm", "probe ehr readmission",
 ]  # fmt: skip
+ECG_EHR_STAGES = ALL_STAGES[-4:]
 
 
 def run_demo(medfm_exe: str, out: Path, sample_data: Path | None) -> tuple[dict, str]:
@@ -38,6 +40,14 @@ def run_demo(medfm_exe: str, out: Path, sample_data: Path | None) -> tuple[dict,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return json.loads((out / "summary.json").read_text()), proc.stdout
+
+
+def section_pngs(out: Path) -> dict[str, list[str]]:
+    """{h2 heading: the PNGs linked under it} of report.html."""
+    page = (out / "report.html").read_text()
+    parts = re.split(r"<h2>([^<]+)</h2>", page)[1:]
+    pairs = zip(parts[::2], parts[1::2], strict=True)
+    return {h: re.findall(r'<img src="([^"]+)"', body) for h, body in pairs}
 
 
 def linked_pngs(out: Path) -> list[str]:
@@ -61,6 +71,16 @@ def test_quick_demo_runs_every_stage_on_real_data(sample_data, medfm_exe, tmp_pa
     for want in ("mae2d/plots/loss.png", "mae2d/plots/mae_step", "diffusion/plots/loss.png",
                  "audit/report.png", "audit/closest_pairs.png", "roc_pulled.png"):  # fmt: skip
         assert any(want in rel for rel in links), (want, links)
+    # ECG and EHR have their own sections: loss curve, (MAE) reconstructions, downstream ROC.
+    by_section = section_pngs(out)
+    for section, wants in (
+        ("ECG", ("mae1d/plots/loss.png", "mae1d/plots/mae_step", "runs/roc_ecg_beats.png")),
+        ("EHR", ("mcm/plots/loss.png", "runs/roc_ehr_readmission.png")),
+    ):
+        for want in wants:
+            assert any(want in rel for rel in by_section[section]), (section, want, by_section)
+    page_text = (out / "report.html").read_text()
+    assert "Test AUROC" in page_text and "interval is wide" in page_text
     # The report as a reader sees it: loaded in a real browser, every image decoded.
     page = check_page(out / "report.html")
     assert page["images"] == len(links) and page["broken"] == [], page
@@ -86,7 +106,7 @@ def test_quick_demo_runs_every_stage_on_real_data(sample_data, medfm_exe, tmp_pa
 
     for name in ("imaging", "ecg", "ehr", "xray"):
         load_spec(out / "configs" / f"ingest_{name}.yaml")
-    for name in ("mae2d", "diffusion"):
+    for name in ("mae2d", "diffusion", "mae1d", "mcm"):
         pretrain_config(out / "configs" / f"pretrain_{name}.yaml")
     cfg = load_config(out / "configs" / "finetune_lora.yaml")
     assert any(c.startswith("medfm finetune --config") for c in summary["commands"])
@@ -100,6 +120,42 @@ def test_quick_demo_runs_every_stage_on_real_data(sample_data, medfm_exe, tmp_pa
     assert summary["evaluation"]["auroc"] == pytest.approx(run_metrics["auroc"]["value"])
     assert summary["evaluation"]["auroc"] > 0.5  # better than chance after one epoch
     assert summary["audit"]["verdict"] in ("pass", "fail")
+    check_ecg_and_ehr_probes(out, summary)
+
+
+def check_ecg_and_ehr_probes(out: Path, summary: dict) -> None:
+    """The downstream figures come with a CI, and their splits are what the report says: beat
+    windows apart in time (train before test, 30 s between), readmission split by patient with
+    no test patient seen in pretraining."""
+    from medfm.demo.probes import ECG_GAP_S, ecg_beats, ehr_discharges
+    from medfm.finetune.encoder import load_base_encoder
+
+    for key in ("ecg_beats", "ehr_readmission"):
+        m = summary[key]
+        a, c = m["auroc"], m["counts"]
+        assert 0.0 <= a["ci_low"] <= a["value"] <= a["ci_high"] <= 1.0, (key, a)
+        assert c["train_positive"] > 0 and c["test_positive"] > 0, (key, c)
+        assert c["test_positive"] < c["test"], (key, c)
+
+    shards = out / "shards"
+    start = {r["key"]: r["meta"]["window_start_s"]
+             for r in Manifest.open(str(shards / "ecg")).rows(decode_json=True)}  # fmt: skip
+    base = load_base_encoder(str(out / "runs" / "mae1d" / "export"))
+    beats = ecg_beats(shards / "ecg", base.encoder.eval(), base.preprocessing)
+    t = [start[k] for k in beats.clusters]
+    train_t = [x for x, tr in zip(t, beats.train, strict=True) if tr]
+    test_t = [x for x, tr in zip(t, beats.train, strict=True) if not tr]
+    assert max(train_t) + ECG_GAP_S <= min(test_t), (max(train_t), min(test_t))
+    assert len(beats.labels) == summary["ecg_beats"]["counts"]["train"] + len(test_t)
+
+    split_of = {r["patient_id"]: r["split"] for r in Manifest.open(str(shards / "ehr")).rows()}
+    encoder = load_base_encoder(str(out / "runs" / "mcm" / "export")).encoder.eval()
+    visits, _ = ehr_discharges(shards / "ehr", encoder)
+    train_p = {p for p, tr in zip(visits.clusters, visits.train, strict=True) if tr}
+    test_p = {p for p, tr in zip(visits.clusters, visits.train, strict=True) if not tr}
+    assert train_p and test_p and not train_p & test_p
+    assert {split_of[p] for p in train_p} == {"train"}  # the MCM's pretraining split
+    assert {split_of[p] for p in test_p} <= {"val", "test"}
 
 
 @pytest.mark.slow
@@ -112,7 +168,7 @@ def test_quick_demo_without_sample_data_skips_what_needs_it(medfm_exe, tmp_path)
     skipped = {n: s["metric"] for n, s in stages.items() if s["status"] == "skipped"}
     assert set(skipped) == {"ingest ehr", "ingest xray", "pretrain diffusion", "synth generate",
                             "synth audit", "finetune lora", "export + hub",
-                            "evaluate pulled export"}  # fmt: skip
+                            "evaluate pulled export", *ECG_EHR_STAGES}  # fmt: skip
     assert all("MEDFM_SAMPLE_DATA is unset" in why for why in skipped.values()), skipped
     assert all(f"{name}: SKIPPED" in stdout for name in skipped)
     assert all(verify(root).ok for root in summary["verified"])
