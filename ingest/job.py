@@ -224,9 +224,10 @@ PREPARE_FILE = "_ingest/prepare.json"
 OUTPUT_FOLDERS = ("tars", "volumes.zarr", "ehr")  # where conversion tasks write samples
 
 
-def run_prepare(spec, keyring, items, dest, book: Bookkeeper, ray,
-                progress: bool = True) -> dict[str, Any]:  # fmt: skip
-    """Readers' driver-side passes (EHR vocabulary); cached so that a resume reuses them."""
+def run_prepare(spec, keyring, items, dest, book: Bookkeeper, ray, progress: bool = True,
+                workers: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """Readers' driver-side passes (EHR vocabulary), their Ray tasks capped at `workers` as
+    the conversion's are; cached so that a resume reuses them."""
     cached = book.read_json(PREPARE_FILE)
     if cached is not None:
         return cached
@@ -238,7 +239,7 @@ def run_prepare(spec, keyring, items, dest, book: Bookkeeper, ray,
             continue
         fs, _ = get_fs(src.root, **src.storage_options)
         work = as_url(book.fs, book.path(f"_ingest/prepare/{source}"))
-        ctx = PrepareContext(spec, src, keyring, fs, dest, work, ray, progress)
+        ctx = PrepareContext(spec, src, keyring, fs, dest, work, ray, progress, workers)
         mine = [i for i in items if i.source == source and i.format == fmt]
         out[source] = reader.prepare(mine, ctx)
         if "quarantine" in out[source]:
@@ -511,7 +512,9 @@ def _run(spec, dest, book: Bookkeeper, lease: Lease, keyring, summary: Summary, 
         summary.items = len(items)
         summary.bytes_in = sum(t.nbytes for t in tasks)
         stats = run_stats_pass(spec, keyring, tasks, book, ray) if needs_stats_pass(spec) else {}
-        for source, prep in run_prepare(spec, keyring, items, dest, book, ray, progress).items():
+        for source, prep in run_prepare(
+            spec, keyring, items, dest, book, ray, progress, workers
+        ).items():
             stats[source] = {**stats.get(source, {}), **prep}
         prog = Progress(summary.bytes_in, len(tasks), enabled=progress)
         parts, summary.tasks_run, summary.tasks_reused = run_conversion(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 
@@ -68,19 +68,32 @@ class Progress:
             print(self.line(), file=self.stream, flush=True)
 
 
-def gather(ray: Any, refs: Sequence[Any], progress: Progress,
-           nbytes: Sequence[int] | None = None) -> list[Any]:  # fmt: skip
-    """`ray.get(refs)` (results in order), counting each task in `progress` as it finishes
-    (with `nbytes[i]` input bytes), and showing the line every `progress.every` seconds."""
-    index = {ref: i for i, ref in enumerate(refs)}
-    out: list[Any] = [None] * len(refs)
-    pending = list(refs)
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1, timeout=progress.every)
+def gather(ray: Any, tasks: Sequence[Callable[[], Any]], progress: Progress,
+           nbytes: Sequence[int] | None = None, limit: int | None = None) -> list[Any]:  # fmt: skip
+    """Run `tasks` (each submits one Ray task and returns its ref) with at most `limit` in
+    flight (all at once when None), and return their results in order, counting each in
+    `progress` as it finishes (with `nbytes[i]` input bytes) and showing the line every
+    `progress.every` seconds. `limit` is the job's `workers`: a 1-worker job uses one core in
+    its prepare passes too, as in its conversion tasks."""
+    out: list[Any] = [None] * len(tasks)
+    index: dict[Any, int] = {}
+    todo = iter(range(len(tasks)))
+    cap = limit or len(tasks)
+
+    def submit() -> None:
+        i = next(todo, None)
+        if i is not None:
+            index[tasks[i]()] = i
+
+    for _ in range(cap):
+        submit()
+    while index:
+        ready, _ = ray.wait(list(index), num_returns=1, timeout=progress.every)
         for ref in ready:
-            i = index[ref]
+            i = index.pop(ref)
             out[i] = ray.get(ref)
             progress.update(1, 0, nbytes[i] if nbytes else 0, 0)
+            submit()
         if not ready:
             progress.show()
     return out

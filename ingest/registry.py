@@ -192,7 +192,8 @@ class ReadContext:
 @dataclass
 class PrepareContext:
     """What `Reader.prepare` gets on the driver: Ray, and a work folder under the destination.
-    `progress`: the job's flag; a prepare pass shows its progress lines only when it is set."""
+    `progress`: the job's flag; a prepare pass shows its progress lines only when it is set.
+    `workers`: the job's cap on Ray tasks at once (None: every CPU), which prepare passes keep."""
 
     spec: Any
     source: Any
@@ -202,6 +203,7 @@ class PrepareContext:
     work_dir: str
     ray: Any
     progress: bool = True
+    workers: int | None = None
 
 
 class Reader:

@@ -6,7 +6,9 @@ silent. Real Ray jobs on a Synthea-style export, whose patients.csv serves two t
 from __future__ import annotations
 
 import io
+import itertools
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -23,12 +25,13 @@ PHASE = r"\[ingest\] synthea {phase}: {unit} (\d+)/(\d+) \([\d.]+/s\){rate} \| E
 ETA = r"(\d\d:\d\d:\d\d)$"
 
 
-def ingest(tmp_path: Path, progress: bool):
+def ingest(tmp_path: Path, progress: bool, workers: int | None = None):
     data = write_synthea(tmp_path / "csv", patients=12)
     spec = load_spec(SPEC, [f"sources.0.root={data.root}", "sources.0.options.buckets=3",
                             "split.fractions=[0.6,0.2,0.2]"])  # fmt: skip
     out = tmp_path / "out"
-    summary = run_ingest(spec, str(out), progress=progress, keyring=Keyring(KEY))
+    summary = run_ingest(spec, str(out), progress=progress, keyring=Keyring(KEY),
+                         workers=workers)  # fmt: skip
     return data, summary
 
 
@@ -58,6 +61,22 @@ def test_bytes_read_and_every_phase_with_an_eta(ray_local, tmp_path, capsys):
 def test_no_progress_prints_nothing(ray_local, tmp_path, capsys):
     ingest(tmp_path, progress=False)
     assert "[ingest]" not in capsys.readouterr().err
+
+
+PREPARE_TASKS = ("scan_identifiers", "_partition_safe", "clean_bucket", "write_meds_bucket")
+
+
+@pytest.mark.slow  # a real Ray job
+def test_a_one_worker_job_runs_its_prepare_passes_one_task_at_a_time(ray_local, tmp_path):
+    """`workers` caps the prepare passes' Ray tasks as it caps the conversion's: with 1, no
+    two of them ever overlap (Ray's own task events), though the runtime has 2 CPUs."""
+    since = time.time() * 1e6
+    ingest(tmp_path, progress=False, workers=1)
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in ray_local.timeline()
+                   if e.get("cat", "").removeprefix("task::") in PREPARE_TASKS
+                   and e["ts"] >= since)  # fmt: skip
+    assert len(spans) >= 4 * 3, spans  # every pass ran
+    assert all(b[0] >= a[1] for a, b in itertools.pairwise(spans)), spans
 
 
 def test_a_phase_without_bytes_estimates_by_count():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 from collections import Counter
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 from medfm.io import as_url, atomic_write_bytes, get_fs, sha256_bytes
@@ -107,9 +108,10 @@ class EHRReader(Reader):
         self.refuse_identifiers(ctx, jobs, sizes)
         namespace = ctx.spec.deid.patient_namespace
         remote = ray.remote(num_cpus=1, max_retries=3)(_partition_safe)
-        refs = [remote.remote(j, self.ehr, ctx.keyring, namespace, ctx.work_dir, src.root,
-                              src.storage_options) for j in jobs]  # fmt: skip
-        parts = gather(ray, refs, _phase(ctx, "partition", "files", len(jobs), sum(sizes)), sizes)
+        tasks = [partial(remote.remote, j, self.ehr, ctx.keyring, namespace, ctx.work_dir,
+                         src.root, src.storage_options) for j in jobs]  # fmt: skip
+        phase = _phase(ctx, "partition", "files", len(jobs), sum(sizes))
+        parts = gather(ray, tasks, phase, sizes, ctx.workers)
         quarantine = []
         uses = Counter(j.rel for j in jobs)
         for job, part in zip(jobs, parts, strict=True):
@@ -123,9 +125,9 @@ class EHRReader(Reader):
                 quarantine.append(Quarantine(job.rel, reason + which, src.name, "BadRows"))
         split_of = SplitOf(ctx.keyring, ctx.spec.split.fractions, ctx.spec.split.seed)
         clean = ray.remote(num_cpus=1, max_retries=3)(clean_bucket)
-        refs = [clean.remote(k, self.ehr, ctx.work_dir, split_of, ctx.spec.split.seed)
-                for k in range(self.ehr.buckets)]  # fmt: skip
-        stats = gather(ray, refs, _phase(ctx, "clean", "buckets", len(refs)))
+        tasks = [partial(clean.remote, k, self.ehr, ctx.work_dir, split_of, ctx.spec.split.seed)
+                 for k in range(self.ehr.buckets)]  # fmt: skip
+        stats = gather(ray, tasks, _phase(ctx, "clean", "buckets", len(tasks)), None, ctx.workers)
         quarantine += self.before_birth(stats, jobs, src.name)
         vocab = self.fit(stats)
         rel = vocab_rel(src.name)
@@ -158,8 +160,9 @@ class EHRReader(Reader):
         """Stop the job (exit 2) if a code column's values look like identifiers."""
         src = ctx.source
         scan = ctx.ray.remote(num_cpus=1, max_retries=3)(scan_identifiers)
-        refs = [scan.remote(j, self.ehr, src.root, src.storage_options) for j in jobs]
-        found = gather(ctx.ray, refs, _phase(ctx, "scan", "files", len(jobs), sum(sizes)), sizes)
+        tasks = [partial(scan.remote, j, self.ehr, src.root, src.storage_options) for j in jobs]
+        phase = _phase(ctx, "scan", "files", len(jobs), sum(sizes))
+        found = gather(ctx.ray, tasks, phase, sizes, ctx.workers)
         bad = [(j, c, why) for j, cols in zip(jobs, found, strict=True) for c, why in cols.items()]
         if bad:
             job, column, why = bad[0]
@@ -172,10 +175,10 @@ class EHRReader(Reader):
     def write_meds(self, ray: Any, ctx: PrepareContext, vocab: str, split_of: SplitOf) -> list:
         """The cleaned buckets as a MEDS dataset (Ray tasks); returns the files written."""
         write = ray.remote(num_cpus=1, max_retries=3)(write_meds_bucket)
-        refs = [write.remote(k, bucket_path(ctx.work_dir, k), vocab, self.ehr, ctx.dest,
-                             ctx.source.name, split_of)
-                for k in range(self.ehr.buckets)]  # fmt: skip
-        parts = gather(ray, refs, _phase(ctx, "meds", "buckets", len(refs)))
+        tasks = [partial(write.remote, k, bucket_path(ctx.work_dir, k), vocab, self.ehr,
+                         ctx.dest, ctx.source.name, split_of)
+                 for k in range(self.ehr.buckets)]  # fmt: skip
+        parts = gather(ray, tasks, _phase(ctx, "meds", "buckets", len(tasks)), None, ctx.workers)
         return write_meds_metadata(parts, ctx.dest, ctx.source.name, ctx.source.licence)
 
     def partition_jobs(self, tables: list[SourceFile]) -> list[PartitionJob]:
