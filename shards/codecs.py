@@ -9,6 +9,7 @@ ShardFormatError: outside bytes never raise MemoryError or a decoder's own excep
 from __future__ import annotations
 
 import ast
+import functools
 import io
 import math
 import os
@@ -60,10 +61,25 @@ def png_encodable(arr: np.ndarray) -> bool:
 
 
 def encode_npy(arr: np.ndarray) -> bytes:
+    """np.save's bytes (format 1.0 header, then the C-order data), header built once per
+    dtype and shape: np.save formats it anew for each array, most of a signal window's cost."""
     if arr.dtype.hasobject:
         raise ValueError("object arrays cannot be stored (they would need pickle)")
+    arr = np.ascontiguousarray(arr)
+    return _saved_header(arr.dtype.str, arr.shape) + arr.tobytes()
+
+
+@functools.lru_cache(maxsize=256)
+def _saved_header(dtype: str, shape: tuple[int, ...]) -> bytes:
+    """The header np.save writes for a C-order array: format 1.0, else 2.0 when too long."""
+    fields = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+              "shape": shape}  # fmt: skip
     buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    try:
+        np.lib.format.write_array_header_1_0(buf, fields)
+    except ValueError:  # a header over 64 KiB (a very long shape): np.save's next version
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_2_0(buf, fields)
     return buf.getvalue()
 
 

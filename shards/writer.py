@@ -83,20 +83,14 @@ class SampleWriter:
         for name, arr in sorted(s.extras.items()):
             members[f"{name}.npy"] = encode_npy(_little_endian(np.asarray(arr)))
         # The .json member repeats the row's metadata so that plain WebDataset users see it.
-        meta = row_metadata(
-            sample_row(s, storage="tar", shard="", member="", members={}, sha256="", nbytes=0)
-        )
-        members["json"] = to_json(meta).encode()
+        # The row is built (its JSON columns encoded) once; only its location is filled in.
+        row = sample_row(s, storage="tar", shard="", member="", members={}, sha256="", nbytes=0)
+        members["json"] = to_json(row_metadata(row)).encode()
         shard, locs = self.tars.add(s.key, members)
-        return sample_row(
-            s,
-            storage="tar",
-            shard=shard,
-            member=payload_ext,
-            members={k: v.to_dict() for k, v in locs.items()},
-            sha256=locs[payload_ext].sha256,
-            nbytes=sum(len(b) for b in members.values()),
-        )
+        row.update(shard=shard, member=payload_ext, sha256=locs[payload_ext].sha256,
+                   members=to_json({k: v.to_dict() for k, v in locs.items()}),
+                   nbytes=sum(len(b) for b in members.values()))  # fmt: skip
+        return row
 
     def _write_volume(self, s: Sample) -> dict[str, Any]:
         if self._volumes is None:

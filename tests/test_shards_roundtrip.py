@@ -203,3 +203,24 @@ def test_parallel_writers_create_the_volume_store_once(tmp_path):
     assert sorted(p.name for p in (tmp_path / "set" / "volumes.zarr").iterdir()) == sorted(
         ["zarr.json"] + [f"v{'x' * i}" for i in range(6)]
     )
+
+
+def test_encode_npy_writes_np_saves_bytes():
+    """encode_npy builds the header once per dtype and shape: byte for byte what np.save
+    writes, for the dtypes, orders and shapes shards hold (and a big-endian one)."""
+    import io
+
+    from medfm.shards.codecs import encode_npy
+
+    def saved(a):
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
+        return buf.getvalue()
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.normal(size=(2, 5000)).astype(np.float32), np.arange(10, dtype=">i4"),
+              np.zeros((0, 3)), np.array(5.0), np.ones((3, 4, 5), np.uint16).T,
+              np.zeros((1,) * 40, np.int8), np.arange(7)[::2], np.array([True, False])]  # fmt: skip
+    for a in arrays:
+        for _ in range(2):  # the second time from the cached header
+            assert encode_npy(a) == saved(a), (a.dtype, a.shape)
