@@ -203,3 +203,8 @@ def test_split_seed_gives_every_split_a_patient_whatever_the_key():
         assert got == {"train", "val", "test"}, (i, seed)
         assert split_seed(keyring, patients, fractions) == seed  # same key, same seed
     assert split_seed(keyring, set(list(patients)[:2]), fractions) is None  # 2 cannot fill 3
+    for i in range(20):  # the 3D MAE trains on nibabel's one patient: it must be in train
+        keyring = Keyring(os.urandom(32).hex().encode())
+        alone = frozenset({keyring.patient("nibabel")})
+        seed = split_seed(keyring, patients | alone, fractions, alone)
+        assert split_for(keyring, next(iter(alone)), fractions, seed) == "train", (i, seed)

@@ -238,13 +238,17 @@ def mae2d_config(shards: Path, run: Path, s: Scale) -> dict[str, Any]:
     }  # fmt: skip
 
 
+# The dataset a pretraining stage filters on, by ingest set: it needs a train patient.
+TRAIN_ALONE = {"imaging": "nibabel"}
+
+
 def mae3d_config(shards: Path, run: Path, s: Scale) -> dict[str, Any]:
     """Without the chest X-rays: a 3D MAE on the pip-shipped MR volumes (nibabel's)."""
     return {
         "name": "demo-mae3d",
         "out_dir": str(run),
         "data": {"shards": str(shards), "split": "train", "kinds": ["volume3d"],
-                 "datasets": ["nibabel"], "batch_size": 8, "num_workers": 0,
+                 "datasets": [TRAIN_ALONE["imaging"]], "batch_size": 8, "num_workers": 0,
                  "patches_per_volume": 16},
         "model": VIT3D,
         "objectives": [{"name": "mae", "mask_ratio": 0.75, "decoder_dim": 64,

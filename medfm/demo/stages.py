@@ -111,7 +111,7 @@ def ingest(d: Demo, key: Path) -> dict[str, Path]:
             cmd = f"medfm ingest {{}} --out {dest}  # remove {dest} first, or add --resume"
             with d.stage(f"ingest {name}") as row:
                 s = run_ingest(load_spec(d.config(f"ingest_{name}", spec, cmd)), str(dest))
-                seed = reseed(keyring, spec, s.by_split, dest)
+                seed = reseed(keyring, spec, s.by_split, dest, dc.TRAIN_ALONE.get(name))
                 if seed is not None:
                     print(
                         f"[demo] {name}: splits {s.by_split} leave one empty; ingesting again "
@@ -137,33 +137,45 @@ def ingest(d: Demo, key: Path) -> dict[str, Path]:
     return shards
 
 
-def split_seed(keyring: Keyring, patients: set[str], fractions: list[float]) -> int | None:
+def split_seed(keyring: Keyring, patients: set[str], fractions: list[float],
+               train_from: frozenset[str] = frozenset()) -> int | None:  # fmt: skip
     """The first seed from 0 whose patient-level split puts at least one of `patients` (their
-    pseudonyms) in each of train, val and test; None with fewer than 3 patients. Deterministic
-    given the key, so a rerun with the same key picks the same seed. With 3 patients and
-    80/10/10 one seed in 21 works; 1,000 tries all fail with probability below 1e-21."""
+    pseudonyms) in each of train, val and test, and one of `train_from` (if any) in train;
+    None with fewer than 3 patients. Deterministic given the key, so a rerun with the same
+    key picks the same seed. With 3 patients and 80/10/10 one seed in 21 works; 1,000 tries
+    all fail with probability below 1e-21."""
     if len(patients) < 3:
         return None
     for seed in range(1000):
-        if {split_for(keyring, p, fractions, seed) for p in patients} == set(SPLITS):
+        split = {p: split_for(keyring, p, fractions, seed) for p in patients}
+        trains = not train_from or any(split[p] == "train" for p in train_from)
+        if set(split.values()) == set(SPLITS) and trains:
             return seed
     return None
 
 
 def reseed(
-    keyring: Keyring, spec: dict[str, Any], by_split: dict[str, int], dest: Path
+    keyring: Keyring,
+    spec: dict[str, Any],
+    by_split: dict[str, int],
+    dest: Path,
+    train_dataset: str | None = None,
 ) -> int | None:
     """A split seed to ingest `spec` again with, when its first run left a split empty and its
     patients can fill all three; else None. The demo's datasets are small (4 ECG patients), and
     its key is new on each fresh output folder, so the default seed often leaves val or test
-    empty; the seed chosen is written into the spec, which then reproduces the splits alone."""
+    empty, or `train_dataset` (the one a stage trains on alone) without a train patient; the
+    seed chosen is written into the spec, which then reproduces the splits alone."""
     from medfm.shards import Manifest
 
-    if all(by_split.get(name) for name in SPLITS):
+    rows = list(Manifest.open(str(dest)).rows())
+    mine = frozenset(r["patient_id"] for r in rows if r["dataset"] == train_dataset)
+    trained = not mine or any(r["split"] == "train" for r in rows if r["patient_id"] in mine)
+    if all(by_split.get(name) for name in SPLITS) and trained:
         return None
-    patients = {r["patient_id"] for r in Manifest.open(str(dest)).rows()}
+    patients = {r["patient_id"] for r in rows}
     fractions = spec.get("split", {}).get("fractions", SplitSpec().fractions)
-    seed = split_seed(keyring, patients, fractions)
+    seed = split_seed(keyring, patients, fractions, mine)
     if seed is None:
         print(f"[demo] {dest.name}: {len(patients)} patient(s), too few for three splits")
     return seed
