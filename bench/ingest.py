@@ -319,23 +319,9 @@ def dicom_in_process(ctx: BenchContext, folder: Path) -> tuple[float, int]:
     """(seconds, slices) for a worker's steady state on one series: the header scan of
     every file (discovery) and the task body (read, geometry checks, de-identification,
     HU histogram, Zarr + zstd, sha256 of inputs, voxels and stored files, part file)."""
-    from medfm.ingest.bookkeeping import Bookkeeper
-    from medfm.ingest.job import discover, plan_tasks
-    from medfm.ingest.load import parse_spec
-    from medfm.ingest.privacy import Keyring
-    from medfm.ingest.tasks import convert_task
-
-    spec, keyring = parse_spec(dicom_spec(folder)), Keyring(BENCH_KEY)
-    dest = tempfile.mkdtemp(dir=ctx.work, prefix="task-")
-    Bookkeeper(dest).start(spec.fingerprint(), keyring, False)
-    t0, rows = time.perf_counter(), []
-    items, _, _ = discover(spec, keyring, ray=None)
-    for task in plan_tasks(items, spec):
-        rows += convert_task(task, spec, keyring, {}, dest)["rows"]
-    dt = time.perf_counter() - t0
-    shutil.rmtree(dest)
-    if len(rows) != 1:
-        raise SystemExit(f"the bench series became {len(rows)} samples, not one volume")
+    dt, rows = task_bodies_in_process(ctx, dicom_spec(folder))
+    if rows != 1:
+        raise SystemExit(f"the bench series became {rows} samples, not one volume")
     return dt, len(list(folder.iterdir()))
 
 
