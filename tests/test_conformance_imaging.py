@@ -34,7 +34,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut
 
 from medfm.ingest.load import parse_spec
 from medfm.ingest.privacy import Keyring
-from medfm.ingest.readers.dicom import reason_class, stored_pixels
+from medfm.ingest.readers.dicom import _native_grey, reason_class, stored_pixels
 from medfm.ingest.registry import (
     IngestError,
     Quarantine,
@@ -366,3 +366,31 @@ def test_lossless_encodings_store_identical_pixels(names):
         assert st.photometric == stored[0].photometric, p.name
         assert st.pixels.dtype == stored[0].pixels.dtype, p.name
         assert np.array_equal(st.pixels, stored[0].pixels), p.name
+
+
+def _native_files() -> list[Path]:
+    roots = [CORPORA[c] for c in ("pydicom", "pydicom-data", "deid-data") if CORPORA[c]]
+    files = (p for r in roots for p in sorted(r.rglob("*")) if p.is_file())
+    return [p for p in files if p.stat().st_size <= MAX_BYTES]
+
+
+def test_native_fast_path_equals_pydicom_decoder():
+    """The Ray task reads uncompressed grey slices itself (`_native_grey`): on every file of
+    the DICOM corpora where it applies, the array is pydicom's pixel_array, dtype included."""
+    checked, unused_bits = 0, 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for path in _native_files():
+            try:
+                ds = pydicom.dcmread(path)
+                ts = ds.file_meta.TransferSyntaxUID
+                want = ds.pixel_array
+            except Exception:  # noqa: BLE001 - not a DICOM image pydicom can decode
+                continue
+            got = _native_grey(ds, ts)
+            if got is None:
+                continue
+            assert got.dtype == want.dtype and np.array_equal(got, want), path.name
+            checked += 1
+            unused_bits += int(ds.BitsStored) < int(ds.BitsAllocated)
+    assert checked > 50 and unused_bits > 5, (checked, unused_bits)

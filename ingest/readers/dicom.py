@@ -56,6 +56,8 @@ SEG_REASON = (
     "DICOM SEG holds label masks, not an image: it becomes the label map of the one series it "
     "references, and that series is not among this source's stacks"
 )
+# Uncompressed little-endian syntaxes: Implicit and Explicit VR (the Ray task's fast path)
+LITTLE_ENDIAN_NATIVE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
 HEADER_DEFER = "2 KB"  # large header values stay on disk while scanning
 TILT_TOL = np.tan(np.deg2rad(0.5))
 SPACING_RTOL = 0.05
@@ -184,12 +186,41 @@ def _invert_monochrome1(ds: Dataset, arr: np.ndarray) -> np.ndarray:
     return (arr.max() + arr.min() - arr).astype(arr.dtype)
 
 
+def _native_grey(ds: Dataset, ts: str) -> np.ndarray | None:
+    """A little-endian, uncompressed, single-frame, single-sample image read straight from
+    PixelData, bit for bit what pydicom's native decoder gives (unused high bits cleared or
+    sign-extended the same way), or None for anything else. Its validation and option
+    handling cost more than the decode itself: 0.9 ms of a CT slice's 1.3 ms."""
+    if ts not in LITTLE_ENDIAN_NATIVE or "PixelData" not in ds:
+        return None
+    try:
+        bits, stored = int(ds.BitsAllocated), int(ds.BitsStored)
+        rows, cols, signed = int(ds.Rows), int(ds.Columns), int(ds.PixelRepresentation)
+        frames, samples = int(ds.get("NumberOfFrames", 1) or 1), int(ds.SamplesPerPixel)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if bits not in (8, 16, 32) or samples != 1 or frames != 1 or not 0 < stored <= bits:
+        return None
+    data, n = ds.PixelData, rows * cols
+    if not isinstance(data, bytes) or rows < 1 or cols < 1 or len(data) < n * bits // 8:
+        return None  # pydicom's validation names the defect
+    dtype = np.dtype(f"<{'i' if signed == 1 else 'u'}{bits // 8}")
+    arr = np.frombuffer(data, dtype, count=n).reshape(rows, cols).copy()
+    if stored < bits:  # as pydicom's _correct_unused_bits: shift the unused bits out and back
+        np.left_shift(arr, bits - stored, out=arr)
+        np.right_shift(arr, bits - stored, out=arr)
+    return arr
+
+
 def _pixels(ds: Dataset) -> tuple[np.ndarray, str]:
     """Decoded pixels and the photometric interpretation they come out in: pydicom converts
     YBR_FULL(_422) and JPEG 2000's YBR_ICT/RCT to RGB, so the header's value is not it."""
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if ts is None:
         raise UnreadableInput("cannot decode pixel data (no TransferSyntaxUID in the file meta)")
+    arr = _native_grey(ds, ts)
+    if arr is not None:
+        return arr, str(ds.get("PhotometricInterpretation", "")).upper()
     try:
         decoder = get_decoder(ts)
     except NotImplementedError:  # video (MPEG, HEVC) and other syntaxes pydicom cannot decode
