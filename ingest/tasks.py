@@ -18,6 +18,7 @@ import numpy as np
 from medfm.io import get_fs, sha256_file
 from medfm.shards import Sample, SampleWriter
 from medfm.shards.manifest import medfm_version
+from medfm.shards.schema import JSONText, to_json
 
 from .bookkeeping import Bookkeeper, scrub_reason
 from .imaging import HU_MIN, ct_histogram
@@ -210,13 +211,18 @@ def convert_task(
     )
     try:
         prov: dict[str, dict[str, Any]] = {}  # per item: a record yields many windows
+        encoded: dict[str, tuple[dict[str, Any], JSONText]] = {}  # ... sharing one provenance
         digests: dict[str, str] = {}
         for item, sample in iter_samples(task, spec, keyring, stats, part, digests):
             if item.item_id not in prov:
                 src = spec.source(item.source)
                 fs, _ = get_fs(src.root, **src.storage_options)
                 prov[item.item_id] = provenance(item, spec, keyring, fs, digests)
-            sample.provenance = {**prov[item.item_id], **sample.provenance}
+            own = sample.provenance  # the reader's part: one object for all of a record's windows
+            if item.item_id not in encoded or encoded[item.item_id][0] is not own:
+                text = JSONText(to_json({**prov[item.item_id], **own}))
+                encoded[item.item_id] = (own, text)
+            sample.provenance = encoded[item.item_id][1]
             hist = _ct_hist(sample, spec)
             if hist is not None:
                 _add_hist(part, sample.dataset, hist)

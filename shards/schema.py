@@ -131,7 +131,7 @@ class Sample:
     synthetic: bool = False
     generator: str = ""
     licence: str = ""
-    provenance: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] | JSONText = field(default_factory=dict)  # see JSONText
     meta: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -211,8 +211,15 @@ MANIFEST_SCHEMA = pa.schema(
 JSON_COLUMNS = ("members", "labels", "provenance", "meta")
 
 
+class JSONText(str):
+    """A value already encoded by `to_json`: stored as it is, not encoded again. A record's
+    windows share one provenance, so the task encodes it once instead of once per window."""
+
+
 def to_json(obj: Any) -> str:
     """Canonical JSON: sorted keys, no NaN (which is not JSON), so hashes are reproducible."""
+    if isinstance(obj, JSONText):
+        return str(obj)
     return _ENCODER.encode(obj)
 
 
@@ -274,11 +281,21 @@ def sample_row(
     }
 
 
-def row_metadata(row: dict[str, Any]) -> dict[str, Any]:
-    """The `.json` member stored beside a tar sample: the row minus its location fields."""
-    skip = {"storage", "shard", "member", "members", "sha256", "nbytes"}
-    out = {k: v for k, v in row.items() if k not in skip}
-    for col in JSON_COLUMNS:
-        if col in out:
-            out[col] = json.loads(out[col])
-    return out
+LOCATION_FIELDS = frozenset({"storage", "shard", "member", "members", "sha256", "nbytes"})
+
+
+def row_metadata_json(row: dict[str, Any]) -> str:
+    """The `.json` member stored beside a tar sample: the row minus its location fields, as
+    `to_json` of it decoded would give. The row's JSON columns are canonical text already and
+    are spliced in as they are: decoding and encoding them again cost as much as the rest of
+    a signal window's row."""
+    plain = {k: v for k, v in row.items() if k not in LOCATION_FIELDS and k not in JSON_COLUMNS}
+    spliced = {k: row[k] for k in JSON_COLUMNS if k in row and k not in LOCATION_FIELDS}
+    marks = {k: f"\0{k}\0" for k in spliced}  # a string no encoded column can hold unescaped
+    text = _ENCODER.encode({**plain, **marks})
+    for k, raw in spliced.items():
+        mark = _ENCODER.encode(marks[k])
+        if text.count(mark) != 1:  # a plain field holds the same text: decode and re-encode
+            return _ENCODER.encode({**plain, **{c: json.loads(v) for c, v in spliced.items()}})
+        text = text.replace(mark, raw)
+    return text

@@ -15,7 +15,7 @@ from medfm.io import get_fs, remove_temporaries
 
 from .codecs import encode_npy, encode_png, png_encodable
 from .manifest import HEADER_NAME, ROWS_NAME, write_manifest
-from .schema import Sample, row_metadata, sample_row, to_json
+from .schema import Sample, row_metadata_json, sample_row, to_json
 from .tarshard import DEFAULT_SHARD_BYTES, TAR_DIR, ShardFile, TarShardWriter
 from .volume import DEFAULT_CHUNKS, VOLUME_STORE, VolumeStoreWriter
 
@@ -85,7 +85,7 @@ class SampleWriter:
         # The .json member repeats the row's metadata so that plain WebDataset users see it.
         # The row is built (its JSON columns encoded) once; only its location is filled in.
         row = sample_row(s, storage="tar", shard="", member="", members={}, sha256="", nbytes=0)
-        members["json"] = to_json(row_metadata(row)).encode()
+        members["json"] = row_metadata_json(row).encode()
         shard, locs = self.tars.add(s.key, members)
         row.update(shard=shard, member=payload_ext, sha256=locs[payload_ext].sha256,
                    members=to_json({k: v.to_dict() for k, v in locs.items()}),

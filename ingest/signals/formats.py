@@ -85,7 +85,8 @@ def record_samples(
     duration = p.signal.shape[1] / p.fs
     wanted = set(wanted_channels(p.channels, cfg))
     # The settings used, defaults included when the spec has no signal: section.
-    settings = {**ctx.spec.settings(), "signal": dataclasses.asdict(cfg)}
+    # One object for every window: the task encodes a provenance it has seen once.
+    provenance = {"settings": {**ctx.spec.settings(), "signal": dataclasses.asdict(cfg)}}
     found = windows(rec, p, cfg)
     if not found:  # nothing to write must still leave a line (one per file): none vanishes
         raise SignalReadError(
@@ -137,7 +138,7 @@ def record_samples(
             channels=p.channels,
             extras=w.extras,
             licence=ctx.source.licence,
-            provenance={"settings": settings},
+            provenance=provenance,
             meta=meta,
         )
 
