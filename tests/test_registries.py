@@ -25,6 +25,11 @@ torch.set_num_threads(1)
 REQUIRED_OPTIONS = {"event_tables": "options.tables"}
 # Shrinks an encoder's default size for the objective sweep (the input shape stays the default).
 TINY = {"size": "tiny", "embed_dim": 64, "depth": 2, "num_heads": 4}
+# The same for configs with other size fields (MONAI's names).
+TINY_FOR = {
+    "monai_swin3d": {"feature_size": 12, "depths": (1, 1, 1, 1), "num_heads": (1, 2, 2, 4)},
+    "monai_vit3d": {"hidden_size": 64, "mlp_dim": 128, "num_layers": 2, "num_heads": 4},
+}
 
 
 # ---------------------------------------------------------------- readers
@@ -52,6 +57,8 @@ def test_every_reader_builds_with_default_options_and_claims_distinct_endings():
 
 def _tiny_input(enc: Encoder) -> torch.Tensor:
     """One sample of the encoder's modality, at the shape its config expects."""
+    if enc.kind == "volume3d":  # a Swin's tokens have no pixels of their own to unpatchify
+        return torch.rand(1, enc.config.in_chans, *enc.config.img_size)
     if enc.num_tokens:  # fixed token grid: a random patch per token, folded back to the input
         return enc.unpatchify(torch.rand(1, enc.num_tokens, enc.patch_dim))
     if enc.kind == "ehr":
@@ -80,7 +87,8 @@ def _tiny_encoders() -> list[Encoder]:
     out = []
     for entry in ENCODERS.entries():
         names = {f.name for f in dataclasses.fields(entry.config_cls)}
-        out.append(ENCODERS.build(entry.name, {k: v for k, v in TINY.items() if k in names}))
+        tiny = TINY_FOR.get(entry.name) or {k: v for k, v in TINY.items() if k in names}
+        out.append(ENCODERS.build(entry.name, tiny))
     return out
 
 
