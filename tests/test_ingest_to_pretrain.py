@@ -126,7 +126,7 @@ def test_mitbih_windows_reach_the_1d_mae_unchanged(ray_local, sample_data, tmp_p
     leads' names and rate arrive, and each window in the batch is the wfdb-read signal (resampled
     as documented: scipy's resample_poly over the whole record) at the row's window_start_s,
     z-scored over both leads (the contract). Equal to float32 rounding, not bit for bit: the
-    ingest works in float64 and stores float32, the z-score runs on the stored window."""
+    ingest reads and resamples in float32, the reference in float64."""
     import wfdb
     from scipy.signal import resample_poly
 

@@ -26,7 +26,7 @@ class SignalRecord:
     only the fields listed here and never the free-text headers.
     """
 
-    signal: np.ndarray  # (C, T) float64, physical units
+    signal: np.ndarray  # (C, T) physical units (float32 from WFDB, float64 elsewhere)
     fs: float
     channels: list[str]
     units: list[str]
