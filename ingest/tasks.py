@@ -214,15 +214,15 @@ def convert_task(
         encoded: dict[str, tuple[dict[str, Any], JSONText]] = {}  # ... sharing one provenance
         digests: dict[str, str] = {}
         for item, sample in iter_samples(task, spec, keyring, stats, part, digests):
-            if item.item_id not in prov:
+            iid = item.item_id  # a hash of the item's paths: computed once per sample
+            if iid not in prov:
                 src = spec.source(item.source)
                 fs, _ = get_fs(src.root, **src.storage_options)
-                prov[item.item_id] = provenance(item, spec, keyring, fs, digests)
+                prov[iid] = provenance(item, spec, keyring, fs, digests)
             own = sample.provenance  # the reader's part: one object for all of a record's windows
-            if item.item_id not in encoded or encoded[item.item_id][0] is not own:
-                text = JSONText(to_json({**prov[item.item_id], **own}))
-                encoded[item.item_id] = (own, text)
-            sample.provenance = encoded[item.item_id][1]
+            if iid not in encoded or encoded[iid][0] is not own:
+                encoded[iid] = (own, JSONText(to_json({**prov[iid], **own})))
+            sample.provenance = encoded[iid][1]
             hist = _ct_hist(sample, spec)
             if hist is not None:
                 _add_hist(part, sample.dataset, hist)
