@@ -10,6 +10,7 @@ import typer
 
 from medfm.io import MissingExtraError, write_text
 
+from .errors import ShardFormatError
 from .manifest import Manifest
 from .summary import LS_COLUMNS, ls_rows, stats
 from .verify import verify
@@ -27,14 +28,34 @@ def _one_line_errors() -> Iterator[None]:
         raise typer.Exit(2) from None
 
 
+def _version_option() -> int:
+    return typer.Option(
+        None, "--version", min=1, help="A version of a set grown by --append (default: newest)."
+    )
+
+
+def _open(root: str, version: int | None) -> Manifest:
+    """The manifest to show; a version the set does not hold is one line, exit 2."""
+    try:
+        return Manifest.open(root, version=version)
+    except ShardFormatError as e:
+        if version is None or "no version" not in str(e):
+            raise
+        typer.echo(f"medfm shards: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
 @app.command("verify")
 def verify_cmd(
     root: str = typer.Argument(..., help="Shard-set folder or fsspec URL."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    version: int = _version_option(),
 ):
     """Re-hash every shard and check every manifest row; exit 1 on any mismatch."""
     with _one_line_errors():
-        report = verify(root)
+        if version is not None:
+            _open(root, version)  # a version the set does not hold: exit 2, not a report
+        report = verify(root, version=version)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=1))
     else:
@@ -53,16 +74,19 @@ def verify_cmd(
 def stats_cmd(
     root: str = typer.Argument(..., help="Shard-set folder or fsspec URL."),
     as_json: bool = typer.Option(False, "--json"),
+    version: int = _version_option(),
 ):
     """Counts per dataset, modality, split and label, plus bytes."""
     with _one_line_errors():
-        s = stats(Manifest.open(root))
+        m = _open(root, version)
+        s = {**stats(m), "version": m.version, "latest_version": m.latest}
     if as_json:
         typer.echo(json.dumps(s, indent=1))
         return
+    of = f", version {m.version} of {m.latest}" if m.latest > 1 else ""
     typer.echo(
         f"{root}: {s['samples']} samples, {s['patients']} patients, "
-        f"{s['file_bytes'] / 1e6:.1f} MB in files, {s['synthetic']} synthetic"
+        f"{s['file_bytes'] / 1e6:.1f} MB in files, {s['synthetic']} synthetic{of}"
     )
     for col in ("dataset", "kind", "modality", "split", "label"):
         items = ", ".join(f"{k}: {v}" for k, v in s[f"by_{col}"].items()) or "-"
@@ -77,10 +101,12 @@ def ls_cmd(
     dataset: str = typer.Option(None),
     limit: int = typer.Option(None),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
+    version: int = _version_option(),
 ):
     """List samples with their location."""
     with _one_line_errors():
-        rows = ls_rows(Manifest.open(root), split=split, kind=kind, dataset=dataset, limit=limit)
+        m = _open(root, version)
+        rows = ls_rows(m, split=split, kind=kind, dataset=dataset, limit=limit)
     if as_json:
         for r in rows:
             typer.echo(json.dumps(r))

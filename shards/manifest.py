@@ -2,6 +2,13 @@
 
 The header is written last and names the Parquet file's hash, so it is the commit point of a
 shard set: without a readable header there is no shard set, only files.
+
+Versions (`medfm ingest --append`): `manifest.json` is always the newest version's header. A
+header of version N >= 2 says `"version": N, "parent": N - 1` and names its rows at
+`versions/N/manifest.parquet`; before it is committed, the parent's header is kept as
+`versions/<N-1>/manifest.json`. Version 1's header has no `version` field (a set that never had
+an append is byte for byte what it was before versions existed), and no file of an earlier
+version is ever rewritten, so any version opens by number for as long as the set exists.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from .volume import VOLUME_STORE
 
 HEADER_NAME = "manifest.json"
 ROWS_NAME = "manifest.parquet"
+VERSIONS_DIR = "versions"
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 PATH_PART_RE = re.compile(r"[A-Za-z0-9_.-]{1,255}")
 # Where rows may point (RE2 syntax, for Arrow): a tar directly under tars/, named as the tar
@@ -59,22 +67,30 @@ def write_manifest(
     *,
     datasets: dict[str, Any] | None = None,
     attributes: dict[str, Any] | None = None,
+    version: int = 1,
     **storage_options: Any,
 ) -> dict[str, Any]:
-    """Write the Parquet rows, then the JSON header that commits them. Returns the header."""
+    """Write the Parquet rows, then the JSON header that commits them. Returns the header.
+
+    `version` >= 2 adds a version on top of the set's newest one, which must be `version - 1`:
+    its header is kept under versions/ first, the new rows go to versions/<version>/, and only
+    the new `manifest.json` replaces anything (module docstring)."""
     fs, path = get_fs(root, **storage_options)
     table = rows_to_table(rows)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     data = sink.getvalue().to_pybytes()
-    atomic_write_bytes(fs, f"{path}/{ROWS_NAME}", data)
+    rows_rel = ROWS_NAME if version == 1 else version_rel(version, ROWS_NAME)
+    if version > 1:
+        _keep_parent_header(fs, path, version - 1)
+    atomic_write_bytes(fs, f"{path}/{rows_rel}", data)
     header = {
         "format": FORMAT_NAME,
         "schema_version": SCHEMA_VERSION,
         "medfm_version": medfm_version(),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "num_samples": table.num_rows,
-        "manifest": {"path": ROWS_NAME, "sha256": sha256_bytes(data), "bytes": len(data)},
+        "manifest": {"path": rows_rel, "sha256": sha256_bytes(data), "bytes": len(data)},
         "files": {
             f.path: {"sha256": f.sha256, "bytes": f.bytes}
             for f in sorted(files, key=lambda f: f.path)
@@ -82,10 +98,51 @@ def write_manifest(
         "datasets": datasets or {},
         "attributes": attributes or {},
     }
+    if version > 1:
+        header.update(version=version, parent=version - 1)
     atomic_write_bytes(
         fs, f"{path}/{HEADER_NAME}", json.dumps(header, indent=1, sort_keys=True).encode()
     )
     return header
+
+
+def version_rel(version: int, name: str = HEADER_NAME) -> str:
+    """Where version `version` keeps its header (once a newer one exists) or its rows."""
+    return f"{VERSIONS_DIR}/{version}/{name}"
+
+
+def header_version(header: dict[str, Any]) -> int:
+    """A header's version number: 1 for headers written before versions existed."""
+    return header.get("version", 1)
+
+
+def _keep_parent_header(fs, path: str, parent: int) -> None:
+    """Copy the newest header (which must be `parent`) to versions/<parent>/ before a newer
+    version replaces manifest.json. A copy left by an interrupted commit must be the same."""
+    hpath = f"{path}/{HEADER_NAME}"
+    try:
+        current = fs.cat_file(hpath)
+    except FileNotFoundError as e:
+        raise ShardFormatError(f"{hpath}: no version {parent} to add a version to") from e
+    newest = header_version(check_header(_parse_header(current, hpath), hpath))
+    if newest != parent:
+        raise ShardFormatError(
+            f"{hpath}: the newest version is {newest}, not {parent}; another job added a "
+            "version meanwhile"
+        )
+    kept = f"{path}/{version_rel(parent)}"
+    if fs.exists(kept):
+        if fs.cat_file(kept) != current:
+            raise ShardFormatError(f"{kept}: differs from version {parent}'s header; refused")
+        return
+    atomic_write_bytes(fs, kept, current)
+
+
+def _parse_header(data: bytes, where: str) -> Any:
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, absurd nesting
+        raise ShardFormatError(f"{where}: corrupt header ({type(e).__name__}: {e})") from e
 
 
 def check_header(header: Any, where: str) -> dict[str, Any]:
@@ -110,6 +167,12 @@ def check_header(header: Any, where: str) -> dict[str, Any]:
     for field in ("datasets", "attributes"):
         if not isinstance(header.get(field, {}), dict):
             raise ShardFormatError(f"{where}: {field} is not an object")
+    number, parent = header.get("version", 1), header.get("parent")
+    if not _is_int(number) or number < 1 or (number > 1 and parent != number - 1):
+        raise ShardFormatError(
+            f"{where}: version {str(number)[:20]!r} (parent {str(parent)[:20]!r}) is not a "
+            "positive integer whose parent is the version before it"
+        )
     _check_file_record(header["manifest"], "manifest", where)
     check_relpath(header["manifest"].get("path"), "manifest.path", where)
     if not isinstance(header["files"], dict):
@@ -261,18 +324,33 @@ class Manifest:
     path: str
     header: dict[str, Any]
     table: pa.Table
+    latest: int = 1  # the set's newest version (this one is `version`)
 
     @classmethod
-    def open(cls, root: str, *, check_hash: bool = True, **storage_options: Any) -> Manifest:
+    def open(
+        cls, root: str, *, version: int | None = None, check_hash: bool = True,
+        **storage_options: Any,
+    ) -> Manifest:  # fmt: skip
+        """The newest version, or version `version` (1 = the set as first ingested)."""
         fs, path = get_fs(root, **storage_options)
         hpath = f"{path}/{HEADER_NAME}"
         if not fs.exists(hpath):
             raise ShardFormatError(f"{root}: no {HEADER_NAME}; not a finished shard set")
-        try:
-            header = json.loads(fs.cat_file(hpath))
-        except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, absurd nesting
-            raise ShardFormatError(f"{hpath}: corrupt header ({type(e).__name__}: {e})") from e
-        check_header(header, hpath)
+        header = check_header(_parse_header(fs.cat_file(hpath), hpath), hpath)
+        latest = header_version(header)
+        if version is not None and version != latest:
+            if not _is_int(version) or not 1 <= version < latest:
+                raise ShardFormatError(
+                    f"{root}: no version {version!r}; this set holds versions 1 to {latest}"
+                )
+            hpath = f"{path}/{version_rel(version)}"
+            try:
+                data = fs.cat_file(hpath)
+            except FileNotFoundError as e:
+                raise ShardFormatError(f"{hpath}: version {version}'s header is missing") from e
+            header = check_header(_parse_header(data, hpath), hpath)
+            if header_version(header) != version:
+                raise ShardFormatError(f"{hpath}: holds version {header_version(header)}")
         rpath = f"{path}/{header['manifest']['path']}"
         try:
             data = fs.cat_file(rpath)
@@ -286,7 +364,7 @@ class Manifest:
                 f"{hpath}: num_samples {header['num_samples']} but {ROWS_NAME} holds "
                 f"{table.num_rows} rows"
             )
-        return cls(root, fs, path, header, table)
+        return cls(root, fs, path, header, table, latest)
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -304,3 +382,7 @@ class Manifest:
     @property
     def schema_version(self) -> int:
         return self.header["schema_version"]
+
+    @property
+    def version(self) -> int:
+        return header_version(self.header)

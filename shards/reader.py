@@ -17,10 +17,11 @@ from .volume import open_volume
 
 
 class ShardSet:
-    """An opened shard set: its manifest plus sample decoding."""
+    """An opened shard set: its manifest plus sample decoding. `version`: a version number of
+    a set grown by `medfm ingest --append` (default: the newest)."""
 
-    def __init__(self, root: str, **storage_options: Any):
-        self.manifest = Manifest.open(root, **storage_options)
+    def __init__(self, root: str, *, version: int | None = None, **storage_options: Any):
+        self.manifest = Manifest.open(root, version=version, **storage_options)
         self.fs, self.path = self.manifest.fs, self.manifest.path
 
     def __len__(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,12 +39,13 @@ class VerifyReport:
         }
 
 
-def verify(root: str, **storage_options: Any) -> VerifyReport:
-    """Check header, file hashes, tar member safety and every row's payload hash and shape.
-    Every problem becomes a line of the report; nothing an input holds makes verify raise."""
+def verify(root: str, *, version: int | None = None, **storage_options: Any) -> VerifyReport:
+    """Check header, file hashes, tar member safety and every row's payload hash and shape, of
+    the newest version or of version `version`. Every problem becomes a line of the report;
+    nothing an input holds makes verify raise."""
     report = VerifyReport(root)
     try:
-        m = Manifest.open(root, **storage_options)
+        m = Manifest.open(root, version=version, **storage_options)
     except ShardError as e:
         report.errors.append(str(e))
         return report
@@ -69,6 +71,10 @@ def verify(root: str, **storage_options: Any) -> VerifyReport:
 
 def _check_files(m: Manifest, report: VerifyReport) -> None:
     listed = m.header["files"]
+    expected = set(listed)
+    if m.version < m.latest:  # an earlier version: the newer versions' files are expected too
+        newest = json.loads(m.fs.cat_file(f"{m.path}/{HEADER_NAME}"))
+        expected |= set(newest.get("files", {}))
     for rel, rec in sorted(listed.items()):
         path = f"{m.path}/{rel}"
         if not m.fs.exists(path):
@@ -86,7 +92,7 @@ def _check_files(m: Manifest, report: VerifyReport) -> None:
             continue
         for path in m.fs.find(base):
             rel = path[len(m.path) + 1 :]
-            if rel in listed or rel == f"{VOLUME_STORE}/zarr.json":
+            if rel in expected or rel == f"{VOLUME_STORE}/zarr.json":
                 continue
             kind = "stale temporary file" if TMP_MARKER in rel else "file not in the manifest"
             report.warnings.append(f"{rel}: {kind}")
