@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from medfm.finetune import hub
+from medfm.io import get_fs, is_remote, join
 from medfm.models import Encoder
 from medfm.models.export import FORMAT, load_encoder
 
@@ -46,10 +47,22 @@ def find_sidecar(path: Path, uri: str) -> Path:
     )
 
 
+def remote_sidecar(url: str) -> str:
+    """The sidecar an object-store URL names: itself, or <folder>/encoder.json."""
+    fs, path = get_fs(url)
+    if fs.isfile(path):
+        return url
+    if not fs.isfile(f"{path}/encoder.json"):
+        raise EncoderLoadError(f"{url}: no encoder.json there; point at a medfm pretrain export")
+    return join(url, "encoder.json")
+
+
 def load_base_encoder(uri: str) -> BaseEncoder:
     """Load the encoder (path, sidecar path or hub:// reference) with its identity and contract."""
-    sidecar_path = find_sidecar(hub.resolve(uri), str(uri))
-    encoder, sidecar = load_encoder(sidecar_path)
+    if not hub.is_hub_uri(uri) and is_remote(uri):
+        encoder, sidecar = load_encoder(remote_sidecar(uri))
+    else:
+        encoder, sidecar = load_encoder(find_sidecar(hub.resolve(uri), str(uri)))
     return BaseEncoder(
         encoder=encoder,
         uri=str(uri),

@@ -16,13 +16,23 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from safetensors.torch import load_file
 
 from medfm.config import from_dict
-from medfm.io import commit, get_fs, sha256_file, write_json, write_text
+from medfm.io import (
+    commit,
+    get_fs,
+    get_tree,
+    is_remote,
+    put_tree,
+    sha256_file,
+    write_json,
+    write_text,
+)
 from medfm.models import build_encoder
 
 from .card import model_card
@@ -52,9 +62,33 @@ def recorded_task(record: dict[str, Any], where: str) -> Task:
     return task_for(from_dict(TaskConfig, record, where))
 
 
-def export(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """Write the export folder of a finished run; returns its path."""
-    run_dir, out = Path(run_dir), Path(out)
+def export(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> Path | str:
+    """Write the export folder of a finished run; returns its path. Either may be an
+    object-store URL: a run there is copied to a local temporary folder first, and an export
+    there is built locally, then uploaded file by file with medfm.json last (a reader checks
+    it first, and it lists every other file's hash); an earlier export there is removed first."""
+    with tempfile.TemporaryDirectory(prefix="medfm-export-") as work:
+        if is_remote(run_dir):
+            fs, root = get_fs(str(run_dir))
+            if not fs.isfile(f"{root}/{RUN_RECORD}"):
+                raise ExportError(f"{run_dir}: no {RUN_RECORD}; not a finished medfm finetune run")
+            get_tree(str(run_dir), Path(work) / "run")
+            run_dir = Path(work) / "run"
+        if not is_remote(out):
+            return export_local(Path(run_dir), Path(out), overwrite, Path(out))
+        fs, root = get_fs(str(out))
+        if fs.exists(root) and not overwrite:
+            raise ExportError(f"{out} exists (pass overwrite=True / --overwrite to replace it)")
+        built = export_local(Path(run_dir), Path(work) / "export", True, str(out))
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
+        put_tree(built, str(out), last=("medfm.json",))
+    return str(out)
+
+
+def export_local(run_dir: Path, out: Path, overwrite: bool, named: Path | str) -> Path:
+    """The export of `run_dir` written to the local folder `out`; `named` is where it will
+    be read from (out, or the URL it is uploaded to), what its relative paths start from."""
     if not (run_dir / RUN_RECORD).is_file():
         raise ExportError(f"{run_dir}: no {RUN_RECORD}; not a finished `medfm finetune` run")
     if out.exists() and not overwrite:
@@ -69,7 +103,7 @@ def export(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> Pat
         for name in ADAPTER_FILES:
             shutil.copy2(ckpt / "adapter" / name, tmp / name)
         adapter = json.loads((tmp / ADAPTER_FILES[0]).read_text())
-        adapter["base_model_name_or_path"] = portable_uri(run["base_encoder"]["uri"], out)
+        adapter["base_model_name_or_path"] = portable_uri(run["base_encoder"]["uri"], named)
         write_json(tmp / ADAPTER_FILES[0], adapter, indent=2)
     elif run["mode"] == "full":
         shutil.copy2(ckpt / "encoder.safetensors", tmp / "encoder.safetensors")
@@ -84,13 +118,13 @@ def export(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> Pat
         "mode": run["mode"],
         "task": run["task"],
         "label_names": run["task"]["label_names"],
-        "base_encoder": portable_paths(run["base_encoder"], out),
+        "base_encoder": portable_paths(run["base_encoder"], named),
         "preprocessing": run["preprocessing"],
         "metrics": run["metrics"],
         # The binary decision threshold the run's accuracy-type metrics used (chosen on val
         # when eval.threshold asked for it), so that users of the export decide the same way.
         "threshold": run["fit"].get("threshold"),
-        "data": portable_paths(run["data"], out),
+        "data": portable_paths(run["data"], named),
         "files": files,
     }
     write_json(tmp / "medfm.json", meta, indent=1)
@@ -99,15 +133,20 @@ def export(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> Pat
     return out
 
 
-def portable_uri(uri: str, out: Path) -> str:
+def portable_uri(uri: str, out: Path | str) -> str:
     """A hub reference or URL as it is; a local path relative to the export folder `out`."""
     if "://" in uri:
         return uri
+    if is_remote(out):
+        raise ExportError(
+            f"{uri}: a local path, which an export on an object store cannot name (no path leads "
+            "from a bucket to this disk); fine-tune from a hub:// or object-store copy of it"
+        )
     local = Path(uri).expanduser().resolve()
     return Path(os.path.relpath(local, Path(out).expanduser().resolve())).as_posix()
 
 
-def portable_paths(node: Any, out: Path) -> Any:
+def portable_paths(node: Any, out: Path | str) -> Any:
     """A copy of a run record in which every `uri`/`root` is portable (`portable_uri`)."""
     if isinstance(node, dict):
         return {
@@ -186,6 +225,10 @@ def load(
     """
     from medfm.finetune import hub
 
+    if not hub.is_hub_uri(folder) and is_remote(folder):
+        with tempfile.TemporaryDirectory(prefix="medfm-load-") as local:
+            get_tree(str(folder), local)  # checked there file by file, like any export
+            return load(local, base, device)
     folder = hub.resolve(folder)
     meta = read_export(folder)
     recorded = meta["base_encoder"]

@@ -9,6 +9,7 @@ runs its own training loop: finetune/samples.py or finetune/segment.py, over fin
 
 from __future__ import annotations
 
+import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +18,7 @@ import torch
 
 from medfm.device import select_device
 from medfm.finetune import hub
-from medfm.io import save_safetensors, write_json
+from medfm.io import is_remote, put_tree, save_safetensors, write_json
 from medfm.models.contract import Contract
 
 from .data import contract_for, split_rows
@@ -41,6 +42,11 @@ def build_model(base: BaseEncoder, cfg: FinetuneConfig, task: Task) -> FinetuneM
     return FinetuneModel(encoder, head, task)
 
 
+def data_root(shards: str) -> str:
+    """The shard set to read: a hub reference pulled to a local folder, a URL as it is."""
+    return shards if not hub.is_hub_uri(shards) and is_remote(shards) else str(hub.resolve(shards))
+
+
 def data_source(root: str, cfg: FinetuneConfig) -> dict[str, Any]:
     """Modality, spacing and channels of the fine-tuning data (part of the contract record)."""
     row = split_rows(root, "train", cfg)[0]
@@ -51,17 +57,29 @@ def data_source(root: str, cfg: FinetuneConfig) -> dict[str, Any]:
     }
 
 
-def run(cfg: FinetuneConfig) -> Path:
-    """Fine-tune, evaluate and write the run folder; returns its path."""
+def run(cfg: FinetuneConfig) -> Path | str:
+    """Fine-tune, evaluate and write the run folder; returns its path (a URL for a URL).
+
+    PEFT, matplotlib and the tasks write plain local files, so a run whose out_dir is on an
+    object store is written to a local staging folder, then uploaded file by file (each under
+    a temporary key, then committed), run.json last: it is what marks a finished run."""
+    if not is_remote(cfg.out_dir):
+        return train_into(cfg, Path(cfg.out_dir))
+    with tempfile.TemporaryDirectory(prefix="medfm-finetune-") as stage:
+        train_into(cfg, Path(stage))
+        put_tree(stage, cfg.out_dir, last=(RUN_RECORD,))
+    return cfg.out_dir
+
+
+def train_into(cfg: FinetuneConfig, out: Path) -> Path:
     torch.manual_seed(cfg.train.seed)
-    out = Path(cfg.out_dir)
     (out / "checkpoint").mkdir(parents=True, exist_ok=True)
     device = select_device(cfg.train.device)
     base = load_base_encoder(cfg.encoder)
     contract = contract_for(base.preprocessing, base.encoder, cfg)
     task = task_for(cfg.task)
     model = build_model(base, cfg, task).to(device)
-    root = str(hub.resolve(cfg.data.shards))
+    root = data_root(cfg.data.shards)
     metrics, fit, sources = task.run(model, root, contract, cfg, device, out)
     save_run(out, model, base, contract, cfg, metrics, fit, sources)
     return out

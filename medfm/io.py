@@ -84,6 +84,17 @@ def as_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
+def join(root: str | os.PathLike, *parts: str) -> str:
+    """A path or URL below `root`: "s3://b/run" + "export" is "s3://b/run/export" (pathlib
+    folds "s3://b" into "s3:/b", a local folder named "s3:")."""
+    return "/".join([os.fspath(root).rstrip("/"), *parts])
+
+
+def is_remote(where: str | os.PathLike) -> bool:
+    """Whether a path or URL names an object store (anything but the local filesystem)."""
+    return not is_local(get_fs(os.fspath(where))[0])
+
+
 def tmp_name(path: str) -> str:
     return f"{path}{TMP_MARKER}{uuid.uuid4().hex[:12]}"
 
@@ -224,6 +235,43 @@ def read_range(fs: fsspec.AbstractFileSystem, path: str, offset: int, size: int)
     with fs.open(path, "rb") as f:
         f.seek(offset)
         return f.read(size)
+
+
+def put_tree(local: str | os.PathLike, dest: str, last: tuple[str, ...] = ()) -> list[str]:
+    """Copy a local folder's files below `dest` (a path or URL), each one under a temporary
+    name and then committed; the relative paths in `last` go after all others, in that order
+    (what readers check first: a record, a manifest). Returns the relative paths copied."""
+    fs, root = get_fs(dest)
+    base = os.fspath(local)
+    names = sorted(
+        os.path.relpath(os.path.join(d, n), base).replace(os.sep, "/")
+        for d, _, files in os.walk(base)
+        for n in files
+    )
+    order = [n for n in names if n not in last] + [n for n in last if n in names]
+    for name in order:
+        final = f"{root}/{name}"
+        fs.makedirs(os.path.dirname(final), exist_ok=True)
+        tmp = tmp_name(final)
+        fs.put_file(os.path.join(base, name), tmp)
+        commit(fs, tmp, final)
+    return order
+
+
+def get_tree(src: str, local: str | os.PathLike) -> list[str]:
+    """Copy the files below `src` (a path or URL; leftover temporaries skipped) into a local
+    folder; returns the relative paths copied."""
+    fs, root = get_fs(src)
+    names = []
+    for path in fs.find(root):
+        name = path[len(root) + 1 :]
+        if TMP_MARKER in name:
+            continue
+        target = os.path.join(os.fspath(local), *name.split("/"))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        fs.get_file(path, target)
+        names.append(name)
+    return names
 
 
 def find_temporaries(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:

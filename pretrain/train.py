@@ -4,13 +4,12 @@ export. The CLI and the bench call this; so can a Python user."""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 
 from medfm.device import has_gpu
-from medfm.io import write_json
+from medfm.io import get_fs, join, write_json
 from medfm.models import Encoder
 from medfm.models.contract import Contract
 from medfm.models.export import export_encoder, save_module
@@ -19,6 +18,7 @@ from .checkpoint import (
     LAST,
     SafeCheckpointIO,
     SafeFSDPStrategy,
+    StagedOutputs,
     checkpoint_dir,
     resume_checkpoint,
 )
@@ -74,17 +74,20 @@ def build_strategy(cfg: PretrainConfig, module: PretrainModule, io: SafeCheckpoi
     return "auto"
 
 
-def build_loggers(cfg: PretrainConfig) -> list[Any]:
+def build_loggers(cfg: PretrainConfig, root: str | None = None) -> list[Any]:
+    """The loggers of train.loggers, writing below `root` (default out_dir; StagedOutputs.dir
+    for an out_dir on an object store)."""
     from lightning.pytorch import loggers
 
+    root = root or cfg.out_dir
     out = []
     for name in cfg.train.loggers:
         if name == "csv":
-            out.append(loggers.CSVLogger(cfg.out_dir, name="logs", version=0))
+            out.append(loggers.CSVLogger(root, name="logs", version=0))
         elif name == "tensorboard":
-            out.append(loggers.TensorBoardLogger(cfg.out_dir, name="tensorboard", version=0))
+            out.append(loggers.TensorBoardLogger(root, name="tensorboard", version=0))
         elif name == "wandb":  # optional extra: pip install medfm[wandb]
-            out.append(loggers.WandbLogger(project="medfm", name=cfg.name, save_dir=cfg.out_dir))
+            out.append(loggers.WandbLogger(project="medfm", name=cfg.name, save_dir=root))
         elif name == "mlflow":  # optional extra: pip install medfm[mlflow]
             out.append(loggers.MLFlowLogger(experiment_name=cfg.name))
         else:
@@ -124,9 +127,10 @@ def run(cfg: PretrainConfig, *, resume: bool = False, force_resume: bool = False
     io = SafeCheckpointIO(preloaded={str(ckpt): state} if ckpt else None)
     module, data = build(cfg)
     t = cfg.train
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    throughput = ThroughputMonitor(module.flops_per_sample(), t.log_every, cfg.out_dir)
+    staged = StagedOutputs(cfg)  # loggers, plots, throughput.json: local, or staged and uploaded
+    fs, out = get_fs(cfg.out_dir)
+    fs.makedirs(out, exist_ok=True)
+    throughput = ThroughputMonitor(module.flops_per_sample(), t.log_every, staged.dir)
     callbacks: list[Any] = [
         L.pytorch.callbacks.ModelCheckpoint(
             dirpath=checkpoint_dir(cfg),
@@ -140,7 +144,8 @@ def run(cfg: PretrainConfig, *, resume: bool = False, force_resume: bool = False
         L.pytorch.callbacks.LearningRateMonitor(logging_interval="step"),
     ]
     if t.plots:
-        callbacks.append(PlotCallback(cfg.out_dir))
+        callbacks.append(PlotCallback(staged.dir))
+    callbacks.append(staged)  # after the plots: a checkpoint uploads what they wrote
     strategy = build_strategy(cfg, module, io)
     trainer = L.Trainer(
         accelerator=t.accelerator,
@@ -153,7 +158,7 @@ def run(cfg: PretrainConfig, *, resume: bool = False, force_resume: bool = False
         accumulate_grad_batches=t.grad_accum,
         gradient_clip_val=t.clip_grad or None,
         callbacks=callbacks,
-        logger=build_loggers(cfg),
+        logger=build_loggers(cfg, staged.dir),
         log_every_n_steps=t.log_every,
         plugins=[io] if strategy == "auto" else None,
         use_distributed_sampler=False,  # medfm.shards splits data by rank itself
@@ -161,24 +166,26 @@ def run(cfg: PretrainConfig, *, resume: bool = False, force_resume: bool = False
         num_sanity_val_steps=0,
         enable_progress_bar=False,  # ThroughputMonitor prints rate and ETA lines instead
         enable_model_summary=False,
-        default_root_dir=cfg.out_dir,
+        default_root_dir=staged.dir,
     )
     if trainer.is_global_zero:
         world = trainer.world_size  # what the lr rule scales by (train.blr)
         resolved = {"lr": resolved_lr(cfg, world), "effective_batch": effective_batch(cfg, world)}
-        write_json(out / "config.json", cfg.to_dict() | {"resolved": resolved}, indent=1)
+        write_json(
+            join(cfg.out_dir, "config.json"), cfg.to_dict() | {"resolved": resolved}, indent=1
+        )
     trainer.fit(module, datamodule=data.module, ckpt_path=str(ckpt) if ckpt else None)
-    trainer.save_checkpoint(checkpoint_dir(cfg) / LAST, weights_only=False)  # end state, always
+    trainer.save_checkpoint(join(checkpoint_dir(cfg), LAST), weights_only=False)  # end state
     summary = {"steps": trainer.global_step, "throughput": throughput.summary}
     if trainer.is_global_zero:
         summary["export"] = str(export_all(cfg, module, data, trainer.global_step))
+        staged.close()
     return summary
 
 
 def export_all(cfg: PretrainConfig, module: PretrainModule, data: PretrainData, step: int):
     """Encoders (EMA when kept) and objective extras into out_dir/export."""
-    dest = Path(cfg.out_dir) / "export"
-    dest.mkdir(parents=True, exist_ok=True)
+    dest = join(cfg.out_dir, "export")
     training = {
         "config_fingerprint": cfg.fingerprint(),
         "steps": step,
@@ -207,7 +214,7 @@ def export_all(cfg: PretrainConfig, module: PretrainModule, data: PretrainData, 
         )
     for key, obj in module.export_objectives().items():
         for name, sub in obj.export_modules().items():
-            save_module(sub, dest / f"{key}_{name}.safetensors")
+            save_module(sub, join(dest, f"{key}_{name}.safetensors"))
     return path or dest
 
 

@@ -56,3 +56,47 @@ def moto_s3(bucket: str = "medfm-test") -> Iterator[S3Server]:
             else:
                 os.environ[k] = v
         server.stop()
+
+
+class S3Reads:
+    """Bytes and calls that returned object bytes from S3, counted at the s3fs layer while
+    `counting()` is active: `_cat_file` (what cat, cat_ranges and zarr's ranged reads use),
+    `S3File._fetch_range` (file objects, with their read-ahead) and `_get_file` (downloads).
+    The class methods are wrapped, so every instance is seen (zarr opens its own)."""
+
+    def __init__(self):
+        self.bytes = self.calls = 0
+
+    def add(self, nbytes: int) -> None:
+        self.calls += 1
+        self.bytes += nbytes
+
+    @contextmanager
+    def counting(self) -> Iterator[S3Reads]:
+        import s3fs.core
+
+        fs_cls, file_cls = s3fs.core.S3FileSystem, s3fs.core.S3File
+        saved = fs_cls._cat_file, fs_cls._get_file, file_cls._fetch_range
+        cat, get, fetch = saved
+
+        async def _cat_file(fs, path, *a, **kw):
+            out = await cat(fs, path, *a, **kw)
+            self.add(len(out))
+            return out
+
+        async def _get_file(fs, rpath, lpath, *a, **kw):
+            out = await get(fs, rpath, lpath, *a, **kw)
+            self.add(os.path.getsize(lpath))
+            return out
+
+        def _fetch_range(f, start, end):
+            out = fetch(f, start, end)
+            self.add(len(out))
+            return out
+
+        fs_cls._cat_file, fs_cls._get_file = _cat_file, _get_file
+        file_cls._fetch_range = _fetch_range
+        try:
+            yield self
+        finally:
+            fs_cls._cat_file, fs_cls._get_file, file_cls._fetch_range = saved

@@ -5,6 +5,8 @@ pickle: the sidecar rebuilds the module through the encoder registry."""
 from __future__ import annotations
 
 import json
+import posixpath
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from medfm.io import save_safetensors, sha256_file, write_json
+from medfm.io import get_fs, is_remote, join, save_safetensors, sha256_file, write_json
 
 from . import ENCODERS, Encoder
 
@@ -24,7 +26,7 @@ class ExportError(ValueError):
     """An export that cannot be loaded: missing file, wrong format, hash or key mismatch."""
 
 
-def save_module(module: nn.Module, path: Path) -> str:
+def save_module(module: nn.Module, path: str | Path) -> str:
     """Save a state dict as safetensors (shared tensors cloned); returns its sha256."""
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
     return save_safetensors(path, tensors, metadata={"format": FORMAT})
@@ -38,14 +40,13 @@ def export_encoder(
     preprocessing: dict[str, Any],
     data: dict[str, Any],
     training: dict[str, Any],
-) -> Path:
-    """Write `<name>.safetensors` and `<name>.json` into out_dir; returns the sidecar path."""
+) -> Path | str:
+    """Write `<name>.safetensors`, then `<name>.json` (what loading reads first) into out_dir,
+    a local folder or an object-store URL; returns the sidecar path (a URL for a URL)."""
     from medfm import __version__
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    weights = out / f"{name}.safetensors"
-    digest = save_module(encoder, weights)
+    weights = f"{name}.safetensors"
+    digest = save_module(encoder, join(out_dir, weights))
     sidecar = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -55,11 +56,11 @@ def export_encoder(
         "preprocessing": preprocessing,
         "data": data,
         "training": training,
-        "weights": {"file": weights.name, "sha256": digest},
+        "weights": {"file": weights, "sha256": digest},
     }
-    path = out / f"{name}.json"
+    path = join(out_dir, f"{name}.json")
     write_json(path, sidecar, indent=1, sort_keys=True)
-    return path
+    return path if is_remote(path) else Path(path)
 
 
 def read_sidecar(path: str | Path) -> dict[str, Any]:
@@ -80,16 +81,30 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
     return sidecar
 
 
-def load_encoder(path: str | Path, map_location: str = "cpu") -> tuple[Encoder, dict[str, Any]]:
-    """Rebuild an exported encoder from its sidecar (`.json`) and safetensors weights."""
-    path = Path(path)
-    sidecar = read_sidecar(path)
+def weights_name(path: str | Path, sidecar: dict[str, Any]) -> str:
+    """The weights file a sidecar names: a plain file name beside it, since a path would let a
+    sidecar probe or read files outside the export."""
     name = sidecar["weights"]["file"]
     if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
-        # A plain file name beside the sidecar: a path would let a sidecar probe or read
-        # files outside the export.
-        raise ExportError(f"{path.name}: weights.file must be a file name in the export")
-    weights = path.parent / name
+        raise ExportError(f"{Path(path).name}: weights.file must be a file name in the export")
+    return name
+
+
+def load_encoder(path: str | Path, map_location: str = "cpu") -> tuple[Encoder, dict[str, Any]]:
+    """Rebuild an exported encoder from its sidecar (`.json`, a local path or an object-store
+    URL) and safetensors weights."""
+    if is_remote(path):  # both files copied to a temporary folder, checked there like any export
+        fs, where = get_fs(str(path))
+        with tempfile.TemporaryDirectory(prefix="medfm-encoder-") as tmp:
+            local = Path(tmp) / posixpath.basename(where)
+            fs.get_file(where, str(local))
+            name = weights_name(local, read_sidecar(local))
+            if fs.exists(f"{posixpath.dirname(where)}/{name}"):
+                fs.get_file(f"{posixpath.dirname(where)}/{name}", str(local.parent / name))
+            return load_encoder(local, map_location)
+    path = Path(path)
+    sidecar = read_sidecar(path)
+    weights = path.parent / weights_name(path, sidecar)
     if not weights.exists():
         raise ExportError(f"{weights}: weights file named by {path.name} is missing")
     if sha256_file(weights)[0] != sidecar["weights"]["sha256"]:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load, load_file, save
 
-from medfm.io import atomic_write_bytes, get_fs, sha256_bytes, sha256_file
+from medfm.io import as_url, atomic_write_bytes, get_fs, is_local, sha256_bytes, sha256_file
 from medfm.models.contract import sorted_classes
 from medfm.shards import Manifest
 
@@ -58,15 +58,15 @@ def export_diffusion(
     data_manifests: list[dict[str, Any]] | None = None,
     step: int | None = None,
     name: str = "model",
-) -> Path:
-    """Write `<name>.safetensors` and `<name>.json` into a local out_dir; returns the weights
-    path. The weights are the UNet's state dict, under the UNet's own keys."""
-    out = Path(out_dir)
-    fs, root = get_fs(str(out))
+) -> Path | str:
+    """Write `<name>.safetensors`, then `<name>.json`, into out_dir (a local folder or an
+    object-store URL, each file under a temporary name, then committed); returns the weights
+    path (a URL for a URL). The weights are the UNet's state dict, under the UNet's own keys."""
+    fs, root = get_fs(str(out_dir))  # str: pathlib would fold "s3://b" into a folder "s3:"
     state = {k: v.detach().cpu().contiguous() for k, v in model.unet.state_dict().items()}
     blob = save(state, metadata={"format": "pt"})
-    weights = out / f"{name}.safetensors"
-    atomic_write_bytes(fs, f"{root}/{weights.name}", blob)
+    weights = f"{root}/{name}.safetensors"
+    atomic_write_bytes(fs, weights, blob)
     sidecar = {
         "format": SIDECAR_FORMAT,
         "kind": KIND,
@@ -77,11 +77,11 @@ def export_diffusion(
         "preprocessing": preprocessing,
         "data_manifests": data_manifests or [],
         "step": step,
-        "weights": {"path": weights.name, "sha256": sha256_bytes(blob)},
+        "weights": {"path": f"{name}.safetensors", "sha256": sha256_bytes(blob)},
     }
     text = json.dumps(sidecar, indent=1, sort_keys=True, default=str)
     atomic_write_bytes(fs, f"{root}/{name}.json", text.encode())
-    return weights
+    return Path(weights) if is_local(fs) else as_url(fs, weights)
 
 
 def resolve(path: str | Path) -> tuple[Path, Path | dict[str, Any]]:
