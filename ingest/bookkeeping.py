@@ -34,6 +34,7 @@ from typing import Any
 from medfm.io import atomic_write_bytes, get_fs, is_local, tmp_name
 
 from .privacy import SCRYPT, Keyring
+from .progress import LOG_DIR
 
 WORK_DIR = "_ingest"
 PARTS_DIR = f"{WORK_DIR}/parts"
@@ -263,7 +264,8 @@ class Bookkeeper:
         Returns True when this call started a new job (so a failed start can undo it)."""
         existing = self.read_json(JOB_FILE)
         if existing is None:
-            others = [p for p in self._listing() if p.rsplit("/", 1)[-1] != WORK_DIR]
+            # The job's own log folder (progress.LOG_DIR) may be there: it opens before this.
+            others = [p for p in self._listing() if p.rsplit("/", 1)[-1] not in (WORK_DIR, LOG_DIR)]
             if others or self._listing(WORK_DIR, ignore=LEASE_FILE):
                 raise ResumeError(
                     "the destination is not empty and holds no ingest job; choose an empty folder"

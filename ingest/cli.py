@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import typer
@@ -43,8 +45,11 @@ def ingest(
     from .job import run_ingest
     from .load import load_spec
     from .privacy import DeidKeyError
+    from .progress import emit, job_log
     from .registry import IngestError
     from .sources import check_destination
+
+    expected = (ConfigError, ResumeError, DeidKeyError, IngestError)
 
     try:
         job_spec = load_spec(spec, overrides or ())
@@ -59,14 +64,41 @@ def ingest(
             typer.echo(describe(plan))
             typer.echo(json.dumps(plan, sort_keys=True))
             return
-        summary = run_ingest(
-            job_spec, out, address=address, workers=workers, resume=resume, progress=not quiet
-        )
-    except (ConfigError, ResumeError, DeidKeyError, IngestError) as e:
+    except expected as e:
         typer.echo(f"medfm ingest: {e}", err=True)
         raise typer.Exit(2) from None
-    typer.echo(summary.line())
-    typer.echo(json.dumps(dataclasses.asdict(summary), sort_keys=True))
-    if summary.written == 0:
-        typer.echo("medfm ingest: no sample was written (see quarantine.jsonl)", err=True)
-        raise typer.Exit(1)
+    with ExitStack() as stack:
+        try:  # every line from here on also lands in <out>/_logs/
+            log = stack.enter_context(job_log(out))
+        except OSError as e:  # e.g. a path under a regular file, a read-only store
+            why = e.strerror or e
+            typer.echo(f"medfm ingest: --out {out}: cannot write there ({why})", err=True)
+            raise typer.Exit(2) from None
+        try:
+            summary = run_ingest(
+                job_spec, out, address=address, workers=workers, resume=resume, progress=not quiet
+            )
+        except expected as e:
+            emit(f"medfm ingest: {e}")
+            raise typer.Exit(2) from None
+        except Exception as e:  # noqa: BLE001 - one line here, the traceback in the log
+            emit(_failure(e, job_spec, log))
+            raise typer.Exit(3) from None
+        emit(summary.line(), stream=sys.stdout)
+        emit(json.dumps(dataclasses.asdict(summary), sort_keys=True), stream=sys.stdout)
+        if summary.written == 0:
+            emit("medfm ingest: no sample was written (see quarantine.jsonl)")
+            raise typer.Exit(1)
+
+
+def _failure(e: Exception, spec, log: str) -> str:
+    """The one stderr line of an unexpected error (the traceback goes to the log), with input
+    paths keyed as in the records: the key may be what failed, so without it they are masked."""
+    from .privacy import Keyring
+    from .progress import failure_line
+
+    try:
+        keyring = Keyring.load(spec.deid.key_file or None)
+    except Exception:  # noqa: BLE001 - masked paths, then
+        keyring = None
+    return failure_line(e, spec, keyring, log)

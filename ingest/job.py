@@ -17,6 +17,7 @@ import time
 from collections import defaultdict
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -39,7 +40,7 @@ from .dicom_deid import METHOD, METHOD_CODES
 from .dicomweb import fetch_sources
 from .imaging import HU_MAX, HU_MIN, hist_stats
 from .privacy import Keyring
-from .progress import Progress
+from .progress import Progress, emit, gather
 from .registry import (
     PrepareContext,
     Quarantine,
@@ -88,20 +89,33 @@ class Summary:
 
 
 @contextmanager
-def ray_runtime(address: str | None, workers: int | None):
+def ray_runtime(address: str | None, workers: int | None, progress: bool = False):
+    """Ray for the job (`progress`: a line when it starts and when it is up, with the time)."""
     import ray
 
     if ray.is_initialized():
+        _ray_line(ray, "using the running Ray runtime", progress)
         yield ray
         return
+    t0 = time.monotonic()
     if address:
+        emit(f"[ingest] ray: connecting to {address}", console=progress)
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=workers or os.cpu_count(), include_dashboard=False)
+        cpus = workers or os.cpu_count()
+        emit(f"[ingest] ray: starting a local runtime ({cpus} CPUs)", console=progress)
+        ray.init(num_cpus=cpus, include_dashboard=False)
+    _ray_line(ray, f"{'connected' if address else 'started'} in {time.monotonic() - t0:.1f} s",
+              progress)  # fmt: skip
     try:
         yield ray
     finally:
         ray.shutdown()
+
+
+def _ray_line(ray, what: str, progress: bool) -> None:
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    emit(f"[ingest] ray: {what} ({cpus} CPUs)", console=progress)
 
 
 def _head(fs, path: str) -> bytes:
@@ -109,8 +123,10 @@ def _head(fs, path: str) -> bytes:
         return f.read(HEAD_BYTES)
 
 
-def discover(spec: IngestSpec, keyring: Keyring, ray) -> tuple[list[SourceItem], list, int]:
-    """(items, quarantine records, files seen) over every source."""
+def discover(spec: IngestSpec, keyring: Keyring, ray,
+             progress: bool = False) -> tuple[list[SourceItem], list, int]:  # fmt: skip
+    """(items, quarantine records, files seen) over every source; `progress` shows a line
+    per source as its files are sorted into formats, and one per header scan."""
     items: list[SourceItem] = []
     bad: list[dict[str, str]] = []
     n_files = 0
@@ -121,19 +137,25 @@ def discover(spec: IngestSpec, keyring: Keyring, ray) -> tuple[list[SourceItem],
         n_files += len(files)
         found: list[SourceItem] = []
         by_format: dict[str, list[SourceFile]] = defaultdict(list)
+        prog = Progress(0, len(images), phase=f"{src.name} discovery", unit="files",
+                        enabled=progress)  # fmt: skip
+        prog.quarantined = len(skipped) + len(labels.quarantine)
         for f in images:
             fmt = src.format if src.format != "auto" else reader_for(f.rel)
             if fmt is None and not is_companion(f.rel):
                 fmt = reader_for(f.rel, _head(fs, f.path))
-            if fmt is None:
-                if not is_companion(f.rel):
-                    q = Quarantine(f.rel, "unrecognised file format", src.name, "UnsupportedInput")
-                    bad.append(_record(spec, keyring, q))
-                continue
-            by_format[fmt].append(f)
+            unknown = fmt is None and not is_companion(f.rel)
+            prog.update(1, 0, 0, 0, quarantined=int(unknown))
+            if unknown:
+                q = Quarantine(f.rel, "unrecognised file format", src.name, "UnsupportedInput")
+                bad.append(_record(spec, keyring, q))
+            if fmt is not None:
+                by_format[fmt].append(f)
+        if not images:
+            prog.show()
         for fmt, group in sorted(by_format.items()):
             reader = create_reader(fmt, **src.options)
-            scans = _scan(spec, keyring, src.name, fmt, group, reader, ray)
+            scans = _scan(spec, keyring, src.name, fmt, group, reader, ray, progress)
             for out in reader.group(group, scans, src):
                 if isinstance(out, Quarantine):
                     out.source = src.name
@@ -152,20 +174,21 @@ def _record(spec: IngestSpec, keyring: Keyring, q: Quarantine) -> dict[str, str]
     return q.to_dict()
 
 
-def _scan(spec, keyring, source, fmt, files, reader, ray) -> dict[str, Any]:
+def _scan(spec, keyring, source, fmt, files, reader, ray, progress=False) -> dict[str, Any]:
     """Run the reader's header scan as Ray tasks (here, in this process, when ray is None),
-    if it has one."""
+    if it has one; its line counts files, its ETA goes by their sizes."""
     if type(reader).scan is Reader.scan:
         return {}
     if ray is None:  # benchmarks time a worker's steady state: discovery and tasks, no Ray
         return scan_files(spec, keyring, source, fmt, files)
     remote = ray.remote(num_cpus=1)(scan_files)
-    refs = [
-        remote.remote(spec, keyring, source, fmt, files[i : i + SCAN_BATCH])
-        for i in range(0, len(files), SCAN_BATCH)
-    ]
+    batches = [files[i : i + SCAN_BATCH] for i in range(0, len(files), SCAN_BATCH)]
+    sizes = [sum(f.size for f in b) for b in batches]
+    prog = Progress(sum(sizes), len(files), phase=f"{source} header scan", unit="files",
+                    enabled=progress)  # fmt: skip
+    tasks = [partial(remote.remote, spec, keyring, source, fmt, b) for b in batches]
     out: dict[str, Any] = {}
-    for part in ray.get(refs):
+    for part in gather(ray, tasks, prog, sizes, units=[len(b) for b in batches]):
         out.update(part)
     return out
 
@@ -209,12 +232,19 @@ def ct_stats(spec: IngestSpec, hists: list[dict]) -> dict[str, dict[str, Any]]:
     return {ds: {"ct": hist_stats(h, spec.intensity.percentiles)} for ds, h in merged.items()}
 
 
-def run_stats_pass(spec, keyring, tasks, book: Bookkeeper, ray) -> dict[str, Any]:
+def run_stats_pass(spec, keyring, tasks, book: Bookkeeper, ray, progress: bool = False,
+                   workers: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """CT foreground histograms of every task (at most `workers` at once), merged; cached."""
     cached = book.read_json(STATS_FILE)
     if cached is not None:
+        emit("[ingest] CT statistics: kept from the earlier run", console=progress)
         return cached
     remote = ray.remote(num_cpus=1, max_retries=3)(stats_task)
-    hists = ray.get([remote.remote(t, spec, keyring) for t in tasks])
+    nbytes = [t.nbytes for t in tasks]
+    prog = Progress(sum(nbytes), len(tasks), phase="CT statistics", unit="tasks",
+                    enabled=progress)  # fmt: skip
+    submit = [partial(remote.remote, t, spec, keyring) for t in tasks]
+    hists = gather(ray, submit, prog, nbytes, workers)
     stats = ct_stats(spec, hists)
     book.write_json(STATS_FILE, stats)
     return stats
@@ -254,7 +284,10 @@ def run_conversion(spec, keyring, tasks, stats, dest, book, ray, workers, progre
     todo = [t for t in tasks if t.task_id not in parts]
     reused = len(tasks) - len(todo)
     done_bytes = sum(t.nbytes for t in tasks if t.task_id in parts)
-    progress.update(reused, sum(len(p["rows"]) for p in parts.values()), done_bytes, 0)
+    seen: set[str] | None = set() if spec.dedup.exact else None  # pixel hashes written so far
+    kept, dups = _count_rows([r for p in parts.values() for r in p["rows"]], seen)
+    bad = sum(len(p["quarantine"]) for p in parts.values())
+    progress.update(reused, kept, done_bytes, 0, quarantined=bad, duplicates=dups)
     remote = ray.remote(num_cpus=1, max_retries=3)(convert_task)
     # An explicit `workers` caps the tasks running at once; otherwise keep every CPU busy with
     # one task queued behind each.
@@ -275,10 +308,27 @@ def run_conversion(spec, keyring, tasks, stats, dest, book, ray, workers, progre
                 _stop_tasks(ray, pending)
                 raise
             parts[t.task_id] = part
-            progress.update(1, len(part["rows"]), t.nbytes, part["bytes_out"])
+            kept, dups = _count_rows(part["rows"], seen)
+            progress.update(1, kept, t.nbytes, part["bytes_out"],
+                            quarantined=len(part["quarantine"]), duplicates=dups)  # fmt: skip
         if not ready:
             progress.show()
     return parts, len(todo), reused
+
+
+def _count_rows(rows: list[dict[str, Any]], seen: set[str] | None) -> tuple[int, int]:
+    """(rows kept, duplicates) as `dedupe` will count them, given the pixel hashes `seen` in
+    earlier tasks (None: no exact dedupe); the progress line does not count a duplicate as
+    written."""
+    if seen is None:
+        return len(rows), 0
+    dups = 0
+    for row in rows:
+        if row["kind"] == "ehr":
+            continue
+        dups += row["sha256"] in seen
+        seen.add(row["sha256"])
+    return len(rows) - dups, dups
 
 
 def _stop_tasks(ray, pending: dict) -> None:
@@ -500,10 +550,10 @@ def _run(spec, dest, book: Bookkeeper, lease: Lease, keyring, summary: Summary, 
     remove_temporaries(book.fs, book.root)
     with ExitStack() as stack:
         try:
-            ray = stack.enter_context(ray_runtime(address, workers))
+            ray = stack.enter_context(ray_runtime(address, workers, progress))
             register_driver(book, ray, wait_for_previous=resume)
             spec = fetch_sources(spec, book, keyring, progress)  # PACS sources: local copies
-            items, bad, summary.files_in = discover(spec, keyring, ray)
+            items, bad, summary.files_in = discover(spec, keyring, ray, progress)
             tasks = plan_tasks(items, spec)
         except BaseException:
             if created:  # a failed start leaves nothing behind: a plain rerun works
@@ -511,12 +561,18 @@ def _run(spec, dest, book: Bookkeeper, lease: Lease, keyring, summary: Summary, 
             raise
         summary.items = len(items)
         summary.bytes_in = sum(t.nbytes for t in tasks)
-        stats = run_stats_pass(spec, keyring, tasks, book, ray) if needs_stats_pass(spec) else {}
+        stats = (
+            run_stats_pass(spec, keyring, tasks, book, ray, progress, workers)
+            if needs_stats_pass(spec)
+            else {}
+        )
         for source, prep in run_prepare(
             spec, keyring, items, dest, book, ray, progress, workers
         ).items():
             stats[source] = {**stats.get(source, {}), **prep}
         prog = Progress(summary.bytes_in, len(tasks), enabled=progress)
+        # counted live from here on: discovery's and the prepare passes' records first
+        prog.quarantined = len(bad) + sum(len(p.get("quarantine", [])) for p in stats.values())
         parts, summary.tasks_run, summary.tasks_reused = run_conversion(
             spec, keyring, tasks, stats, dest, book, ray, workers, prog
         )

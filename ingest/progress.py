@@ -1,16 +1,38 @@
 """A periodic progress line: tasks, samples/s, MB/s of input read, ETA (by input bytes).
 
-The conversion uses `Progress` as it is; a reader's prepare pass (the EHR identifier scan,
-partition, clean, MEDS) names itself with `phase` and counts its own `unit`, and `gather`
-collects its Ray tasks as they finish so that the line is live.
+The conversion uses `Progress` as it is; every other phase (discovery, the DICOM header scan,
+the CT statistics pass, a reader's prepare passes) names itself with `phase` and counts its own
+`unit`, and `gather` collects its Ray tasks as they finish so that the line is live.
+
+Every line goes through `emit`: to stderr (unless quiet) and to the job's log file while
+`job_log` holds one open (`<out>/_logs/ingest-<UTC time>.log`), so the log has the console's
+lines. An error that ends the job leaves one line on stderr and its traceback in the log only,
+with input paths replaced by their keyed tokens (`redact`).
 """
 
 from __future__ import annotations
 
+import os
+import re
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, TextIO
+
+LOG_DIR = "_logs"  # beside the shard set, not in it: `shards verify` checks tars/ and Zarr only
+_LOGS: list[TextIO] = []  # the open log files of the job running in this process
+
+
+def emit(line: str, *, console: bool = True, stream: TextIO | None = None) -> None:
+    """One line of the job: on `stream` (stderr by default) when `console`, and in the log."""
+    if console:
+        print(line, file=stream or sys.stderr, flush=True)
+    for f in _LOGS:
+        f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {line}\n")
+        f.flush()
 
 
 class Progress:
@@ -22,12 +44,17 @@ class Progress:
         self.phase, self.unit = phase, unit
         self.start = self.last = time.monotonic()
         self.tasks = self.samples = self.bytes_in = self.bytes_out = 0
+        self.quarantined = self.duplicates = 0
 
-    def update(self, tasks: int, samples: int, bytes_in: int, bytes_out: int) -> None:
+    def update(self, tasks: int, samples: int, bytes_in: int, bytes_out: int, *,
+               quarantined: int = 0, duplicates: int = 0) -> None:  # fmt: skip
+        """Count finished work; `samples` are those kept (a duplicate is not written)."""
         self.tasks += tasks
         self.samples += samples
         self.bytes_in += bytes_in
         self.bytes_out += bytes_out
+        self.quarantined += quarantined
+        self.duplicates += duplicates
         now = time.monotonic()
         if now - self.last >= self.every or self.tasks == self.total_tasks:
             self.last = now
@@ -53,28 +80,30 @@ class Progress:
         mb_in = f"in {self.bytes_in / el / 1e6:.1f} MB/s"
         if self.phase:
             rate = f" | {mb_in}" if self.total_bytes else ""  # no "0.0 MB/s" when unknown
+            bad = f" | quarantined {self.quarantined}" if self.quarantined else ""
             return (
                 f"[ingest] {self.phase}: {self.unit} {self.tasks}/{self.total_tasks} "
-                f"({self.tasks / el:.1f}/s){rate} | ETA {self.eta(el)}"
+                f"({self.tasks / el:.1f}/s){bad}{rate} | ETA {self.eta(el)}"
             )
         return (
             f"[ingest] tasks {self.tasks}/{self.total_tasks} | samples {self.samples} "
-            f"({self.samples / el:.1f}/s) | {mb_in} | "
+            f"({self.samples / el:.1f}/s) | quarantined {self.quarantined} | "
+            f"duplicates {self.duplicates} | {mb_in} | "
             f"out {self.bytes_out / el / 1e6:.1f} MB/s | ETA {self.eta(el)}"
         )
 
     def show(self) -> None:
-        if self.enabled:
-            print(self.line(), file=self.stream, flush=True)
+        emit(self.line(), console=self.enabled, stream=self.stream)
 
 
 def gather(ray: Any, tasks: Sequence[Callable[[], Any]], progress: Progress,
-           nbytes: Sequence[int] | None = None, limit: int | None = None) -> list[Any]:  # fmt: skip
+           nbytes: Sequence[int] | None = None, limit: int | None = None,
+           units: Sequence[int] | None = None) -> list[Any]:  # fmt: skip
     """Run `tasks` (each submits one Ray task and returns its ref) with at most `limit` in
     flight (all at once when None), and return their results in order, counting each in
-    `progress` as it finishes (with `nbytes[i]` input bytes) and showing the line every
-    `progress.every` seconds. `limit` is the job's `workers`: a 1-worker job uses one core in
-    its prepare passes too, as in its conversion tasks."""
+    `progress` as it finishes (as `units[i]` of its unit, 1 by default, with `nbytes[i]` input
+    bytes) and showing the line every `progress.every` seconds. `limit` is the job's
+    `workers`: a 1-worker job uses one core in its prepare passes too, as in its conversion."""
     out: list[Any] = [None] * len(tasks)
     index: dict[Any, int] = {}
     todo = iter(range(len(tasks)))
@@ -92,8 +121,95 @@ def gather(ray: Any, tasks: Sequence[Callable[[], Any]], progress: Progress,
         for ref in ready:
             i = index.pop(ref)
             out[i] = ray.get(ref)
-            progress.update(1, 0, nbytes[i] if nbytes else 0, 0)
+            progress.update(units[i] if units else 1, 0, nbytes[i] if nbytes else 0, 0)
             submit()
         if not ready:
             progress.show()
     return out
+
+
+@contextmanager
+def job_log(dest: str) -> Iterator[str]:
+    """Write the job's lines to `<dest>/_logs/ingest-<UTC time>-<pid>.log` while open; yields
+    its path. On an object store (no appends) the log is kept locally and uploaded on close."""
+    from medfm.io import get_fs, is_local
+
+    fs, root = get_fs(dest)
+    name = f"{LOG_DIR}/ingest-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}.log"
+    local = is_local(fs)
+    if local:
+        fs.makedirs(f"{root}/{LOG_DIR}", exist_ok=True)
+        f = open(f"{root}/{name}", "a", encoding="utf-8")  # noqa: SIM115 - closed below
+    else:
+        f = tempfile.NamedTemporaryFile("w", suffix=".log", delete=False, encoding="utf-8")  # noqa: SIM115
+    _LOGS.append(f)
+    try:
+        yield f"{dest.rstrip('/')}/{name}"
+    finally:
+        _LOGS.remove(f)
+        f.close()
+        if not local:
+            try:
+                fs.put_file(f.name, f"{root}/{name}")
+            finally:
+                os.unlink(f.name)
+
+
+def redact(text: str, spec: Any, keyring: Any | None) -> str:
+    """`text` with every path under a source root shown as `<source>/<keyed token>` (the
+    relative path itself only with `deid.hash_paths: false`), as quarantine records show it:
+    folder and file names can be patient names, UIDs and dates."""
+    from .tasks import shown_path
+
+    def shown(src: Any, rel: str | None) -> str:
+        if not rel:
+            return f"<{src.name} root>"
+        if keyring is None and spec.deid.hash_paths:
+            return f"<{src.name}>/<path>"
+        return f"<{src.name}>/{shown_path(spec, keyring, rel)}"
+
+    for src in sorted(spec.sources, key=lambda s: -len(s.root)):  # nested roots: longest first
+        root = src.root.split("://", 1)[-1].rstrip("/")  # fsspec errors drop the scheme
+        if len(root) > 1:
+            pattern = re.compile(re.escape(root) + r"(?:/([^\s'\"(),;]+))?(?![\w.-])")
+            text = pattern.sub(lambda m, s=src: shown(s, m[1]), text)
+    return text
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The worker's exception behind a Ray task error, else `e`."""
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, BaseException) else e
+
+
+def _file_of(e: BaseException) -> str:
+    """The file an error is about: an OSError's file anywhere in its chain (a rename's target
+    before its source), else the path the innermost failing frame held (`path` or `p`, as
+    medfm's readers and bookkeeping name it), else the code location that raised it."""
+    seen: BaseException | None = e
+    for _ in range(8):
+        if seen is None:
+            break
+        seen = _root_cause(seen)
+        if isinstance(seen, OSError) and (seen.filename2 or seen.filename):
+            return str(seen.filename2 or seen.filename)
+        seen = seen.__cause__ or seen.__context__
+    frames = list(traceback.walk_tb(e.__traceback__))
+    for frame, _ in reversed(frames):
+        held = frame.f_locals.get("path", frame.f_locals.get("p"))
+        if isinstance(held, str | os.PathLike) and "/" in str(held):
+            return str(held)
+    code = frames[-1][0].f_code.co_filename if frames else "medfm ingest"
+    return f"{code}:{frames[-1][1]}" if frames else code
+
+
+def failure_line(e: BaseException, spec: Any, keyring: Any | None, log: str) -> str:
+    """Log `e`'s traceback (redacted) and return the one stderr line for it: the file, the
+    cause and where the traceback went."""
+    trace = "".join(traceback.format_exception(e)).rstrip()
+    emit(redact(f"[ingest] failed:\n{trace}", spec, keyring), console=False)
+    cause, file = _root_cause(e), _file_of(e)
+    text = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
+    first = (text.strip().splitlines() or [""])[0][:300]
+    why = f"{type(cause).__name__}: {first}" if first and first != file else type(cause).__name__
+    return redact(f"medfm ingest: {file}: {why} (traceback in {log})", spec, keyring)
