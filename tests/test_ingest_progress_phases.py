@@ -53,7 +53,7 @@ def _inputs(root: Path) -> Path:
 
 def _ingest(exe: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "MEDFM_DEID_KEY": KEY.decode()}
-    cmd = [exe, "ingest", *args, "--workers", "2"]
+    cmd = [exe, "ingest", *args] + ([] if "--workers" in args else ["--workers", "2"])
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -193,3 +193,26 @@ def test_redact_keys_paths_under_a_source_root(tmp_path):
     assert redact(text, spec, None) == "No such file: '<vols>/<path>' (under <vols root>)"
     spec.deid.hash_paths = False  # the user's opt-in: relative paths shown
     assert "'<vols>/Doe_John/a.nii'" in redact(text, spec, keyring)
+
+
+@pytest.mark.slow  # a real Ray job (its own local runtime: its workers must reach the S3 server)
+def test_on_an_object_store_the_log_is_uploaded_when_the_run_ends(tmp_path, medfm_exe):
+    from s3_helpers import moto_s3
+
+    from medfm.io import get_fs
+
+    spec = json.loads(_inputs(tmp_path).read_text())
+    spec["sources"], spec["intensity"] = spec["sources"][1:], {}  # the volumes only
+    (tmp_path / "spec.yaml").write_text(json.dumps(spec))
+    with moto_s3() as s3:
+        url = s3.url("set")
+        res = _ingest(medfm_exe, str(tmp_path / "spec.yaml"), "--out", url, "--workers", "1")
+        assert res.returncode == 0, res.stderr[-3000:]
+        fs, root = get_fs(url)
+        (log,) = fs.glob(f"{root}/_logs/ingest-*.log")
+        text = fs.cat_file(log).decode()
+    stamp = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ ")
+    logged = [stamp.sub("", x) for x in text.splitlines() if stamp.match(x)]
+    console = [x for x in res.stderr.splitlines() + res.stdout.splitlines() if x.startswith(OURS)]
+    assert sorted(logged) == sorted(console) and any("vols discovery" in x for x in logged)
+    assert CANARY not in text and str(tmp_path) not in text
