@@ -11,6 +11,11 @@
     statistics, written only after the task's shards are committed. A task with a part file is
     never run again; a task without one is re-run from scratch under the same shard prefix, so
     its (deterministic) shards are rewritten byte for byte.
+`_ingest/append.json`  an append in progress (`--append`): the version it adds, its spec
+    fingerprint and `--refit`. Re-running the same append resumes it; its cached passes live
+    in `_ingest/v<N>/` and its part files beside the first job's (their task ids differ: an
+    append's tasks hold only inputs the set does not have). Removed once the version is
+    committed; one whose version is already committed is stale and is replaced.
 `quarantine.jsonl`   one record per rejected input: source, relative path, error type, reason.
 
 Every quarantine record is written through `scrub_records`, here, whichever reader or error
@@ -32,6 +37,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from medfm.io import atomic_write_bytes, get_fs, is_local, tmp_name
+from medfm.shards.manifest import HEADER_NAME
 
 from .privacy import SCRYPT, Keyring
 from .progress import LOG_DIR
@@ -42,6 +48,7 @@ JOB_FILE = f"{WORK_DIR}/job.json"
 LEASE_FILE = f"{WORK_DIR}/lease.json"
 STATS_FILE = f"{WORK_DIR}/stats.json"
 DRIVER_FILE = f"{WORK_DIR}/driver.json"
+APPEND_FILE = f"{WORK_DIR}/append.json"
 QUARANTINE_FILE = "quarantine.jsonl"
 REPORT_FILE = "ingest_report.json"
 HEARTBEAT_S = 5.0
@@ -244,9 +251,17 @@ class Lease:
 class Bookkeeper:
     def __init__(self, dest: str):
         self.fs, self.root = get_fs(dest)
+        self.appending = 0  # the version an append adds (start_append), else 0
 
     def path(self, rel: str) -> str:
         return f"{self.root}/{rel}"
+
+    def job_file(self, rel: str) -> str:
+        """A cached pass of this job (`_ingest/stats.json`): an append keeps its own copy under
+        `_ingest/v<N>/`, beside the earlier jobs' ones."""
+        if not self.appending:
+            return rel
+        return f"{WORK_DIR}/v{self.appending}/{rel.removeprefix(WORK_DIR + '/')}"
 
     def write_json(self, rel: str, obj: Any) -> None:
         data = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
@@ -279,21 +294,74 @@ class Bookkeeper:
                 "the destination already holds an ingest job; pass --resume to finish it "
                 "(finished work is kept), or choose another folder"
             )
+        if self._append_pending():
+            raise ResumeError(
+                "cannot resume: an append to this set is unfinished; re-run that command "
+                "(with --append) to finish it"
+            )
         if existing.get("spec") != spec_fingerprint:
             raise ResumeError("cannot resume: the spec differs from the one that started this job")
-        check = existing.get("key_check") or {}
+        if (self.read_json(HEADER_NAME) or {}).get("version", 1) > 1:
+            raise ResumeError(
+                "cannot resume: this set has versions added by --append since its first job "
+                "finished; add inputs with --append"
+            )
+        self._check_key(existing, keyring, "cannot resume", "started this job")
+        return False
+
+    def _check_key(self, job: dict[str, Any], keyring: Keyring, what: str, who: str) -> None:
+        check = job.get("key_check") or {}
         if check.get("kdf") != "scrypt":
             raise ResumeError(
-                "cannot resume: this job was started by an older medfm that kept a fast key "
+                f"{what}: this job was started by an older medfm that kept a fast key "
                 "fingerprint; start it again in an empty folder"
             )
         got = keyring.key_check(bytes.fromhex(check["salt"]), check["n"], check["r"], check["p"])
         if not secrets.compare_digest(got, check["hash"]):
+            raise ResumeError(f"{what}: the de-identification key differs from the one that {who}")
+
+    def _append_pending(self) -> bool:
+        pending = self.read_json(APPEND_FILE) or {}
+        newest = (self.read_json(HEADER_NAME) or {}).get("version", 1)
+        return pending.get("version", 0) > newest
+
+    def start_append(
+        self, spec_fingerprint: str, keyring: Keyring, version: int, refit: bool
+    ) -> bool:
+        """Claim the destination for an append that adds `version`, or resume the same append.
+        The key must be the one that made the set (else its pseudonyms and splits would not
+        match): checked against the first job's salted scrypt hash. Returns True when this
+        call started the append (so a failed start can undo it, `abandon_append`)."""
+        job = self.read_json(JOB_FILE)
+        if job is None:
             raise ResumeError(
-                "cannot resume: the de-identification key differs from the one that started "
-                "this job"
+                f"cannot append: the set's job record {JOB_FILE} is gone, so the "
+                "de-identification key cannot be checked against the one that made the set"
             )
-        return False
+        self._check_key(job, keyring, "cannot append", "made this set")
+        pending = self.read_json(APPEND_FILE)
+        record = {"version": version, "spec": spec_fingerprint, "refit": refit}
+        self.appending = version
+        if pending is not None and pending.get("version") == version:
+            if pending != record:
+                raise ResumeError(
+                    f"cannot append: an append adding version {version} with another spec or "
+                    "--refit setting is unfinished; re-run that command to finish it"
+                )
+            return False
+        self.write_json(APPEND_FILE, record)  # none, or one already committed (stale)
+        return True
+
+    def abandon_append(self) -> None:
+        """Undo an append's start: its record and cached passes go, the set's earlier jobs'
+        bookkeeping stays."""
+        for rel in (APPEND_FILE, f"{WORK_DIR}/v{self.appending}"):
+            if self.fs.exists(self.path(rel)):
+                self.fs.rm(self.path(rel), recursive=True)
+
+    def finish_append(self) -> None:
+        """The version is committed: the append is no longer pending (its cached passes go)."""
+        self.abandon_append()
 
     def _listing(self, rel: str = "", ignore: str = "") -> list[str]:
         base = self.path(rel) if rel else self.root

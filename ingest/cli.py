@@ -1,5 +1,5 @@
 """`medfm ingest SPEC.yaml --out DEST [key=value ...] [--address RAY_ADDRESS] [--workers N]
-[--resume] [--dry-run] [--limit N]`."""
+[--resume] [--append [--refit]] [--dry-run] [--limit N]`."""
 
 from __future__ import annotations
 
@@ -30,6 +30,12 @@ def ingest(
     ),
     workers: int = typer.Option(None, "--workers", min=1, help="Parallel tasks (default: cores)."),
     resume: bool = typer.Option(False, "--resume", help="Finish an interrupted job in --out."),
+    append: bool = typer.Option(
+        False, "--append", help="Add new inputs to the set in --out as a new manifest version."
+    ),
+    refit: bool = typer.Option(
+        False, "--refit", help="With --append: fit the CT statistics again over every input."
+    ),
     quiet: bool = typer.Option(False, "--quiet", help="No progress line."),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Discover, group and plan only; print the plan, write nothing."
@@ -52,6 +58,8 @@ def ingest(
     expected = (ConfigError, ResumeError, DeidKeyError, IngestError)
 
     try:
+        if refit and not append:
+            raise ConfigError("--refit refits what an --append keeps; give it with --append")
         job_spec = load_spec(spec, overrides or ())
         for source in job_spec.sources if limit else ():
             source.limit = limit
@@ -76,8 +84,9 @@ def ingest(
             raise typer.Exit(2) from None
         try:
             summary = run_ingest(
-                job_spec, out, address=address, workers=workers, resume=resume, progress=not quiet
-            )
+                job_spec, out, address=address, workers=workers, resume=resume, progress=not quiet,
+                append=append, refit=refit,
+            )  # fmt: skip
         except expected as e:
             emit(f"medfm ingest: {e}")
             raise typer.Exit(2) from None
@@ -86,6 +95,9 @@ def ingest(
             raise typer.Exit(3) from None
         emit(summary.line(), stream=sys.stdout)
         emit(json.dumps(dataclasses.asdict(summary), sort_keys=True), stream=sys.stdout)
+        if append and summary.items == 0:  # every input is in the set already
+            emit(f"medfm ingest: nothing new to append; the set stays at version {summary.version}")
+            return
         if summary.written == 0:
             emit("medfm ingest: no sample was written (see quarantine.jsonl)")
             raise typer.Exit(1)

@@ -27,6 +27,7 @@ from medfm.io import as_url, get_fs, is_local, remove_temporaries, sha256_bytes,
 from medfm.shards import write_manifest
 from medfm.shards.tarshard import ShardFile
 
+from .append import Base, check_compatible, open_base, refuse_prepared
 from .bookkeeping import (
     DRIVER_FILE,
     REPORT_FILE,
@@ -77,14 +78,22 @@ class Summary:
     tasks_reused: int = 0
     wall_s: float = 0.0
     by_split: dict[str, int] = field(default_factory=dict)
+    version: int = 1  # the manifest version the job wrote (an append: the one it added)
+    skipped: int = 0  # an append's items that the set already holds
 
     def line(self) -> str:
+        appended = (
+            f"; version {self.version}, {self.skipped} items already in the set skipped"
+            if self.version > 1 or self.skipped
+            else ""
+        )
         return (
             f"[ingest] done: {self.files_in} files in, {self.written} samples written, "
             f"{self.quarantined} quarantined, {self.duplicates} duplicates dropped, "
             f"{self.near_duplicates} near-duplicate pairs across splits, "
             f"{self.bytes_in / 1e6:.1f} MB read, {self.bytes_out / 1e6:.1f} MB written, "
             f"{self.wall_s:.1f} s ({self.tasks_run} tasks run, {self.tasks_reused} reused)"
+            f"{appended}"
         )
 
 
@@ -235,7 +244,7 @@ def ct_stats(spec: IngestSpec, hists: list[dict]) -> dict[str, dict[str, Any]]:
 def run_stats_pass(spec, keyring, tasks, book: Bookkeeper, ray, progress: bool = False,
                    workers: int | None = None) -> dict[str, Any]:  # fmt: skip
     """CT foreground histograms of every task (at most `workers` at once), merged; cached."""
-    cached = book.read_json(STATS_FILE)
+    cached = book.read_json(book.job_file(STATS_FILE))
     if cached is not None:
         emit("[ingest] CT statistics: kept from the earlier run", console=progress)
         return cached
@@ -246,8 +255,32 @@ def run_stats_pass(spec, keyring, tasks, book: Bookkeeper, ray, progress: bool =
     submit = [partial(remote.remote, t, spec, keyring) for t in tasks]
     hists = gather(ray, submit, prog, nbytes, workers)
     stats = ct_stats(spec, hists)
-    book.write_json(STATS_FILE, stats)
+    book.write_json(book.job_file(STATS_FILE), stats)
     return stats
+
+
+def ct_statistics(spec, keyring, tasks, book, ray, progress, workers, base: Base | None = None,
+                  refit: bool = False, every: list[SourceItem] = ()) -> dict[str, Any]:  # fmt: skip
+    """The CT statistics the conversion applies and the manifest records: a first pass when CT
+    is z-scored. An append keeps the set's (a pass only for its new datasets); `refit` passes
+    over every input this job found, those already in the set included."""
+    if base is None:
+        return (
+            run_stats_pass(spec, keyring, tasks, book, ray, progress, workers)
+            if needs_stats_pass(spec)
+            else {}
+        )
+    if refit:
+        every_task = plan_tasks(list(every), spec)
+        return run_stats_pass(spec, keyring, every_task, book, ray, progress, workers)
+    kept = base.ct_stats()
+    new = [i for t in tasks for i in t.items if i.source not in kept]
+    fresh = (
+        run_stats_pass(spec, keyring, plan_tasks(new, spec), book, ray, progress, workers)
+        if new and needs_stats_pass(spec)
+        else {}
+    )
+    return {**fresh, **kept}
 
 
 PREPARE_FILE = "_ingest/prepare.json"
@@ -258,7 +291,7 @@ def run_prepare(spec, keyring, items, dest, book: Bookkeeper, ray, progress: boo
                 workers: int | None = None) -> dict[str, Any]:  # fmt: skip
     """Readers' driver-side passes (EHR vocabulary), their Ray tasks capped at `workers` as
     the conversion's are; cached so that a resume reuses them."""
-    cached = book.read_json(PREPARE_FILE)
+    cached = book.read_json(book.job_file(PREPARE_FILE))
     if cached is not None:
         return cached
     out: dict[str, Any] = {}
@@ -274,7 +307,7 @@ def run_prepare(spec, keyring, items, dest, book: Bookkeeper, ray, progress: boo
         out[source] = reader.prepare(mine, ctx)
         if "quarantine" in out[source]:
             out[source]["quarantine"] = scrub_records(out[source]["quarantine"])
-    book.write_json(PREPARE_FILE, out)
+    book.write_json(book.job_file(PREPARE_FILE), out)
     return out
 
 
@@ -442,11 +475,17 @@ def _attributes(spec: IngestSpec) -> dict[str, Any]:
     }
 
 
-def finish(spec, keyring, dest, book, parts, bad, stats, summary) -> None:
-    """Dedupe, write quarantine/report, then the manifest (the commit point) last."""
+def finish(spec, keyring, dest, book, parts, bad, stats, summary, base: Base | None = None,
+           refit: bool = False) -> None:  # fmt: skip
+    """Dedupe, write quarantine/report, then the manifest (the commit point) last. An append
+    (`base`: the version it builds on) adds a version holding the old rows and the new ones;
+    with no new sample it adds none."""
     rows = [r for p in parts.values() for r in p["rows"]]
     files = {f["path"]: f for p in parts.values() for f in p["files"]}
     rows, dropped = dedupe(rows) if spec.dedup.exact else (rows, [])
+    if base is not None:  # content the set already holds is a duplicate too
+        rows, present = base.drop_present(rows)
+        dropped += present
     for d in dropped:  # a dropped volume's Zarr group goes; tar members stay, unlisted
         prefix = f"volumes.zarr/{d['dropped']}/"
         for path in [p for p in files if p.startswith(prefix)]:
@@ -468,6 +507,19 @@ def finish(spec, keyring, dest, book, parts, bad, stats, summary) -> None:
     summary.by_split = {s: sum(r["split"] == s for r in rows) for s in ("train", "val", "test")}
     hists = [p["hist"] for p in parts.values()]
     report = {"duplicates": dropped, "near_duplicates_across_splits": near}
+    datasets, attributes = _dataset_records(spec, rows, stats, hists), _attributes(spec)
+    if base is not None:
+        if not rows:
+            summary.version = base.version
+            book.write_json(REPORT_FILE, {**report, "summary": dataclasses.asdict(summary)})
+            return
+        summary.version = base.version + 1
+        added = {"added": len(rows), "skipped": summary.skipped, "refit": refit}
+        gone = {d["dropped"] for d in dropped}
+        dups = [r for p in parts.values() for r in p["rows"] if r["key"] in gone]
+        rows, files, datasets, attributes = base.merge(rows, files, datasets, attributes, added,
+                                                       dups)  # fmt: skip
+        datasets.update(_dataset_records(spec, rows, stats, hists))  # counts over all rows
     book.write_json(REPORT_FILE, {**report, "summary": dataclasses.asdict(summary)})
     write_manifest(
         dest,
@@ -476,8 +528,9 @@ def finish(spec, keyring, dest, book, parts, bad, stats, summary) -> None:
             ShardFile(f["path"], f["sha256"], f["bytes"], f.get("samples", 0))
             for f in files.values()
         ],
-        datasets=_dataset_records(spec, rows, stats, hists),
-        attributes=_attributes(spec),
+        datasets=datasets,
+        attributes=attributes,
+        version=summary.version,
     )
 
 
@@ -518,8 +571,12 @@ def run_ingest(
     resume: bool = False,
     progress: bool = True,
     keyring: Keyring | None = None,
+    append: bool = False,
+    refit: bool = False,
 ) -> Summary:
-    """Run (or resume) an ingest job; returns its summary.
+    """Run (or resume) an ingest job; returns its summary. `append`: add the inputs the
+    finished set at `dest` does not hold as a new manifest version (ingest/append.py), keeping
+    its CT statistics unless `refit`; re-running an interrupted append resumes it.
 
     The destination's lease is taken first, so nothing (not even temporaries) is touched while
     another job runs there. A new job that fails before its conversion starts leaves no
@@ -533,7 +590,8 @@ def run_ingest(
     summary = Summary()
     try:
         lease.acquire()
-        _run(spec, dest, book, lease, keyring, summary, address, workers, resume, progress, t0)
+        _run(spec, dest, book, lease, keyring, summary, address, workers, resume, progress, t0,
+             append=append, refit=refit)  # fmt: skip
     except BaseException as e:
         if _disk_full(e) is None:
             raise
@@ -545,27 +603,36 @@ def run_ingest(
 
 
 def _run(spec, dest, book: Bookkeeper, lease: Lease, keyring, summary: Summary, address,
-         workers, resume, progress, t0: float) -> None:  # fmt: skip
-    created = book.start(spec.fingerprint(), keyring, resume)
+         workers, resume, progress, t0: float, *, append: bool = False,
+         refit: bool = False) -> None:  # fmt: skip
+    base = None
+    if append:
+        base = open_base(dest, book)
+        check_compatible(base, _attributes(spec))
+        created = book.start_append(spec.fingerprint(), keyring, base.version + 1, refit)
+    else:
+        created = book.start(spec.fingerprint(), keyring, resume)
     remove_temporaries(book.fs, book.root)
     with ExitStack() as stack:
         try:
             ray = stack.enter_context(ray_runtime(address, workers, progress))
-            register_driver(book, ray, wait_for_previous=resume)
+            register_driver(book, ray, wait_for_previous=not created)
             spec = fetch_sources(spec, book, keyring, progress)  # PACS sources: local copies
             items, bad, summary.files_in = discover(spec, keyring, ray, progress)
+            every = items
+            if base is not None:
+                refuse_prepared(spec, items)
+                items = base.new_items(spec, keyring, items)
+                summary.skipped = len(every) - len(items)
             tasks = plan_tasks(items, spec)
         except BaseException:
             if created:  # a failed start leaves nothing behind: a plain rerun works
-                book.abandon()
+                book.abandon_append() if base is not None else book.abandon()
             raise
         summary.items = len(items)
         summary.bytes_in = sum(t.nbytes for t in tasks)
-        stats = (
-            run_stats_pass(spec, keyring, tasks, book, ray, progress, workers)
-            if needs_stats_pass(spec)
-            else {}
-        )
+        stats = ct_statistics(spec, keyring, tasks, book, ray, progress, workers,
+                              base, refit, every)  # fmt: skip
         for source, prep in run_prepare(
             spec, keyring, items, dest, book, ray, progress, workers
         ).items():
@@ -584,7 +651,9 @@ def _run(spec, dest, book: Bookkeeper, lease: Lease, keyring, summary: Summary, 
         remove_temporaries(book.fs, f"{book.root}/{folder}")
     parts = {t.task_id: parts[t.task_id] for t in tasks}  # only this job's tasks, in order
     summary.wall_s = round(time.monotonic() - t0, 3)
-    finish(spec, keyring, dest, book, parts, bad, stats, summary)
+    finish(spec, keyring, dest, book, parts, bad, stats, summary, base, refit)
+    if base is not None:
+        book.finish_append()
     for prep in stats.values():  # Reader.prepare's work files (EHR: every raw code), once done
         if prep.get("scratch") and book.fs.exists(prep["scratch"]):
             book.fs.rm(prep["scratch"], recursive=True)
