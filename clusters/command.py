@@ -24,9 +24,10 @@ def stage_of(command: list[str]) -> str:
 
 
 def runs_on_ray(command: list[str]) -> bool:
-    """Ingest and synthetic generation spread their work as Ray tasks; the rest is Lightning."""
+    """Ingest and synthetic generation spread their work as Ray tasks, and the demo drives its
+    stages on a Ray cluster (medfm/demo/cluster.py); the rest is Lightning."""
     args = normalize_command(command)[1:]
-    return args[:1] == ["ingest"] or args[:2] == ["synth", "generate"]
+    return args[:1] in (["ingest"], ["demo"]) or args[:2] == ["synth", "generate"]
 
 
 def needs_ray_address(command: list[str]) -> bool:

@@ -9,7 +9,7 @@ Two templates:
   never asks for one (passing `ckpt_path="hpc"` fails there: Lightning issue #20347), and an
   explicit `--resume` path cannot shadow the fresher HPC checkpoint.
 - `ray`: starts a Ray head on the first node and a worker on every other node of the allocation,
-  waits until all have joined, then runs the command (ingest, synth) against that cluster.
+  waits until all have joined, then runs the command (ingest, synth, demo) against that cluster.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class SlurmJob:
 
 
 def pick_template(command: list[str]) -> str:
-    """`ray` for stages that run on Ray (ingest, synth generate), `train` for the others."""
+    """`ray` for stages that run on Ray (ingest, synth generate, demo), `train` for the others."""
     return "ray" if runs_on_ray(command) else "train"
 
 

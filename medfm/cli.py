@@ -37,12 +37,19 @@ def demo(
     out: str = typer.Option("demo-out", help="Folder for everything the demo writes."),
     overwrite: bool = typer.Option(True, help="Replace an earlier demo's output."),
     quick: bool = typer.Option(False, help="Tiny step counts and fewer images (the test's)."),
+    address: str = typer.Option(
+        None,
+        envvar="RAY_ADDRESS",
+        help="A running Ray cluster (HEAD:6379, auto, ray://...): ingest tasks and training "
+        "ranks run on its nodes; --out must then be on storage every node mounts.",
+    ),
 ):
     """Run the main job end to end on embedded defaults (local Ray, local disk, a local hub) and
-    real data: pip-shipped files, plus MEDFM_SAMPLE_DATA when set."""
+    real data: pip-shipped files, plus MEDFM_SAMPLE_DATA when set. With --address, the same job
+    on a Ray cluster (docs/clusters.md)."""
     from medfm.demo import run_demo
 
-    run_demo(out, overwrite=overwrite, quick=quick)
+    run_demo(out, overwrite=overwrite, quick=quick, address=address)
 
 
 @app.command()

@@ -111,6 +111,8 @@ def build(cfg: PretrainConfig) -> tuple[PretrainModule, PretrainData]:
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     set_vocab_size(cfg)  # an EHR encoder's vocabulary comes from the shard set
     module = PretrainModule(cfg)
+    if module.ema is not None:  # updated by hand, never by the loss: DDP must not wait for its
+        module.ema.requires_grad_(False)  # gradients (a multi-node run failed on "unused")
     hints = {k: v for obj in module.objectives.values() for k, v in obj.contract_hints().items()}
     contract = contract_for(module.encoder, cfg, hints)
     pair_contract = contract_for(module.pair_encoder, cfg) if module.pair_encoder else None

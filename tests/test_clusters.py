@@ -312,7 +312,7 @@ def test_launch_slurm_refuses_copies_of_a_single_writer_command(command, layout)
     copies = 16 if "16" in layout else 4
     assert r.exit_code == 2 and r.stdout == "", r.stdout[-500:]
     assert f"{copies} independent copies" in r.stderr and "single-writer" in r.stderr, r.stderr
-    if command[1] in ("ingest", "synth") and command[2] != "audit":
+    if command[1] in ("ingest", "synth", "demo") and command[2] != "audit":  # Ray drivers
         assert "--template ray" in r.stderr and "--address HEAD" in r.stderr
         assert "medfm launch ray" in r.stderr
         instead = dry_run_slurm(*layout, "--template", "ray", command=command)

@@ -29,6 +29,7 @@ from typing import Any
 from medfm.io import write_json, write_text
 
 from . import configs as dc
+from .cluster import DemoCluster, connect
 from .report import print_table, write_report
 from .stages import Demo, ecg, ehr, finetune, ingest, pretrain, synth, verify_all
 
@@ -82,12 +83,24 @@ def quiet_libraries() -> None:
         warnings.filterwarnings("ignore", message=message)
 
 
-def run_demo(out: str, overwrite: bool = True, quick: bool = False) -> dict[str, Any]:
-    """Run every stage into `out`; prints the summary table and returns the summary."""
+def run_demo(
+    out: str, overwrite: bool = True, quick: bool = False, address: str | None = None
+) -> dict[str, Any]:
+    """Run every stage into `out`; prints the summary table and returns the summary. With
+    `address`, on that Ray cluster (medfm/demo/cluster.py); `out` must be on shared storage."""
     t0 = time.perf_counter()
+    with connect(address) as on_cluster:
+        return _run(out, overwrite, quick, on_cluster, t0)
+
+
+def _run(out: str, overwrite: bool, quick: bool, on_cluster: DemoCluster | None, t0: float):
     d = Demo(Path(out).resolve(), dc.QUICK if quick else dc.FULL, dc.Inputs.find())
+    d.cluster = on_cluster
     quiet_libraries()
     key = prepare(d.out, overwrite)
+    if on_cluster:
+        on_cluster.check_shared(d.out)
+        print(f"[demo] on the Ray cluster at {on_cluster.address}: {on_cluster.group.size} node(s)")
     where = d.inputs.sample or "unset: pip-shipped files only"
     print(f"[demo] output {d.out}; MEDFM_SAMPLE_DATA {where}; {compute_threads()} torch threads")
     shards = ingest(d, key)
@@ -116,6 +129,7 @@ def run_demo(out: str, overwrite: bool = True, quick: bool = False) -> dict[str,
         "stages": [asdict(r) for r in d.rows],
         "commands": d.commands,
         **d.results,
+        **({"cluster": on_cluster.record()} if on_cluster else {}),
     }
     write_report(d.out / "report.html", summary, d.figures)
     write_json(d.out / "summary.json", summary, indent=1, default=str)

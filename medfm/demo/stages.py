@@ -52,6 +52,7 @@ class Demo:
     commands: list[str] = field(default_factory=list)
     figures: list[tuple[str, str, Path]] = field(default_factory=list)  # (section, caption, png)
     results: dict[str, Any] = field(default_factory=dict)
+    cluster: Any = None  # a medfm.demo.cluster.DemoCluster: the stages run on a Ray cluster
 
     @contextmanager
     def stage(self, name: str):
@@ -104,7 +105,8 @@ def ingest(d: Demo, key: Path) -> dict[str, Path]:
         specs["xray"] = dc.xray_spec(staged, key)
     shards = {}
     keyring = Keyring.load(str(key))
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    if d.cluster is None:  # else the driver is connected to the cluster: its tasks go there
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
         for name, spec in specs.items():
             dest = d.out / "shards" / name
@@ -126,7 +128,8 @@ def ingest(d: Demo, key: Path) -> dict[str, Path]:
                               f"splits {s.by_split}")  # fmt: skip
             shards[name] = dest
     finally:
-        ray.shutdown()
+        if d.cluster is None:
+            ray.shutdown()
     if not mimic:
         d.skip("ingest ehr", f"needs the MIMIC-IV demo ({d.inputs.missing('mimic-iv-demo-2.2')})")
     if not npz:
@@ -211,7 +214,8 @@ def pretrain(d: Demo, name: str, tree: dict[str, Any], section: str = "Pretraini
 
     path = d.config(f"pretrain_{name}", tree, "medfm pretrain --config {}")
     with d.stage(f"pretrain {name}") as row:
-        summary = run(load_config(path))
+        cfg = load_config(path)
+        summary = d.cluster.pretrain(name, cfg) if d.cluster else run(cfg)
         out = Path(tree["out_dir"])
         rate = summary["throughput"].get("samples_per_s", 0.0)
         row.items = f"{summary['steps']} steps"
@@ -261,7 +265,8 @@ def finetune(d: Demo, encoder: Path, shards: Path) -> None:
     tree = dc.finetune_config(encoder, shards, run_dir, d.scale)
     path = d.config("finetune_lora", tree, "medfm finetune --config {}")
     with d.stage("finetune lora") as row:
-        run(load_config(path))
+        cfg = load_config(path)
+        d.cluster.finetune("finetune lora", cfg) if d.cluster else run(cfg)
         fit = json.loads((run_dir / "run.json").read_text())["fit"]
         test = json.loads((run_dir / "metrics.json").read_text())["metrics"]
         row.items = f"{fit['counts']['train_rows']} train images"
