@@ -120,7 +120,7 @@ class DemoCluster:
             address=ctx.gcs_address,
             filters=[("job_id", "=", ctx.get_job_id()), ("state", "=", "FINISHED")],
             detail=True,
-            limit=100_000,
+            limit=10_000,  # the state API's maximum
         )
         per_node: dict[str, Counter] = {}
         for t in tasks:
