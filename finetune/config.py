@@ -69,6 +69,14 @@ class TrainConfig:
     augment_scale: float = 0.0
     seed: int = 0
     device: str = "auto"  # auto: cuda when available
+    # The engine (pretraining's, finetune/fit.py): DDP over devices x num_nodes processes
+    # (strategy auto: DDP when there are several), precision auto: bf16-mixed on a GPU, 32-true
+    # on the CPU; clip_grad > 0 clips the gradient norm.
+    devices: int | str = 1
+    num_nodes: int = 1
+    strategy: Literal["auto", "ddp"] = "auto"
+    precision: str = "auto"
+    clip_grad: float = 0.0
     patches_per_volume: int = 8  # segmentation: random training patches per volume per epoch
 
 

@@ -124,7 +124,10 @@ def split_dataset(
     patches: PatchSampler | None = None,
     kinds: str | None = None,
 ) -> ShardDataset:
+    """Training sets (`shuffle`) split by rank under DDP; evaluation sets are read whole by every
+    rank, so that each scores the same split and they agree on the best epoch."""
     split_rows(root, split, cfg, kinds)  # a clear error for an empty split
+    whole = {} if shuffle else {"rank": 0, "world_size": 1}
     return ShardDataset(
         root,
         split=split,
@@ -137,6 +140,7 @@ def split_dataset(
         decode="tensor",
         patches=patches,
         name=f"{root}:{split}",
+        **whole,
     )
 
 

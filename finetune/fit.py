@@ -1,22 +1,40 @@
 """The training loop every task shares: AdamW with warmup and cosine decay, a val score per
-epoch, the best epoch's weights restored; and batched prediction."""
+epoch, the best epoch's weights restored; and batched prediction.
+
+It runs on pretraining's engine, a Lightning Trainer: the same precision rule (bf16 autocast on
+a GPU, fp32 on the CPU: medfm.engine), DDP over `train.devices` x `train.num_nodes` processes,
+gradient clipping. A multi-process run starts its processes and process group first
+(`launch`), before any data is read: shard datasets split by rank, so what a task reads before
+training (the epoch length, a probe's cached train features) is already each rank's share.
+Every rank scores val on the whole split (evaluation datasets do not split by rank), so all
+ranks see the same score; only rank 0 writes the run folder.
+"""
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
+import lightning as L
 import torch
+
+from medfm.device import select_device
+from medfm.engine import precision_for
 
 from .model import FinetuneModel, param_groups
 
 if TYPE_CHECKING:
-    from .config import FinetuneConfig
+    from .config import FinetuneConfig, TrainConfig
 
-BATCH_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
+BATCH_NORMS = (
+    torch.nn.BatchNorm1d,
+    torch.nn.BatchNorm2d,
+    torch.nn.BatchNorm3d,
+    torch.nn.SyncBatchNorm,
+)
 Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 
 
@@ -78,6 +96,131 @@ class Progress:
         )
 
 
+# -- the engine ----------------------------------------------------------------------------------
+
+
+def accelerator_for(t: TrainConfig) -> str:
+    """Lightning's accelerator for `train.device` (auto, cpu, cuda, cuda:N)."""
+    device = str(t.device)
+    return device if device in ("auto", "cpu") else "gpu"
+
+
+def devices_for(t: TrainConfig) -> int | str | list[int]:
+    device = select_device(t.device) if t.device != "auto" else None
+    if device is not None and device.index is not None and t.devices == 1:
+        return [device.index]  # cuda:N: that one GPU
+    return t.devices
+
+
+def world_size(t: TrainConfig) -> int:
+    """Processes the run trains in (`devices: auto` counts the GPUs, or 1 on the CPU)."""
+    devices = devices_for(t)
+    if devices == "auto" or devices == -1:
+        devices = torch.cuda.device_count() if accelerator_for(t) != "cpu" else 1
+    count = len(devices) if isinstance(devices, list) else int(devices)
+    return max(count, 1) * t.num_nodes
+
+
+def strategy_for(t: TrainConfig) -> str:
+    """DDP whenever more than one process trains (`auto` too), else one device."""
+    return "ddp" if t.strategy == "ddp" or world_size(t) > 1 else "auto"
+
+
+def launch(t: TrainConfig) -> torch.device:
+    """This process's device, after starting the run's other processes and the process group
+    when it has several (see the module docstring); one process: `train.device`."""
+    if world_size(t) == 1:
+        return select_device(t.device)
+    fabric = L.Fabric(
+        accelerator=accelerator_for(t),
+        devices=devices_for(t),
+        num_nodes=t.num_nodes,
+        strategy="ddp",
+    )
+    fabric.launch()  # re-runs this command once per further local rank (Lightning's launcher)
+    return fabric.device
+
+
+def is_global_zero() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+class Epochs:
+    """`batches()` anew on each pass, sized `length`: what Lightning runs as one epoch."""
+
+    def __init__(self, batches: Batches, length: int):
+        self.batches, self.length = batches, length
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class FitModule(L.LightningModule):
+    """One fit: `trained` (the model, or its head on cached features) is the module Lightning
+    moves, wraps in DDP and optimizes; the rest of the model is only read (its head's norms,
+    the state kept per best epoch)."""
+
+    def __init__(
+        self, model: FinetuneModel, trained: torch.nn.Module, evaluate: Callable[[], float],
+        cfg: FinetuneConfig, steps_per_epoch: int,
+    ):  # fmt: skip
+        super().__init__()
+        self.trained = trained
+        self.parts = (model,)  # a tuple: not registered, so a probe's frozen encoder stays put
+        self.evaluate, self.cfg = evaluate, cfg
+        t = cfg.train
+        self.total, self.warmup = t.epochs * steps_per_epoch, int(t.warmup_epochs * steps_per_epoch)
+        self.step = 0
+        self.best = {"score": -math.inf, "epoch": 0, "state": trainable_state(model)}
+        self.history: list[dict[str, Any]] = []
+        self.progress = Progress(t.epochs)
+        self.losses: list[torch.Tensor] = []
+        self.seen = 0
+
+    @property
+    def model(self) -> FinetuneModel:
+        return self.parts[0]
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        t = self.cfg.train
+        groups = param_groups(self.model, self.cfg.mode, t.lr, t.weight_decay, t.layer_decay)
+        self.opt = torch.optim.AdamW(groups)
+        return self.opt
+
+    def on_train_epoch_start(self) -> None:
+        self.trained.train()
+        reset_norm_stats(self.model.head)
+        self.losses, self.seen = [], 0
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        x, y = batch
+        if len(x) == 1 and self.losses:
+            # The heads' BatchNorm cannot train on one sample. Only an epoch's last, ragged
+            # batch can be this small (the order is shuffled, so which sample is skipped
+            # varies by epoch); it is skipped, as drop_last would, not crashed on. Every rank
+            # holds as many samples, so all of them skip it together.
+            return None
+        set_lr(self.opt, self.step, self.total, self.warmup, self.cfg.train.lr)
+        loss = self.model.task.loss(self.trained(x), y)
+        self.losses.append(loss.detach())  # read back once per epoch: no per-step host sync
+        self.seen, self.step = self.seen + len(x), self.step + 1
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        epoch = self.current_epoch
+        loss = float(torch.stack(self.losses).double().mean()) if self.losses else math.nan
+        score = self.evaluate()
+        self.history.append({"epoch": epoch + 1, "train_loss": loss, "val_score": score})
+        if self.trainer.is_global_zero:
+            self.progress.log(epoch, self.seen * self.trainer.world_size, loss=loss, val=score)
+        if score > self.best["score"]:
+            self.best = {"score": score, "epoch": epoch + 1, "state": trainable_state(self.model)}
+
+
 def fit_epochs(
     model: FinetuneModel,
     trained: torch.nn.Module,
@@ -88,35 +231,42 @@ def fit_epochs(
     steps_per_epoch: int,
 ) -> dict[str, Any]:
     """Train `trained` (the model, or just its head on cached features), score val each epoch
-    with `evaluate` (higher is better) and restore the best epoch's weights at the end."""
+    with `evaluate` (higher is better) and restore the best epoch's weights at the end.
+    `steps_per_epoch` is the length of this rank's `train_batches()`; `device` is where the
+    caller put the model (launch's), where Lightning trains it."""
     t = cfg.train
-    opt = torch.optim.AdamW(param_groups(model, cfg.mode, t.lr, t.weight_decay, t.layer_decay))
-    total, warmup, step = t.epochs * steps_per_epoch, int(t.warmup_epochs * steps_per_epoch), 0
-    best = {"score": -math.inf, "epoch": 0, "state": trainable_state(model)}
-    history, progress = [], Progress(t.epochs)
-    for epoch in range(t.epochs):
-        trained.train()
-        reset_norm_stats(model.head)
-        losses, n = [], 0
-        for x, y in train_batches():
-            if len(x) == 1 and len(losses):
-                # The heads' BatchNorm cannot train on one sample. Only an epoch's last, ragged
-                # batch can be this small (the order is shuffled, so which sample is skipped
-                # varies by epoch); it is skipped, as drop_last would, not crashed on.
-                continue
-            set_lr(opt, step, total, warmup, t.lr)
-            loss = model.task.loss(trained(x.to(device)), y.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            n, step = n + len(x), step + 1
-        score = evaluate()
-        history.append(
-            {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_score": score}
-        )
-        progress.log(epoch, n, loss=float(np.mean(losses)), val=score)
-        if score > best["score"]:
-            best = {"score": score, "epoch": epoch + 1, "state": trainable_state(model)}
-    model.load_state_dict(best["state"], strict=False)
-    return {"best_epoch": best["epoch"], "best_val_score": best["score"], "history": history}
+    module = FitModule(model, trained, evaluate, cfg, steps_per_epoch)
+    trainer = L.Trainer(
+        accelerator="cpu" if device.type == "cpu" else "gpu",
+        devices=devices_for(t),
+        num_nodes=t.num_nodes,
+        strategy=strategy_for(t),
+        precision=precision_for(t.precision, accelerator_for(t)),
+        max_epochs=t.epochs,
+        gradient_clip_val=t.clip_grad or None,
+        logger=False,
+        enable_checkpointing=False,  # the best epoch's weights are kept in memory
+        enable_progress_bar=False,  # Progress prints one line per epoch instead
+        enable_model_summary=False,
+        use_distributed_sampler=False,  # medfm.shards splits data by rank itself
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    with warnings.catch_warnings():  # the skipped batch of one (training_step) is on purpose
+        warnings.filterwarnings("ignore", message=r"`training_step` returned `None`")
+        trainer.fit(module, train_dataloaders=Epochs(train_batches, steps_per_epoch))
+    model.load_state_dict(module.best["state"], strict=False)
+    engine = {
+        "strategy": type(trainer.strategy).__name__,
+        "precision": trainer.precision,
+        "world_size": trainer.world_size,
+        "accelerator": type(trainer.accelerator).__name__,
+        "clip_grad": t.clip_grad,
+        "steps_per_epoch": steps_per_epoch,  # this rank's: the data split between the ranks
+    }
+    return {
+        "best_epoch": module.best["epoch"],
+        "best_val_score": module.best["score"],
+        "history": module.history,
+        "engine": engine,
+    }

@@ -23,6 +23,7 @@ from medfm.models.contract import Contract
 
 from .data import contract_for, split_rows
 from .encoder import BaseEncoder, load_base_encoder
+from .fit import is_global_zero, launch
 from .model import FinetuneModel, apply_lora
 from .tasks import Task, task_for
 
@@ -62,7 +63,15 @@ def run(cfg: FinetuneConfig) -> Path | str:
 
     PEFT, matplotlib and the tasks write plain local files, so a run whose out_dir is on an
     object store is written to a local staging folder, then uploaded file by file (each under
-    a temporary key, then committed), run.json last: it is what marks a finished run."""
+    a temporary key, then committed), run.json last: it is what marks a finished run.
+
+    Several processes (train.devices, train.num_nodes) start here, before any data is read;
+    every rank trains and scores, rank 0 alone writes the run folder (finetune/fit.py)."""
+    launch(cfg.train)
+    if not is_global_zero():
+        with tempfile.TemporaryDirectory(prefix="medfm-finetune-rank-") as scratch:
+            train_into(cfg, Path(scratch))
+        return cfg.out_dir
     if not is_remote(cfg.out_dir):
         return train_into(cfg, Path(cfg.out_dir))
     with tempfile.TemporaryDirectory(prefix="medfm-finetune-") as stage:

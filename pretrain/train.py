@@ -8,7 +8,7 @@ from typing import Any
 
 import lightning as L
 
-from medfm.device import has_gpu
+from medfm.engine import precision_for as shared_precision_for
 from medfm.io import get_fs, join, write_json
 from medfm.models import Encoder
 from medfm.models.contract import Contract
@@ -100,10 +100,8 @@ def build_loggers(cfg: PretrainConfig, root: str | None = None) -> list[Any]:
 
 
 def precision_for(cfg: PretrainConfig) -> str:
-    if cfg.train.precision != "auto":
-        return cfg.train.precision
-    gpu = has_gpu() and cfg.train.accelerator in ("auto", "gpu", "cuda")
-    return "bf16-mixed" if gpu else "32-true"
+    """The rule fine-tuning shares (medfm.engine): bf16-mixed on a GPU, 32-true on the CPU."""
+    return shared_precision_for(cfg.train.precision, cfg.train.accelerator)
 
 
 def build(cfg: PretrainConfig) -> tuple[PretrainModule, PretrainData]:
