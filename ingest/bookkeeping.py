@@ -292,7 +292,8 @@ class Bookkeeper:
         if not resume:
             raise ResumeError(
                 "the destination already holds an ingest job; pass --resume to finish it "
-                "(finished work is kept), or choose another folder"
+                "(finished work is kept), --append to add new inputs to its finished set, or "
+                "choose another folder"
             )
         if self._append_pending():
             raise ResumeError(
