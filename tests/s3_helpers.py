@@ -44,6 +44,7 @@ def moto_s3(bucket: str = "medfm-test") -> Iterator[S3Server]:
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    forget_s3_clients()
     try:
         import boto3
 
@@ -55,7 +56,16 @@ def moto_s3(bucket: str = "medfm-test") -> Iterator[S3Server]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        forget_s3_clients()
         server.stop()
+
+
+def forget_s3_clients() -> None:
+    """fsspec caches s3fs instances, which keep the endpoint they were made with: one made for
+    an earlier server (another test module's) would call a closed port."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 class S3Reads:

@@ -286,8 +286,8 @@ def test_hub_on_s3_pushes_pulls_and_refuses_a_tampered_blob(s3, tmp_path, monkey
 def test_synth_generate_and_audit_write_to_s3(s3, sample_data, one_torch_thread, tmp_path):
     """Real PneumoniaMNIST images written to s3://; an (untrained) diffusion model whose contract
     is built from that set samples into s3:// (a verified shard set), and the audit against the
-    s3:// set writes its report there; no temporary left. (The export stays local: an s3:// URL
-    is not supported by export_diffusion.)"""
+    s3:// set writes its report there; no temporary left. (The model stays local: synth
+    generate reads a local model folder; test_object_store_train exports one to s3://.)"""
     real = s3.url("pneumonia")
     write_pneumonia(real, {"train": 12, "val": 10})  # the audit calibrates on >= 10
     m = Manifest.open(real)
