@@ -158,6 +158,7 @@ class ShardDataset(PlannedDataset):
         check_hash: bool = True,
         name: str | None = None,
         storage_options: dict[str, Any] | None = None,
+        version: int | None = None,
     ):
         super().__init__(
             seed=seed,
@@ -172,7 +173,8 @@ class ShardDataset(PlannedDataset):
         self.root, self.shuffle, self.buffer_size = root_or_url, shuffle, buffer_size
         self.decode, self.transform, self.patches = decode, transform, patches
         self.check_hash, self.name = check_hash, name or str(root_or_url).rstrip("/")
-        m = Manifest.open(root_or_url, **(storage_options or {}))
+        # `version`: a version of a set grown by `medfm ingest --append` (default: the newest)
+        m = Manifest.open(root_or_url, version=version, **(storage_options or {}))
         if (
             patches is not None
             and get_fs(str(patches.root), **(storage_options or {}))[1] != m.path

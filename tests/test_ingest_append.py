@@ -28,7 +28,14 @@ from medfm.ingest.job import run_ingest
 from medfm.ingest.load import parse_spec
 from medfm.ingest.privacy import Keyring
 from medfm.io import get_fs
-from medfm.shards import Manifest, ShardFormatError, ShardSet, verify, write_manifest
+from medfm.shards import (
+    Manifest,
+    ShardDataset,
+    ShardFormatError,
+    ShardSet,
+    verify,
+    write_manifest,
+)
 
 MEDFM = str(Path(sys.executable).parent / "medfm")
 SIDE_FILES = {"manifest.json", "quarantine.jsonl", "ingest_report.json"}  # rewritten per job
@@ -153,6 +160,8 @@ def test_append_adds_a_version_and_leaves_the_first_intact(ray_rt, tmp_path):
     assert (again.version, again.latest) == (1, 2)
     old_set = ShardSet(str(dest), version=1)
     assert len(old_set) == 2 and old_set.read_sample(next(old_set.rows())).data.size
+    loaded = {item["key"] for item in ShardDataset(str(dest), version=1, shuffle=False)}
+    assert loaded == set(v1_rows) and len(ShardDataset(str(dest), shuffle=False)) == 4
     for version in (None, 1):
         report = verify(str(dest), version=version)
         assert report.ok and not report.warnings, (version, report.errors, report.warnings)
