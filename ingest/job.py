@@ -682,8 +682,11 @@ def _disk_full_error(book: Bookkeeper, dest: str, summary: Summary) -> DiskFullE
     free = shutil.disk_usage(book.root).free if is_local(book.fs) else None
     room = f"about {need / 1e6:.1f} MB ({int(need)} bytes) more" if need else "more space"
     have = f", {free} bytes free now" if free is not None else ""
+    rerun = (
+        "the same --append command again" if book.appending else "the same command with --resume"
+    )
     return DiskFullError(
         f"no space left on the destination {dest}: the rest of the job needs {room}{have}. "
         f"Temporary files were removed and the {len(parts)} finished tasks are kept; free "
-        "space, then run the same command with --resume"
+        f"space, then run {rerun}"
     )
