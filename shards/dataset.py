@@ -126,6 +126,13 @@ def label_tensor(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
+def tar_span(row: dict[str, Any], members: dict[str, Any] | None = None) -> tuple[int, int]:
+    """(offset, size) of a tar sample's bytes, from its first member's header to its end."""
+    members = members or row_members(row)
+    first = min(m["offset"] for m in members.values()) - BLOCK
+    return first, max(m["offset"] + m["size"] for m in members.values()) - first
+
+
 class ShardDataset(PlannedDataset):
     """Samples of one shard set (local path or fsspec URL), filtered through its manifest.
 
@@ -231,6 +238,9 @@ class ShardDataset(PlannedDataset):
         # stretch of units are scattered: one take() beats converting a block for each.
         rows = np.unique(self._unit_row[units])
         self._prepared = dict(zip(rows.tolist(), self._table.take(rows).to_pylist(), strict=True))
+        if not self._tar.local:  # object stores: these samples' bytes in one concurrent batch
+            tars = [r for r in self._prepared.values() if r["storage"] == "tar"]
+            self._tar.prefetch([(r["shard"], *tar_span(r)) for r in tars])
 
     def label_values(self, key: str) -> set[Any]:
         """The distinct labels[key] of the selected rows; a row without it is an error."""
@@ -292,14 +302,13 @@ class ShardDataset(PlannedDataset):
 
     def _load_tar(self, row: dict[str, Any]) -> dict[str, Any]:
         members = row_members(row)
-        first = min(m["offset"] for m in members.values()) - BLOCK  # from the first header
-        end = max(m["offset"] + m["size"] for m in members.values())
-        if end - first > sum(BLOCK + m["size"] + -m["size"] % BLOCK for m in members.values()):
+        first, size = tar_span(row, members)
+        if size > sum(BLOCK + m["size"] + -m["size"] % BLOCK for m in members.values()):
             raise ShardFormatError(
                 f"{row['shard']}:{row['key']}: the sample's members are not consecutive in the "
                 "tar; refused"
             )
-        span = self._tar.read(row["shard"], first, end - first)  # one read for the whole sample
+        span = self._tar.read(row["shard"], first, size)  # one read for the whole sample
         arrays = {}
         for ext, loc in members.items():
             at = loc["offset"] - first
