@@ -69,7 +69,8 @@ class TrainConfig:
     grad_accum: int = 1
     clip_grad: float = 0.0
     ema_decay: float = 0.0  # 0 = no EMA
-    compile: bool = False
+    compile: bool = False  # torch.compile each objective's loss (encoder, decoder, loss)
+    compile_backend: str = "inductor"  # torch.compile's backend; aot_eager: capture, no codegen
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
     activation_checkpointing: bool = False
     accelerator: str = "auto"
@@ -77,7 +78,8 @@ class TrainConfig:
     num_nodes: int = 1
     precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
     checkpoint_every: int = 500
-    log_every: int = 10
+    log_every: int = 10  # also how often losses are read back from the device and checked
+    peak_flops: float = 0.0  # FLOP/s per device for MFU; 0: the GPU's bf16 peak (none on CPU)
     on_nan: Literal["stop", "skip"] = "stop"
     seed: int = 0
     plots: bool = True
@@ -124,7 +126,8 @@ class PretrainConfig:
         if d["train"]["lr"] is None:
             d["train"]["lr"] = DEFAULT_LR
         d["data"].pop("num_workers")
-        for k in ("log_every", "checkpoint_every", "plots", "loggers", "compile", "ledger"):
+        for k in ("log_every", "checkpoint_every", "plots", "loggers", "compile", "ledger",
+                  "peak_flops", "compile_backend"):  # fmt: skip
             d["train"].pop(k)
         return sha256_bytes(json.dumps(d, sort_keys=True).encode())[:16]
 

@@ -4,6 +4,7 @@ export. The CLI and the bench call this; so can a Python user."""
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import lightning as L
@@ -87,9 +88,17 @@ def build_loggers(cfg: PretrainConfig, root: str | None = None) -> list[Any]:
         elif name == "tensorboard":
             out.append(loggers.TensorBoardLogger(root, name="tensorboard", version=0))
         elif name == "wandb":  # optional extra: pip install medfm[wandb]
-            out.append(loggers.WandbLogger(project="medfm", name=cfg.name, save_dir=root))
+            # Offline (a run folder under wandb/, `wandb sync` uploads it) unless WANDB_MODE=online.
+            offline = os.environ.get("WANDB_MODE", "offline") != "online"
+            out.append(
+                loggers.WandbLogger(project="medfm", name=cfg.name, save_dir=root, offline=offline)
+            )
         elif name == "mlflow":  # optional extra: pip install medfm[mlflow]
-            out.append(loggers.MLFlowLogger(experiment_name=cfg.name))
+            # A local store in the run (`mlflow ui --backend-store-uri sqlite:///...`) unless a
+            # server is set. SQLite: MLflow 3 refuses new file stores (./mlruns) by default.
+            store = "sqlite:///" + os.path.abspath(os.path.join(root, "mlflow.db"))
+            uri = os.environ.get("MLFLOW_TRACKING_URI") or store
+            out.append(loggers.MLFlowLogger(experiment_name=cfg.name, tracking_uri=uri))
         else:
             from .config import ConfigError
 
@@ -97,6 +106,16 @@ def build_loggers(cfg: PretrainConfig, root: str | None = None) -> list[Any]:
                 f"train.loggers: unknown logger {name!r} (csv, tensorboard, wandb, mlflow)"
             )
     return out
+
+
+def finish_wandb(trainer: L.Trainer) -> None:
+    """End this run's W&B run: a later run in the process would log into it (WandbLogger reuses
+    `wandb.run`), and an offline run's records stay buffered until it ends."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+            logger.experiment.finish()
 
 
 def precision_for(cfg: PretrainConfig) -> str:
@@ -130,7 +149,7 @@ def run(cfg: PretrainConfig, *, resume: bool = False, force_resume: bool = False
     staged = StagedOutputs(cfg)  # loggers, plots, throughput.json: local, or staged and uploaded
     fs, out = get_fs(cfg.out_dir)
     fs.makedirs(out, exist_ok=True)
-    throughput = ThroughputMonitor(module.flops_per_sample(), t.log_every, staged.dir)
+    throughput = ThroughputMonitor(module.flops_per_sample(), t.log_every, staged.dir, t.peak_flops)
     callbacks: list[Any] = [
         L.pytorch.callbacks.ModelCheckpoint(
             dirpath=checkpoint_dir(cfg),
@@ -176,6 +195,7 @@ def run(cfg: PretrainConfig, *, resume: bool = False, force_resume: bool = False
         )
     trainer.fit(module, datamodule=data.module, ckpt_path=str(ckpt) if ckpt else None)
     trainer.save_checkpoint(join(checkpoint_dir(cfg), LAST), weights_only=False)  # end state
+    finish_wandb(trainer)
     summary = {"steps": trainer.global_step, "throughput": throughput.summary}
     if trainer.is_global_zero:
         summary["export"] = str(export_all(cfg, module, data, trainer.global_step))
