@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -153,7 +152,15 @@ class Epochs:
         self.batches, self.length = batches, length
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return iter(self.batches())
+        for i, (x, y) in enumerate(self.batches()):
+            if len(x) == 1 and i:
+                # The heads' BatchNorm cannot train on one sample. Only an epoch's last, ragged
+                # batch can be this small (the order is shuffled, so which sample is skipped
+                # varies by epoch); it is skipped, as drop_last would, not crashed on. It is
+                # left out here, not in training_step: DDP cannot skip a step, and every rank
+                # holds as many samples, so all of them leave it out together.
+                continue
+            yield x, y
 
     def __len__(self) -> int:
         return self.length
@@ -196,14 +203,10 @@ class FitModule(L.LightningModule):
         reset_norm_stats(self.model.head)
         self.losses, self.seen = [], 0
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
         x, y = batch
-        if len(x) == 1 and self.losses:
-            # The heads' BatchNorm cannot train on one sample. Only an epoch's last, ragged
-            # batch can be this small (the order is shuffled, so which sample is skipped
-            # varies by epoch); it is skipped, as drop_last would, not crashed on. Every rank
-            # holds as many samples, so all of them skip it together.
-            return None
         set_lr(self.opt, self.step, self.total, self.warmup, self.cfg.train.lr)
         loss = self.model.task.loss(self.trained(x), y)
         self.losses.append(loss.detach())  # read back once per epoch: no per-step host sync
@@ -235,6 +238,11 @@ def fit_epochs(
     `steps_per_epoch` is the length of this rank's `train_batches()`; `device` is where the
     caller put the model (launch's), where Lightning trains it."""
     t = cfg.train
+    if world_size(t) > 1 and not torch.distributed.is_initialized():
+        raise RuntimeError(
+            f"train.devices x train.num_nodes = {world_size(t)} processes, but they were not "
+            "started: call finetune.fit.launch(cfg.train) before reading data (train.run does)"
+        )
     module = FitModule(model, trained, evaluate, cfg, steps_per_epoch)
     trainer = L.Trainer(
         accelerator="cpu" if device.type == "cpu" else "gpu",
@@ -252,9 +260,7 @@ def fit_epochs(
         limit_val_batches=0,
         num_sanity_val_steps=0,
     )
-    with warnings.catch_warnings():  # the skipped batch of one (training_step) is on purpose
-        warnings.filterwarnings("ignore", message=r"`training_step` returned `None`")
-        trainer.fit(module, train_dataloaders=Epochs(train_batches, steps_per_epoch))
+    trainer.fit(module, train_dataloaders=Epochs(train_batches, steps_per_epoch))
     model.load_state_dict(module.best["state"], strict=False)
     engine = {
         "strategy": type(trainer.strategy).__name__,
@@ -263,6 +269,7 @@ def fit_epochs(
         "accelerator": type(trainer.accelerator).__name__,
         "clip_grad": t.clip_grad,
         "steps_per_epoch": steps_per_epoch,  # this rank's: the data split between the ranks
+        "optimizer_steps": module.step,
     }
     return {
         "best_epoch": module.best["epoch"],

@@ -103,7 +103,7 @@ def test_the_trainer_runs_with_the_configured_precision_and_clipping():
     assert auto == "32-true"  # no GPU: autocast would only emulate bf16 on the CPU
     assert fit["engine"] == {"strategy": "SingleDeviceStrategy", "precision": auto,
                              "world_size": 1, "accelerator": "CPUAccelerator", "clip_grad": 0.0,
-                             "steps_per_epoch": 6}  # fmt: skip
+                             "steps_per_epoch": 6, "optimizer_steps": 3 * 5}  # fmt: skip
     assert seen == {torch.float32}
     seen.clear()
     fit, _, _ = tiny_fit(["train.precision=bf16-mixed"], dtype_hook)
@@ -118,6 +118,9 @@ def test_the_trainer_runs_with_the_configured_precision_and_clipping():
         return (m.head.fc.weight - start["head.fc.weight"]).abs().max().item()
 
     assert moved(clipped_model) < 0.05 * moved(free_model)
+    # Several processes must exist before data is read (train.run launches them), not at fit.
+    with pytest.raises(RuntimeError, match=r"2 processes, but they were not started"):
+        tiny_fit(["train.devices=2"])
 
 
 def cli(cfg: dict, folder: Path, *overrides: str) -> dict:
@@ -144,7 +147,7 @@ def test_two_process_ddp_finetune_over_gloo_matches_one_process(tmp_path):
     for name, devices in (("one", 1), ("two", 2)):
         cfg = {
             "name": name, "out_dir": str(tmp_path / name), "encoder": str(encoder),
-            "mode": "full", "data": {"shards": str(shards), "batch_size": 16},
+            "mode": "full", "data": {"shards": str(shards), "batch_size": 17},
             "task": {"type": "binary", "label_key": "label",
                      "label_names": ["normal", "pneumonia"]},
             "train": {"epochs": 6, "lr": 2e-3, "device": "cpu", "devices": devices},
@@ -153,11 +156,13 @@ def test_two_process_ddp_finetune_over_gloo_matches_one_process(tmp_path):
         runs[name] = cli(cfg, tmp_path)
     one, two = runs["one"]["fit"], runs["two"]["fit"]
     assert one["engine"]["strategy"] == "SingleDeviceStrategy" and one["engine"]["world_size"] == 1
+    # Each rank trains on its half of the 240 train images: 120 = 7 x 17 + 1, and the batch of
+    # one that ends each rank's epoch is left out on both ranks together (DDP cannot skip a step).
     assert two["engine"] == {"strategy": "DDPStrategy", "precision": "32-true", "world_size": 2,
                              "accelerator": "CPUAccelerator", "clip_grad": 0.0,
-                             "steps_per_epoch": math.ceil(120 / 16)}  # fmt: skip
-    # each rank trained on its half of the 240 train images: half the steps of one process
-    assert one["engine"]["steps_per_epoch"] == math.ceil(240 / 16)
+                             "steps_per_epoch": 8, "optimizer_steps": 6 * 7}  # fmt: skip
+    assert one["engine"]["steps_per_epoch"] == math.ceil(240 / 17) == 15  # 14 x 17 + 2
+    assert one["engine"]["optimizer_steps"] == 6 * 15
     auroc = {k: r["metrics"]["values"]["auroc"]["value"] for k, r in runs.items()}
     assert auroc["one"] > 0.75 and auroc["two"] > 0.75, auroc
     assert abs(auroc["one"] - auroc["two"]) < 0.1, auroc
