@@ -30,6 +30,24 @@ class DataConfig:
 
 
 @dataclass
+class RegionSplitConfig:
+    """Segmentation of few volumes: train, val and test are slabs of each volume along `axis`
+    (the manifest's patient split is not used), so one labelled CT can train and be scored on
+    voxels it never trained on."""
+
+    axis: int = 0
+    # The slabs in their order along the axis, each a fraction of the length left after the gaps.
+    slabs: dict[str, float] = field(default_factory=lambda: {"train": 0.6, "val": 0.2, "test": 0.2})
+    # Voxels left out between neighbouring slabs; at least (and by default) the patch's extent
+    # along the axis, so a window at a slab's face has no neighbour within a patch of it.
+    gap: int | None = None
+    # Each val/test slab is scored as `blocks` consecutive blocks along `blocks_axis` (default:
+    # `axis`): the cases the bootstrap resamples, since one volume gives no patient-level CI.
+    blocks: int = 1
+    blocks_axis: int | None = None
+
+
+@dataclass
 class TaskConfig:
     # A name in medfm.finetune.TASKS (binary, multiclass, multilabel, regression, segmentation
     # or a plugin's); checked by validate() so a typo fails with a suggestion before any data.
@@ -42,6 +60,7 @@ class TaskConfig:
     patch_size: tuple[int, ...] | None = None  # segmentation training patch; default: encoder's
     overlap: float = 0.25  # sliding-window overlap at inference
     pool: Literal["mean", "cls"] = "mean"  # embedding for classification/regression heads
+    region_split: RegionSplitConfig | None = None  # segmentation: slabs as the splits
 
 
 @dataclass
@@ -119,9 +138,13 @@ def load_config(
 
 def validate(cfg: FinetuneConfig) -> None:
     from .tasks import task_for  # the task's own checks; tasks import torch, configs need not
+    from .tasks.segmentation import Segmentation
 
     t = cfg.task
-    task_for(t).validate(cfg)
+    task = task_for(t)
+    task.validate(cfg)
+    if t.region_split is not None and not isinstance(task, Segmentation):
+        raise ConfigError("task.region_split: only segmentation splits volumes into slabs")
     if len(set(t.label_names)) != len(t.label_names):
         raise ConfigError(f"task.label_names: duplicate names in {t.label_names}")
     if cfg.data.synthetic and not 0 <= cfg.data.synthetic.ratio < 1:

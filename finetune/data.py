@@ -91,6 +91,12 @@ class Collate:
         return self.contract.apply(item)["data"]
 
 
+def manifest_split(cfg: FinetuneConfig, split: str) -> str | None:
+    """The manifest split behind a run's `split`: all of them when the task splits each volume
+    into slabs instead (task.region_split); the segmentation sampler then cuts out the slab."""
+    return None if cfg.task.region_split is not None else split
+
+
 def split_rows(
     root: str,
     split: str,
@@ -102,7 +108,7 @@ def split_rows(
     data = cfg.data
     table = select_rows(
         Manifest.open(root).table,
-        split=split,
+        split=manifest_split(cfg, split),
         kinds=kinds,
         modalities=data.modalities or None,
         datasets=data.datasets or None,
@@ -130,7 +136,7 @@ def split_dataset(
     whole = {} if shuffle else {"rank": 0, "world_size": 1}
     return ShardDataset(
         root,
-        split=split,
+        split=manifest_split(cfg, split),
         kinds=kinds,
         datasets=cfg.data.datasets,
         modalities=cfg.data.modalities,

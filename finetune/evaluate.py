@@ -16,7 +16,9 @@ from .config import FinetuneConfig
 from .data import Collate, loader, split_dataset
 from .export import load
 from .fit import predict
+from .segment import evaluate_segmentation
 from .tasks import SampleTask, task_for
+from .tasks.segmentation import Segmentation
 
 
 def evaluate_export(
@@ -27,11 +29,14 @@ def evaluate_export(
     device: str = "cpu",
 ) -> dict[str, Any]:
     """Metrics with bootstrap CIs (and `n`, the samples scored) of an export on `split`, at
-    the decision threshold recorded in the export."""
+    the decision threshold recorded in the export. Segmentation is scored per case (Dice, ...)
+    and `roc_png` gets its overlays instead."""
     task = task_for(cfg.task)
-    if not isinstance(task, SampleTask):  # dense tasks are scored per case, not per output
-        raise ValueError("evaluate_export scores classification and regression exports")
     model = load(model_ref, device=device)
+    if isinstance(task, Segmentation):
+        return evaluate_segmentation(model, cfg, split, roc_png, device)
+    if not isinstance(task, SampleTask):
+        raise ValueError("evaluate_export scores classification, regression and segmentation")
     ds = split_dataset(cfg.data.shards, split, cfg, shuffle=False)
     batches = loader(ds, Collate(model.contract, task), cfg)
     outputs, targets, patients = predict(model, batches, torch.device(device))

@@ -20,10 +20,54 @@ if TYPE_CHECKING:
     from medfm.models import Encoder
     from medfm.models.contract import Contract
 
-    from ..config import EvalConfig, FinetuneConfig, TaskConfig
+    from ..config import EvalConfig, FinetuneConfig, RegionSplitConfig, TaskConfig
     from ..model import FinetuneModel
 
 MAX_LABEL_VALUE = 65536  # label-map values must be below it (the lookup table's size)
+SPLITS = ("train", "val", "test")
+
+
+def validate_region_split(rs: RegionSplitConfig) -> None:
+    """task.region_split's checks that need no data (the gap's floor needs the patch)."""
+    where = "task.region_split"
+    if sorted(rs.slabs) != sorted(SPLITS):
+        raise ConfigError(f"{where}.slabs: one fraction each for {SPLITS}, got {list(rs.slabs)}")
+    if min(rs.slabs.values()) <= 0 or abs(sum(rs.slabs.values()) - 1) > 1e-6:
+        raise ConfigError(f"{where}.slabs: positive fractions that sum to 1, got {rs.slabs}")
+    if rs.axis not in (0, 1, 2) or rs.blocks_axis not in (None, 0, 1, 2):
+        raise ConfigError(f"{where}: axis and blocks_axis are volume axes, 0, 1 or 2")
+    if rs.blocks < 1 or (rs.gap is not None and rs.gap < 0):
+        raise ConfigError(f"{where}: blocks must be >= 1 and gap >= 0")
+
+
+def region_gap(rs: RegionSplitConfig, patch: tuple[int, ...]) -> int:
+    """The gap between slabs: as configured, or the patch's extent along the axis, which is
+    also its floor."""
+    extent = int(patch[rs.axis])
+    gap = extent if rs.gap is None else rs.gap
+    if gap < extent:
+        raise ConfigError(
+            f"task.region_split.gap: {gap} voxels is less than the patch's {extent} along axis "
+            f"{rs.axis}; a window at a slab's face would have the next slab within reach"
+        )
+    return gap
+
+
+def slab_bounds(length: int, rs: RegionSplitConfig, gap: int) -> dict[str, tuple[int, int]]:
+    """[start, stop) of each split's slab along an axis `length` voxels long: the slabs in the
+    configured order, `gap` voxels between neighbours, the rest shared by the fractions."""
+    usable = length - gap * (len(rs.slabs) - 1)
+    cuts = np.round(np.cumsum([0.0, *rs.slabs.values()]) * usable).astype(int)
+    bounds = {
+        split: (int(cuts[i]) + i * gap, int(cuts[i + 1]) + i * gap)
+        for i, split in enumerate(rs.slabs)
+    }
+    if min(hi - lo for lo, hi in bounds.values()) < 1:
+        raise ValueError(
+            f"task.region_split: {length} voxels along axis {rs.axis} leave a slab empty with "
+            f"gaps of {gap} and fractions {rs.slabs}"
+        )
+    return bounds
 
 
 @TASKS.register("segmentation")
@@ -36,6 +80,11 @@ class Segmentation(Task):
     def __init__(self, cfg: TaskConfig):
         super().__init__(cfg)
         self._lut: np.ndarray | None = None
+
+    def validate(self, cfg: FinetuneConfig) -> None:
+        super().validate(cfg)
+        if self.cfg.region_split is not None:
+            validate_region_split(self.cfg.region_split)
 
     def validate_labels(self) -> None:
         super().validate_labels()
