@@ -40,6 +40,12 @@ def generate_cmd(
     sampler: str = typer.Option("ddim", help="ddim or dpm (DPM-Solver++)."),
     steps: int = typer.Option(50, help="Sampler steps."),
     eta: float = typer.Option(0.0, help="DDIM eta (0 = deterministic)."),
+    guidance_scale: float = typer.Option(
+        None,
+        "--guidance-scale",
+        help="Classifier-free guidance w of a class-conditional latent diffusion model "
+        "(0: unconditional, 1: conditional; default: the model's).",
+    ),
     batch_size: int = typer.Option(64),
     seed: int = typer.Option(0, help="Base seed: sample i uses seed + i."),
     device: str = typer.Option("auto"),
@@ -69,6 +75,7 @@ def generate_cmd(
         tasks=tasks,
         device=device,
         overwrite=overwrite,
+        guidance_scale=guidance_scale,
     )
     try:
         if audit:

@@ -1,5 +1,9 @@
 """`medfm synth generate`: sample a diffusion model into a normal shard set.
 
+The export chooses the generator: a `latent_diffusion` run's export folder samples latents with
+classifier-free guidance and decodes them with its autoencoder (medfm.models.diffusion.latent);
+anything else loads as a pixel-space diffusion model (medfm.models.diffusion.export).
+
 Work is planned as (index, seed, class) jobs and split into chunks; each chunk runs locally or as
 a Ray task, writes its own tar shards through a `SampleWriter` with a unique prefix, and returns
 rows + files; the driver commits the manifest once. Samples carry `synthetic=true`, the
@@ -24,11 +28,21 @@ from medfm.device import select_device
 from medfm.io import get_fs, remove_temporaries
 from medfm.models.diffusion.contract import intensity_of
 from medfm.models.diffusion.export import LoadedDiffusion, from_bytes, load_diffusion
+from medfm.models.diffusion.latent import (
+    LDM_OBJECTIVE,
+    LoadedLatentDiffusion,
+    is_latent_export,
+    latent_from_bytes,
+    load_latent_diffusion,
+    sample_latent,
+)
 from medfm.models.diffusion.sampling import SamplerSettings, sample
 from medfm.shards import Geometry, Sample, SampleWriter, ShardFile, write_manifest
 from medfm.shards.manifest import HEADER_NAME
 
 log = logging.getLogger("medfm.synth")
+
+Loaded = LoadedDiffusion | LoadedLatentDiffusion
 
 
 class UnknownClassError(ValueError):
@@ -53,12 +67,60 @@ class GenerateOptions:
     tasks: int = 0  # Ray tasks; 0 = one per available GPU, else per 2 CPUs
     device: str = "auto"
     overwrite: bool = False
+    guidance_scale: float | None = None  # class-conditional latent diffusion; None: its default
 
 
-def plan_jobs(loaded: LoadedDiffusion, opts: GenerateOptions) -> list[Job]:
+def load_generator(model: str) -> Loaded:
+    """The generator an export holds: latent diffusion (UNet + autoencoder) or pixel-space."""
+    return load_latent_diffusion(model) if is_latent_export(model) else load_diffusion(model)
+
+
+def generator_from_bytes(weights: bytes, sidecar: dict[str, Any]) -> Loaded:
+    if sidecar.get("kind") == LDM_OBJECTIVE:
+        return latent_from_bytes(weights, sidecar)
+    return from_bytes(weights, sidecar)
+
+
+def guidance_of(loaded: Loaded, guidance_scale: float | None) -> dict[str, Any]:
+    """The guidance weight a class-conditional latent model samples with ({} for others)."""
+    if isinstance(loaded, LoadedLatentDiffusion) and loaded.model.conditional:
+        default = loaded.model.cfg.guidance_scale
+        return {"guidance_scale": default if guidance_scale is None else float(guidance_scale)}
+    if guidance_scale is not None:
+        raise ValueError(
+            f"{loaded.weights_path}: --guidance-scale needs a class-conditional latent "
+            "diffusion model; this one has no classifier-free guidance"
+        )
+    return {}
+
+
+def draw(
+    loaded: Loaded,
+    seeds: list[int],
+    settings: SamplerSettings,
+    labels: list[int] | None,
+    device: torch.device,
+    guidance_scale: float | None,
+) -> torch.Tensor:
+    """Samples in the contract's [0, 1] space, from either kind of generator."""
+    if isinstance(loaded, LoadedLatentDiffusion):
+        return sample_latent(loaded.model, seeds, settings, labels, guidance_scale, device)
+    return sample(loaded.model, seeds, settings, labels, device)
+
+
+def generator_provenance(loaded: Loaded) -> dict[str, Any]:
+    """Hashes naming the generator: the weights file's, and a latent model's autoencoder's."""
+    out = {"generator_sha256": loaded.sha256}
+    if isinstance(loaded, LoadedLatentDiffusion):
+        out["autoencoder_sha256"] = loaded.autoencoder_sha256
+    return out
+
+
+def plan_jobs(loaded: Loaded, opts: GenerateOptions) -> list[Job]:
     """One job per sample: seed = base seed + index; classes cycle through the request."""
     if opts.n < 1:
         raise ValueError(f"--n must be at least 1, got {opts.n}")
+    guidance_of(loaded, opts.guidance_scale)  # refuses guidance a model cannot honour
     known = loaded.classes
     if not known:
         if opts.classes:
@@ -77,13 +139,20 @@ def plan_jobs(loaded: LoadedDiffusion, opts: GenerateOptions) -> list[Job]:
     return [Job(i, opts.seed + i, wanted[i % len(wanted)]) for i in range(opts.n)]
 
 
-def to_sample(x: np.ndarray, job: Job, loaded: LoadedDiffusion, settings: SamplerSettings):
+def to_sample(
+    x: np.ndarray,
+    job: Job,
+    loaded: Loaded,
+    settings: SamplerSettings,
+    guidance_scale: float | None = None,
+):
     """A model output in [0, 1] (C, *spatial) -> a Sample stored like the training data."""
     c = loaded.contract
     stored = intensity_of(c).inverse(x, c["dtype"])
     stored = stored[0] if stored.shape[0] == 1 else np.moveaxis(stored, 0, -1)
     labels = {loaded.sidecar["class_key"]: job.label} if job.label is not None else {}
     record = {"seed": job.seed, "class": job.label, "sampler": settings.to_dict()}
+    record |= guidance_of(loaded, guidance_scale)
     common = dict(
         key=f"synth-{loaded.sha256[:12]}-{job.index:07d}",
         kind=c["kind"],
@@ -96,7 +165,8 @@ def to_sample(x: np.ndarray, job: Job, loaded: LoadedDiffusion, settings: Sample
         channels=list(c.get("channels", [])),
         synthetic=True,
         generator=loaded.sha256,
-        provenance={"generator_sha256": loaded.sha256, "model_step": loaded.sidecar.get("step")}
+        provenance=generator_provenance(loaded)
+        | {"model_step": loaded.sidecar.get("step")}
         | record,
         meta=record,
     )
@@ -107,7 +177,7 @@ def to_sample(x: np.ndarray, job: Job, loaded: LoadedDiffusion, settings: Sample
 
 
 def run_chunk(
-    loaded: LoadedDiffusion,
+    loaded: Loaded,
     jobs: list[Job],
     out: str,
     prefix: str,
@@ -115,9 +185,10 @@ def run_chunk(
     batch_size: int,
     device: torch.device,
     progress: bool = True,
+    guidance_scale: float | None = None,
 ) -> tuple[list[dict[str, Any]], list[ShardFile]]:
     """Sample `jobs` in batches and store them under `prefix`; returns (rows, files)."""
-    model = loaded.model.to(device).eval()
+    loaded.model.to(device).eval()
     classes = loaded.classes
     writer = SampleWriter(out, prefix)
     t0 = time.perf_counter()
@@ -125,9 +196,10 @@ def run_chunk(
         for start in range(0, len(jobs), batch_size):
             batch = jobs[start : start + batch_size]
             labels = [classes.index(j.label) for j in batch] if classes else None
-            x = sample(model, [j.seed for j in batch], settings, labels, device)
+            seeds = [j.seed for j in batch]
+            x = draw(loaded, seeds, settings, labels, device, guidance_scale)
             for job, arr in zip(batch, x.float().cpu().numpy(), strict=True):
-                writer.write(to_sample(arr, job, loaded, settings))
+                writer.write(to_sample(arr, job, loaded, settings, guidance_scale))
             if progress:
                 done = start + len(batch)
                 rate = done / (time.perf_counter() - t0)
@@ -146,13 +218,17 @@ def run_chunk(
     return writer.close()
 
 
-def _ray_chunk(model_bytes: bytes, sidecar: dict, jobs, out, prefix, settings, batch_size):
-    """Ray task body: the model travels as bytes, so workers need no access to its path."""
-    loaded = from_bytes(model_bytes, sidecar)
-    return run_chunk(loaded, jobs, out, prefix, settings, batch_size, select_device("auto"), False)
+def _ray_chunk(
+    model_bytes: bytes, sidecar: dict, jobs, out, prefix, settings, batch_size, guidance=None
+):
+    """Ray task body: the model travels as bytes, so workers need no access to its path (a
+    latent model's file holds its autoencoder too)."""
+    loaded = generator_from_bytes(model_bytes, sidecar)
+    device = select_device("auto")
+    return run_chunk(loaded, jobs, out, prefix, settings, batch_size, device, False, guidance)
 
 
-def run_ray(loaded: LoadedDiffusion, jobs: list[Job], out: str, opts: GenerateOptions):
+def run_ray(loaded: Loaded, jobs: list[Job], out: str, opts: GenerateOptions):
     """Chunks as Ray tasks (one per GPU, else per 2 CPUs, or opts.tasks); (rows, files) each."""
     import ray
 
@@ -179,6 +255,7 @@ def run_ray(loaded: LoadedDiffusion, jobs: list[Job], out: str, opts: GenerateOp
                 f"synth-{run}-{i:04d}",
                 opts.sampler,
                 opts.batch_size,
+                opts.guidance_scale,
             ): len(c)
             for i, c in enumerate(chunks)
         }
@@ -211,9 +288,9 @@ def prepare_out(out: str, overwrite: bool) -> None:
 
 def generate_samples(
     model: str, out: str, opts: GenerateOptions
-) -> tuple[LoadedDiffusion, list[dict[str, Any]], list[ShardFile]]:
+) -> tuple[Loaded, list[dict[str, Any]], list[ShardFile]]:
     """Sample into `out` without committing a manifest (generate() and the audit do that)."""
-    loaded = load_diffusion(model)
+    loaded = load_generator(model)
     jobs = plan_jobs(loaded, opts)
     opts.sampler.check()
     prepare_out(out, opts.overwrite)
@@ -222,18 +299,39 @@ def generate_samples(
     else:
         device = select_device(opts.device)
         prefix = f"synth-{uuid.uuid4().hex[:6]}-0000"
-        results = [run_chunk(loaded, jobs, out, prefix, opts.sampler, opts.batch_size, device)]
+        results = [
+            run_chunk(
+                loaded,
+                jobs,
+                out,
+                prefix,
+                opts.sampler,
+                opts.batch_size,
+                device,
+                guidance_scale=opts.guidance_scale,
+            )
+        ]
     rows = [r for rs, _ in results for r in rs]
     files = [f for _, fs in results for f in fs]
     return loaded, rows, files
 
 
-def synthetic_attributes(loaded: LoadedDiffusion, opts: GenerateOptions) -> dict[str, Any]:
+def synthetic_attributes(loaded: Loaded, opts: GenerateOptions) -> dict[str, Any]:
     """Header attributes: the inherited contract plus how the set was generated."""
+    latent = {}
+    if isinstance(loaded, LoadedLatentDiffusion):
+        latent = guidance_of(loaded, opts.guidance_scale) | {
+            "kind": LDM_OBJECTIVE,
+            "scale_factor": loaded.sidecar["scale_factor"],
+            "autoencoder_manifests": [
+                m.get("sha256") for m in loaded.sidecar["autoencoder"]["data_manifests"]
+            ],
+        }
     return {
         "preprocessing": loaded.contract.get("declared", {}),
-        "synthetic": {
-            "generator_sha256": loaded.sha256,
+        "synthetic": generator_provenance(loaded)
+        | latent
+        | {
             "model_step": loaded.sidecar.get("step"),
             "contract": loaded.contract,
             "sampler": opts.sampler.to_dict(),

@@ -13,16 +13,21 @@ from dataclasses import replace
 from typing import Any
 
 from medfm.io import TMP_MARKER, get_fs, write_json
-from medfm.models.diffusion.export import load_diffusion
 from medfm.shards import SampleWriter, ShardSet, write_manifest
 
 from .audit import AuditConfig, audit
-from .generate import GenerateOptions, generate_samples, prepare_out, synthetic_attributes
+from .generate import (
+    GenerateOptions,
+    generate_samples,
+    load_generator,
+    prepare_out,
+    synthetic_attributes,
+)
 
 
 def training_shards(model: str) -> str:
     """The real shard set a model was trained on, from its sidecar."""
-    manifests = load_diffusion(model).sidecar.get("data_manifests", [])
+    manifests = load_generator(model).sidecar.get("data_manifests", [])
     if not manifests or not manifests[0].get("root"):
         raise ValueError(f"{model}: its sidecar names no training shards; pass --real")
     return manifests[0]["root"]

@@ -18,8 +18,11 @@ from medfm.models.base import Encoder
 from medfm.registry import Registry
 
 OBJECTIVES = Registry("objective", group="medfm.objectives")
-# diffusers takes seconds to import: the diffusion objective loads on its first lookup only.
+# diffusers and MONAI's generative networks take seconds to import: these objectives load on
+# their first lookup only.
 OBJECTIVES.register_lazy("diffusion", "medfm.pretrain.objectives.diffusion")
+OBJECTIVES.register_lazy("autoencoder_kl", "medfm.pretrain.objectives.autoencoder")
+OBJECTIVES.register_lazy("latent_diffusion", "medfm.pretrain.objectives.latent_diffusion")
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:

@@ -117,43 +117,56 @@ def engine_export(folder: Path) -> tuple[Path, dict[str, Any]]:
     export; the run's config.json (one level up) holds the objective's parameters and the data
     section, from which the preprocessing contract is rebuilt against the training manifest.
     """
-    config_path = folder.parent / "config.json"
-    if not config_path.exists():
-        raise CheckpointKindError(f"{folder}: no {config_path.name} beside the export folder")
-    cfg = json.loads(config_path.read_text())
-    specs = [(i, o) for i, o in enumerate(cfg["objectives"]) if o.get("name") == "diffusion"]
-    if not specs:
-        raise CheckpointKindError(f"{folder}: the run trained no diffusion objective")
-    i, spec = specs[0]
-    names = [o.get("name") for o in cfg["objectives"]]
-    key = "diffusion" if names.index("diffusion") == i else f"diffusion_{i}"
+    cfg, params, key = run_objective(folder, KIND)
     weights = folder / f"{key}{ENGINE_SUFFIX}"
-    params = {k: v for k, v in spec.items() if k not in ("name", "weight")}
     model_cfg = DiffusionConfig(**params)
     model_cfg.check()
-    data = cfg["data"]
-    shards = Manifest.open(data["shards"])
-    kinds = tuple(data.get("kinds") or ("image2d", "volume3d"))
-    rows = [r for r in shards.rows() if r["split"] == data["split"] and r["kind"] in kinds]
-    window = engine_window(data, rows, data["shards"])
-    contract = build_contract(data["shards"], rows, shards.header, model_cfg.sample_size, window)
-    class_key = data.get("class_key", "")
-    classes = []
-    if class_key:
-        classes = sorted_classes({json.loads(r["labels"])[class_key] for r in rows})
     sidecar = {
         "format": SIDECAR_FORMAT,
         "kind": KIND,
         "architecture": model_cfg.describe(),
         "scheduler": dict(build_scheduler(model_cfg).config),
+        **training_data(cfg, model_cfg.sample_size),
+        "weights": {"path": weights.name, "sha256": sha256_file(*get_fs(str(weights)))[0]},
+    }
+    return weights, sidecar
+
+
+def run_objective(folder: Path, name: str) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """(run config, objective params, engine key) of the first `name` objective of the run whose
+    export folder is `folder` (its config.json lies one level up)."""
+    config_path = folder.parent / "config.json"
+    if not config_path.exists():
+        raise CheckpointKindError(f"{folder}: no {config_path.name} beside the export folder")
+    cfg = json.loads(config_path.read_text())
+    names = [o.get("name") for o in cfg["objectives"]]
+    if name not in names:
+        raise CheckpointKindError(f"{folder}: the run trained no {name} objective")
+    spec = cfg["objectives"][names.index(name)]
+    params = {k: v for k, v in spec.items() if k not in ("name", "weight")}
+    return cfg, params, name  # the engine keys the first objective of a name by the name itself
+
+
+def training_data(cfg: dict[str, Any], sample_size: tuple[int, ...]) -> dict[str, Any]:
+    """The sidecar fields a run's data section implies: the preprocessing contract rebuilt
+    against the training manifest, the class list, the manifest hash and the step."""
+    data = cfg["data"]
+    shards = Manifest.open(data["shards"])
+    kinds = tuple(data.get("kinds") or ("image2d", "volume3d"))
+    rows = [r for r in shards.rows() if r["split"] == data["split"] and r["kind"] in kinds]
+    window = engine_window(data, rows, data["shards"])
+    contract = build_contract(data["shards"], rows, shards.header, sample_size, window)
+    class_key = data.get("class_key", "")
+    classes = []
+    if class_key:
+        classes = sorted_classes({json.loads(r["labels"])[class_key] for r in rows})
+    return {
         "classes": classes,
         "class_key": class_key,
         "preprocessing": contract,
         "data_manifests": [{"root": data["shards"], "sha256": shards.header["manifest"]["sha256"]}],
         "step": cfg["train"]["max_steps"],
-        "weights": {"path": weights.name, "sha256": sha256_file(*get_fs(str(weights)))[0]},
     }
-    return weights, sidecar
 
 
 def read_sidecar(path: Path | dict[str, Any]) -> dict[str, Any]:
