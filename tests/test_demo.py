@@ -7,6 +7,7 @@ with their reason and the rest runs."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -24,8 +25,8 @@ from medfm.shards import Manifest, verify
 ALL_STAGES = [
     "stage xray PNGs", "ingest imaging", "ingest ecg", "ingest ehr", "ingest xray", "verify",
     "pretrain mae2d", "pretrain diffusion", "synth generate", "synth audit", "finetune lora",
-    "export + hub", "evaluate pulled export", "pretrain mae1d", "probe ecg beats",
-    "pretrain mcm", "probe ehr readmission",
+    "export + hub", "evaluate pulled export", "pretrain mae3d", "segment liver 3D",
+    "pretrain mae1d", "probe ecg beats", "pretrain mcm", "probe ehr readmission",
 ]  # fmt: skip
 ECG_EHR_STAGES = ALL_STAGES[-4:]
 
@@ -106,7 +107,7 @@ def test_quick_demo_runs_every_stage_on_real_data(sample_data, medfm_exe, tmp_pa
 
     for name in ("imaging", "ecg", "ehr", "xray"):
         load_spec(out / "configs" / f"ingest_{name}.yaml")
-    for name in ("mae2d", "diffusion", "mae1d", "mcm"):
+    for name in ("mae2d", "diffusion", "mae3d", "mae1d", "mcm"):
         pretrain_config(out / "configs" / f"pretrain_{name}.yaml")
     cfg = load_config(out / "configs" / "finetune_lora.yaml")
     assert any(c.startswith("medfm finetune --config") for c in summary["commands"])
@@ -121,6 +122,42 @@ def test_quick_demo_runs_every_stage_on_real_data(sample_data, medfm_exe, tmp_pa
     assert summary["evaluation"]["auroc"] > 0.5  # better than chance after one epoch
     assert summary["audit"]["verdict"] in ("pass", "fail")
     check_ecg_and_ehr_probes(out, summary)
+    check_segmentation(out, summary, by_section["3D segmentation"])
+
+
+def check_segmentation(out: Path, summary: dict, section_pngs: list[str]) -> None:
+    """Liver Dice of the export pulled back from the hub, with its CI over blocks of the test
+    slab; the overlay under the report's 3D section; slabs a patch apart, and the written
+    config's training patches all inside the train slab."""
+    from medfm.finetune.data import contract_for
+    from medfm.finetune.encoder import load_base_encoder
+    from medfm.finetune.segment import train_dataset
+
+    seg = summary["segmentation"]
+    dice = seg["dice"]
+    assert all(math.isfinite(dice[k]) for k in ("value", "ci_low", "ci_high")), dice
+    assert 0.0 <= dice["ci_low"] <= dice["ci_high"] <= 1.0 and 0.0 <= dice["value"] <= 1.0
+    assert seg["n_blocks"] > 1 and seg["run_dice"] == pytest.approx(dice["value"])
+    pulled, exported = Path(seg["export"]), out / "exports" / "liver-unetr"
+    assert pulled == out / "pulled" / "liver-unetr" and seg["hub"]["files"] > 0
+    for f in exported.iterdir():  # the hub gave back exactly what was pushed
+        assert (pulled / f.name).read_bytes() == f.read_bytes(), f.name
+    assert load(pulled).medfm["task"]["label_names"] == ["background", "liver"]
+    for want in ("mae3d/plots/loss.png", "runs/liver_overlay_pulled.png"):
+        assert any(want in rel for rel in section_pngs), (want, section_pngs)
+    assert "One CT" in (out / "report.html").read_text()
+
+    cfg = load_config(out / "configs" / "finetune_liver.yaml")
+    base = load_base_encoder(cfg.encoder)
+    contract = contract_for(base.preprocessing, base.encoder, cfg)
+    slabs, axis = seg["slabs"], seg["slabs"]["axis"]
+    spans = sorted(tuple(slabs[k]) for k in ("train", "val", "test"))
+    for (_, stop), (start, _) in zip(spans, spans[1:], strict=False):
+        assert start - stop >= contract.patch_size[axis] == slabs["gap"], spans
+    lo, hi = slabs["train"]
+    patches = train_dataset(cfg.data.shards, contract, cfg)
+    starts = [it["meta"]["patch_start"][axis] for it in patches]
+    assert starts and all(lo <= s <= max(lo, hi - contract.patch_size[axis]) for s in starts)
 
 
 def check_ecg_and_ehr_probes(out: Path, summary: dict) -> None:
@@ -168,7 +205,8 @@ def test_quick_demo_without_sample_data_skips_what_needs_it(medfm_exe, tmp_path)
     skipped = {n: s["metric"] for n, s in stages.items() if s["status"] == "skipped"}
     assert set(skipped) == {"ingest ehr", "ingest xray", "pretrain diffusion", "synth generate",
                             "synth audit", "finetune lora", "export + hub",
-                            "evaluate pulled export", *ECG_EHR_STAGES}  # fmt: skip
+                            "evaluate pulled export", "segment liver 3D",
+                            *ECG_EHR_STAGES}  # fmt: skip
     assert all("MEDFM_SAMPLE_DATA is unset" in why for why in skipped.values()), skipped
     assert all(f"{name}: SKIPPED" in stdout for name in skipped)
     assert all(verify(root).ok for root in summary["verified"])

@@ -32,10 +32,12 @@ class Scale:
     bootstrap: int  # patient-level resamples for the confidence intervals
     ecg_steps: int  # 1D MAE on the MIT-BIH windows
     ehr_steps: int  # masked-code modeling on the MIMIC-IV demo
+    mae3d_steps: int  # 3D MAE on the CT/MR volumes
+    seg_epochs: int  # liver segmentation on the CT's train slab
 
 
-FULL = Scale(0, 400, 300, 256, 25, 2, 500, 200, 200)
-QUICK = Scale(600, 30, 20, 24, 4, 1, 50, 10, 10)
+FULL = Scale(0, 400, 300, 256, 25, 2, 500, 200, 200, 300, 10)
+QUICK = Scale(600, 30, 20, 24, 4, 1, 50, 10, 10, 10, 2)
 
 
 @dataclass(frozen=True)
@@ -214,7 +216,9 @@ def xray_spec(staged: Path, key_file: Path) -> dict[str, Any]:
 # A ViT small enough for a 2-core CPU: 4 px patches on 28 px images give 49 tokens.
 VIT2D = {"name": "vit2d", "size": "tiny", "img_size": 28, "patch_size": 4, "in_chans": 1,
          "embed_dim": 64, "depth": 4, "num_heads": 4}  # fmt: skip
-VIT3D = {"name": "vit3d", "size": "tiny", "img_size": [32, 32, 16], "patch_size": [8, 8, 4],
+# Isotropic 4-voxel patches (the UNETR head needs them) on a patch thin along j, the axis the
+# CT's segmentation slabs are cut along: 8 x 2 x 8 = 128 tokens.
+VIT3D = {"name": "vit3d", "size": "tiny", "img_size": [32, 8, 32], "patch_size": [4, 4, 4],
          "embed_dim": 64, "depth": 2, "num_heads": 4}  # fmt: skip
 
 
@@ -238,22 +242,23 @@ def mae2d_config(shards: Path, run: Path, s: Scale) -> dict[str, Any]:
     }  # fmt: skip
 
 
-# The dataset a pretraining stage filters on, by ingest set: it needs a train patient.
-TRAIN_ALONE = {"imaging": "nibabel"}
+# The datasets a pretraining stage filters on, by ingest set: each needs a train patient.
+TRAIN_ALONE = {"imaging": ("nibabel", "totalseg_ct", "totalseg_mr")}
 
 
 def mae3d_config(shards: Path, run: Path, s: Scale) -> dict[str, Any]:
-    """Without the chest X-rays: a 3D MAE on the pip-shipped MR volumes (nibabel's)."""
+    """A 3D MAE on the MR volumes nibabel ships and the TotalSegmentator CT and MR (their
+    train patients: `stages.reseed` puts each of the three in train)."""
     return {
         "name": "demo-mae3d",
         "out_dir": str(run),
         "data": {"shards": str(shards), "split": "train", "kinds": ["volume3d"],
-                 "datasets": [TRAIN_ALONE["imaging"]], "batch_size": 8, "num_workers": 0,
+                 "datasets": list(TRAIN_ALONE["imaging"]), "batch_size": 8, "num_workers": 0,
                  "patches_per_volume": 16},
         "model": VIT3D,
         "objectives": [{"name": "mae", "mask_ratio": 0.75, "decoder_dim": 64,
                         "decoder_depth": 1, "decoder_heads": 4}],
-        "train": _train(s.mae_steps, 1.5e-3, plots=3),
+        "train": _train(s.mae3d_steps, 1.5e-3, plots=3),
     }  # fmt: skip
 
 
@@ -334,6 +339,30 @@ def finetune_config(encoder: Path, shards: Path, run: Path, s: Scale) -> dict[st
         # Accuracy, sensitivity, ... at the threshold that maximises Youden's J on val.
         "eval": {"bootstrap": s.bootstrap, "threshold": "val_youden"},
     }
+
+
+SEG_LABELS = {"background": 0, "liver": 5}  # TotalSegmentator v1's label values
+# Slabs of the CT along j (anterior to posterior, 101 voxels), in this order: the liver spans
+# j 14..75, so test (j 0..25) and val (34..45) hold 12 of its slices each and train (54..100) the
+# other 22. The gaps default to the patch's 8 voxels along j.
+SEG_SLABS = {"test": 0.3, "val": 0.15, "train": 0.55}
+
+
+def segmentation_config(encoder: Path, shards: Path, run: Path, s: Scale) -> dict[str, Any]:
+    """Liver vs background on the TotalSegmentator CT from the 3D MAE, every encoder weight
+    trained (UNETR head), its one labelled volume split into slabs."""
+    return {
+        "name": "demo-liver-unetr",
+        "out_dir": str(run),
+        "encoder": str(encoder),
+        "mode": "full",
+        "data": {"shards": str(shards), "datasets": ["totalseg_ct"], "batch_size": 8},
+        "task": {"type": "segmentation", "label_names": list(SEG_LABELS),
+                 "label_values": list(SEG_LABELS.values()), "overlap": 0.25,
+                 "region_split": {"axis": 1, "slabs": SEG_SLABS, "blocks": 5, "blocks_axis": 2}},
+        "train": {"epochs": s.seg_epochs, "lr": 3e-3, "patches_per_volume": 32, "seed": 0},
+        "eval": {"bootstrap": s.bootstrap},
+    }  # fmt: skip
 
 
 def write_yaml(tree: dict[str, Any], path: Path, comment: str) -> Path:

@@ -4,9 +4,11 @@ under the output folder) and real data only.
     ingest   pydicom/nibabel test files (+ TotalSegmentator CT/MR with label maps), ECG, MIMIC-IV
              demo, PneumoniaMNIST staged as PNGs + labels.csv -- all through `medfm ingest`
     verify   every shard set, re-hashed
-    pretrain a small MAE (chest X-rays; without them a 3D MAE on the pip-shipped volumes)
+    pretrain a small MAE on the chest X-rays
     synth    a tiny diffusion model, synthetic X-rays, their audit
     finetune LoRA on the pneumonia task, export, hub push, pull, evaluate the pulled export
+    3D       a 3D MAE on the CT/MR volumes, UNETR liver segmentation on slabs of the CT, export,
+             hub push, pull, Dice of the pulled export on the test slab
     ecg      a 1D MAE on the MIT-BIH windows, a probe for normal vs non-normal beats (time split)
     ehr      masked-code pretraining on the MIMIC-IV demo, a 30-day readmission probe (by patient)
 
@@ -31,7 +33,7 @@ from medfm.io import write_json, write_text
 from . import configs as dc
 from .cluster import DemoCluster, connect
 from .report import print_table, write_report
-from .stages import Demo, ecg, ehr, finetune, ingest, pretrain, synth, verify_all
+from .stages import Demo, ecg, ehr, finetune, ingest, pretrain, synth, verify_all, volumes
 
 # What a demo run writes (and a rerun replaces); the hub and the key are kept across runs.
 OUTPUTS = ("configs", "staging", "shards", "runs", "synth", "exports", "pulled", "report.html",
@@ -113,11 +115,11 @@ def _run(out: str, overwrite: bool, quick: bool, on_cluster: DemoCluster | None,
         synth(d, model, xray, encoder / "encoder.json")
         finetune(d, encoder, xray)
     else:
-        pretrain(d, "mae3d", dc.mae3d_config(shards["imaging"], d.out / "runs" / "mae3d", d.scale))
         reason = f"needs the PneumoniaMNIST chest X-rays ({d.inputs.missing(dc.XRAY_NPZ)})"
         for name in ("pretrain diffusion", "synth generate", "synth audit", "finetune lora",
                      "export + hub", "evaluate pulled export"):  # fmt: skip
             d.skip(name, reason)
+    volumes(d, shards["imaging"])
     ecg(d, shards["ecg"])
     ehr(d, shards.get("ehr"))
     total = time.perf_counter() - t0
