@@ -190,9 +190,15 @@ def test_cnn_encoder_runs_channels_last(tmp_path, shards):
     tree = base_config(tmp_path, shards, cnn, [{"name": "simclr"}], max_steps=2)
     module, _ = build(load_config(None, base=tree))
     module.configure_model()
-    conv = next(m for m in module.encoder.modules() if isinstance(m, nn.Conv2d))
+    # (a one-channel tensor is trivially NHWC: look at a wide convolution and a 3-channel batch)
+    conv = next(
+        m
+        for m in module.encoder.modules()
+        if isinstance(m, nn.Conv2d) and m.in_channels > 1 and m.kernel_size != (1, 1)
+    )
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
-    batch = module.memory_format({"data": torch.zeros(2, 1, 28, 28)})
+    assert not conv.weight.is_contiguous()
+    batch = module.memory_format({"data": torch.zeros(2, 3, 28, 28)})
     assert batch["data"].is_contiguous(memory_format=torch.channels_last)
     vit, _ = build(load_config(None, base=base_config(tmp_path, shards, VIT, [MAE])))
     vit.configure_model()  # a ViT is left as it is
