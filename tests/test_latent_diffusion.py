@@ -264,3 +264,15 @@ def test_latent_generation_as_ray_tasks_matches_local(world, ldm2d):
         a = remote.read_sample(r).data.astype(int)
         b = local.read_sample(by_seed[json.loads(r["meta"])["seed"]]).data.astype(int)
         assert np.abs(a - b).max() <= 1  # batched conv numerics: at most one grey level
+
+
+def test_a_latent_model_trained_under_another_window_than_its_autoencoder_is_refused(
+    ldm2d, tmp_path
+):
+    ldm_run = tmp_path / "ldm"
+    shutil.copytree(ldm2d.parent, ldm_run)
+    cfg = json.loads((ldm_run / "config.json").read_text())
+    cfg["data"] |= {"intensity": "window", "window": [0, 128]}
+    (ldm_run / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointKindError, match="prepared unlike its autoencoder.*intensity"):
+        load_latent_diffusion(ldm_run / "export")

@@ -41,6 +41,7 @@ from .sampling import SamplerSettings, initial_noise, make_scheduler
 AE_OBJECTIVE, LDM_OBJECTIVE = "autoencoder_kl", "latent_diffusion"
 AE_SUFFIX, LDM_SUFFIX = "_autoencoder.safetensors", "_latent.safetensors"
 LOSSES = ("l1", "l2")
+PREPARATION = ("kind", "intensity", "channels")  # contract fields both stages must share
 
 
 @dataclass
@@ -413,6 +414,7 @@ def load_latent_diffusion(
         **training_data(cfg, tuple(ldm_cfg.sample_size) or tuple(ae.cfg.sample_size)),
         "weights": {"path": weights.name, "sha256": sha256_file(*get_fs(str(weights)))[0]},
     }
+    check_same_preparation(sidecar["preprocessing"], ae.sidecar["preprocessing"], str(weights))
     loaded = build_latent(
         sidecar, load_file(str(weights)), sidecar["weights"]["sha256"], str(weights)
     )
@@ -424,6 +426,17 @@ def load_latent_diffusion(
         )
     loaded.model.to(device)
     return loaded
+
+
+def check_same_preparation(mine: dict[str, Any], ae: dict[str, Any], where: str) -> None:
+    """Refuse latents learnt from data the autoencoder never saw prepared that way (another
+    kind, intensity window or channels): decoding them would map back to the wrong values."""
+    diffs = [f"{k}: {mine.get(k)} vs {ae.get(k)}" for k in PREPARATION if mine.get(k) != ae.get(k)]
+    if diffs:
+        raise CheckpointKindError(
+            f"{where}: trained on data prepared unlike its autoencoder's training data "
+            f"({'; '.join(diffs)}); train both stages under one contract"
+        )
 
 
 def latent_from_bytes(weights: bytes, sidecar: dict[str, Any]) -> LoadedLatentDiffusion:
