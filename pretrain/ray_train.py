@@ -1,4 +1,5 @@
-"""`medfm pretrain` runs as one multi-worker DDP job across the nodes of a running Ray cluster.
+"""`medfm pretrain` and `medfm finetune` run as multi-worker DDP jobs across the nodes of a running
+Ray cluster.
 
 `TrainGroup.start()` places one long-lived Ray actor on each node of the connected cluster (the
 driver has called `ray.init(address=...)`). `group.pretrain(cfg)` runs the same
@@ -29,6 +30,8 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from medfm.finetune.config import FinetuneConfig
+
     from .config import PretrainConfig
 
 # The variables Lightning reads to pick a cluster environment. SLURM's come first in its search:
@@ -86,9 +89,21 @@ class Worker:
     def pretrain(
         self, cfg: PretrainConfig, rank: int, world: int, master: tuple[str, int]
     ) -> dict[str, Any]:
-        import torch.distributed as dist
-
         from .train import run
+
+        return self._as_rank(run, cfg, rank, world, master)
+
+    def finetune(
+        self, cfg: FinetuneConfig, rank: int, world: int, master: tuple[str, int]
+    ) -> dict[str, Any]:
+        """`medfm finetune` as one rank: its engine (Lightning, medfm.finetune.fit) starts DDP
+        from the same variables as pretraining's; rank 0 writes the run folder."""
+        from medfm.finetune import run
+
+        return self._as_rank(lambda c: {"run": str(run(c))}, cfg, rank, world, master)
+
+    def _as_rank(self, run: Callable, cfg: Any, rank: int, world: int, master: tuple[str, int]):
+        import torch.distributed as dist
 
         train = dataclasses.replace(cfg.train, num_nodes=world, devices=1)
         with rank_env(rank, world, master):
@@ -148,10 +163,19 @@ class TrainGroup:
     def pretrain(self, cfg: PretrainConfig) -> dict[str, Any]:
         """`run(cfg)` as `size` DDP ranks, one per node; returns rank 0's summary plus
         `workers`: each rank's node id, IP and host."""
+        return self._ranks("pretrain", cfg)
+
+    def finetune(self, cfg: FinetuneConfig) -> dict[str, Any]:
+        """`medfm finetune` as `size` DDP ranks; rank 0's `run` folder plus `workers`."""
+        return self._ranks("finetune", cfg)
+
+    def _ranks(self, method: str, cfg: Any) -> dict[str, Any]:
         import ray
 
         master = (self.where[0]["ip"], ray.get(self.actors[0].free_port.remote()))
-        pending = [a.pretrain.remote(cfg, r, self.size, master) for r, a in enumerate(self.actors)]
+        pending = [
+            getattr(a, method).remote(cfg, r, self.size, master) for r, a in enumerate(self.actors)
+        ]
         refs = list(pending)
         while pending:  # a failed rank raises at once, not after the others' collective timeout
             done, pending = ray.wait(pending, num_returns=1)

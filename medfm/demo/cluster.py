@@ -103,12 +103,12 @@ class DemoCluster:
         return summary
 
     def finetune(self, name: str, cfg: FinetuneConfig) -> Path:
-        """`medfm finetune` in rank 0's process on the cluster; returns the run folder."""
-        from medfm.finetune import run
-
-        out = self.group.call(run, cfg)
-        self.train[name] = [{"rank": 0, **self.group.where[0]}]
-        return out
+        """`medfm finetune` as DDP ranks across the nodes; returns rank 0's run folder."""
+        summary = self.group.finetune(cfg)
+        self.train[name] = summary["workers"]
+        nodes = len({w["node_id"] for w in summary["workers"]})
+        print(f"[demo] {name}: {len(summary['workers'])} DDP ranks on {nodes} node(s)", flush=True)
+        return Path(summary["run"])
 
     def record(self) -> dict[str, Any]:
         """Where the run's work happened, for summary.json."""
