@@ -36,7 +36,7 @@ class Scale:
     seg_epochs: int  # liver segmentation on the CT's train slab
 
 
-FULL = Scale(0, 400, 300, 256, 25, 2, 500, 200, 200, 300, 10)
+FULL = Scale(0, 400, 300, 256, 25, 2, 500, 200, 200, 300, 20)
 QUICK = Scale(600, 30, 20, 24, 4, 1, 50, 10, 10, 10, 2)
 
 
