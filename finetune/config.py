@@ -15,6 +15,9 @@ from typing import Any, Literal
 from medfm.config import ConfigError, from_dict, read_tree
 from medfm.shards import SyntheticConfig
 
+# What a finished run writes last (medfm.finetune.train); an export reads it (no Lightning needed).
+RUN_RECORD = "run.json"
+
 
 @dataclass
 class DataConfig:

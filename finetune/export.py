@@ -36,12 +36,11 @@ from medfm.io import (
 from medfm.models import build_encoder
 
 from .card import model_card
-from .config import TaskConfig
+from .config import RUN_RECORD, TaskConfig
 from .data import contract_from_dict
 from .encoder import BaseEncoder, load_base_encoder
 from .model import FinetuneModel
 from .tasks import Task, task_for
-from .train import RUN_RECORD
 
 EXPORT_FORMAT = "medfm-finetune-export"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")

@@ -21,6 +21,7 @@ from medfm.finetune import hub
 from medfm.io import is_remote, put_tree, save_safetensors, write_json
 from medfm.models.contract import Contract
 
+from .config import RUN_RECORD
 from .data import contract_for, split_rows
 from .encoder import BaseEncoder, load_base_encoder
 from .fit import is_global_zero, launch
@@ -29,8 +30,6 @@ from .tasks import Task, task_for
 
 if TYPE_CHECKING:
     from .config import FinetuneConfig
-
-RUN_RECORD = "run.json"
 
 
 def build_model(base: BaseEncoder, cfg: FinetuneConfig, task: Task) -> FinetuneModel:

@@ -40,9 +40,9 @@ from medfm.io import atomic_write_bytes, get_fs, is_local, tmp_name
 from medfm.shards.manifest import HEADER_NAME
 
 from .privacy import SCRYPT, Keyring
-from .progress import LOG_DIR
 
 WORK_DIR = "_ingest"
+LOG_DIR = "_logs"  # the job's logs (ingest/progress.py); `shards verify` checks tars/, Zarr only
 PARTS_DIR = f"{WORK_DIR}/parts"
 JOB_FILE = f"{WORK_DIR}/job.json"
 LEASE_FILE = f"{WORK_DIR}/lease.json"
@@ -279,7 +279,7 @@ class Bookkeeper:
         Returns True when this call started a new job (so a failed start can undo it)."""
         existing = self.read_json(JOB_FILE)
         if existing is None:
-            # The job's own log folder (progress.LOG_DIR) may be there: it opens before this.
+            # The job's own log folder (LOG_DIR) may be there: it opens before this.
             others = [p for p in self._listing() if p.rsplit("/", 1)[-1] not in (WORK_DIR, LOG_DIR)]
             if others or self._listing(WORK_DIR, ignore=LEASE_FILE):
                 raise ResumeError(

@@ -22,7 +22,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TextIO
 
-LOG_DIR = "_logs"  # beside the shard set, not in it: `shards verify` checks tars/ and Zarr only
+from .bookkeeping import LOG_DIR
+
 _LOGS: list[TextIO] = []  # the open log files of the job running in this process
 
 
