@@ -31,7 +31,7 @@ from .fit import fit_epochs
 from .model import FinetuneModel
 
 if TYPE_CHECKING:
-    from .config import FinetuneConfig
+    from .config import FinetuneConfig, RegionSplitConfig
     from .tasks.segmentation import Segmentation
 
 # (patient id, spacing, prediction, label, overlay maker) per scored case
@@ -39,19 +39,45 @@ Case = tuple[str, tuple[float, ...], torch.Tensor, torch.Tensor, Callable[[], tu
 Box = tuple[slice, slice, slice]
 
 
+def region_gap(rs: RegionSplitConfig, patch: tuple[int, ...]) -> int:
+    """The gap between slabs: as configured, or the patch's extent along the axis, which is
+    also its floor."""
+    extent = int(patch[rs.axis])
+    gap = extent if rs.gap is None else rs.gap
+    if gap < extent:
+        raise ConfigError(
+            f"task.region_split.gap: {gap} voxels is less than the patch's {extent} along axis "
+            f"{rs.axis}; a window at a slab's face would have the next slab within reach"
+        )
+    return gap
+
+
+def slab_bounds(length: int, rs: RegionSplitConfig, gap: int) -> dict[str, tuple[int, int]]:
+    """[start, stop) of each split's slab along an axis `length` voxels long: the slabs in the
+    configured order, `gap` voxels between neighbours, the rest shared by the fractions."""
+    usable = length - gap * (len(rs.slabs) - 1)
+    cuts = np.round(np.cumsum([0.0, *rs.slabs.values()]) * usable).astype(int)
+    bounds = {
+        split: (int(cuts[i]) + i * gap, int(cuts[i + 1]) + i * gap)
+        for i, split in enumerate(rs.slabs)
+    }
+    if min(hi - lo for lo, hi in bounds.values()) < 1:
+        raise ValueError(
+            f"task.region_split: {length} voxels along axis {rs.axis} leave a slab empty with "
+            f"gaps of {gap} and fractions {rs.slabs}"
+        )
+    return bounds
+
+
 class SlabBox:
     """The voxels of a volume that one split may use: the whole volume, or its slab along
     task.region_split's axis. A class, not a closure: loader workers pickle the sampler."""
 
     def __init__(self, cfg: FinetuneConfig, split: str, patch: tuple[int, ...]):
-        from .tasks.segmentation import region_gap
-
         self.rs, self.split = cfg.task.region_split, split
         self.gap = region_gap(self.rs, patch) if self.rs is not None else 0
 
     def bounds(self, row: dict[str, Any]) -> dict[str, tuple[int, int]]:
-        from .tasks.segmentation import slab_bounds
-
         return slab_bounds(int(row["shape"][self.rs.axis]), self.rs, self.gap)
 
     def __call__(self, row: dict[str, Any]) -> Box:

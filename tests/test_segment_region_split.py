@@ -15,9 +15,8 @@ from medfm.config import ConfigError
 from medfm.finetune.config import load_config
 from medfm.finetune.data import Collate, contract_for, split_rows
 from medfm.finetune.encoder import load_base_encoder
-from medfm.finetune.segment import SlabBox, sampler, score_split, train_dataset
+from medfm.finetune.segment import SlabBox, sampler, score_split, slab_bounds, train_dataset
 from medfm.finetune.tasks import task_for
-from medfm.finetune.tasks.segmentation import slab_bounds
 from medfm.finetune.train import build_model, run
 from medfm.models import build_encoder
 from medfm.models.contract import Contract

@@ -40,36 +40,6 @@ def validate_region_split(rs: RegionSplitConfig) -> None:
         raise ConfigError(f"{where}: blocks must be >= 1 and gap >= 0")
 
 
-def region_gap(rs: RegionSplitConfig, patch: tuple[int, ...]) -> int:
-    """The gap between slabs: as configured, or the patch's extent along the axis, which is
-    also its floor."""
-    extent = int(patch[rs.axis])
-    gap = extent if rs.gap is None else rs.gap
-    if gap < extent:
-        raise ConfigError(
-            f"task.region_split.gap: {gap} voxels is less than the patch's {extent} along axis "
-            f"{rs.axis}; a window at a slab's face would have the next slab within reach"
-        )
-    return gap
-
-
-def slab_bounds(length: int, rs: RegionSplitConfig, gap: int) -> dict[str, tuple[int, int]]:
-    """[start, stop) of each split's slab along an axis `length` voxels long: the slabs in the
-    configured order, `gap` voxels between neighbours, the rest shared by the fractions."""
-    usable = length - gap * (len(rs.slabs) - 1)
-    cuts = np.round(np.cumsum([0.0, *rs.slabs.values()]) * usable).astype(int)
-    bounds = {
-        split: (int(cuts[i]) + i * gap, int(cuts[i + 1]) + i * gap)
-        for i, split in enumerate(rs.slabs)
-    }
-    if min(hi - lo for lo, hi in bounds.values()) < 1:
-        raise ValueError(
-            f"task.region_split: {length} voxels along axis {rs.axis} leave a slab empty with "
-            f"gaps of {gap} and fractions {rs.slabs}"
-        )
-    return bounds
-
-
 @TASKS.register("segmentation")
 class Segmentation(Task):
     """Classes are `task.label_names`, class 0 the background; `task.label_values` gives the
