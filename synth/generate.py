@@ -13,8 +13,12 @@ training data (the preprocessing contract inverted), so readers treat them like 
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
+import posixpath
+import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -25,7 +29,7 @@ import numpy as np
 import torch
 
 from medfm.device import select_device
-from medfm.io import get_fs, remove_temporaries
+from medfm.io import get_fs, get_tree, is_remote, remove_temporaries
 from medfm.models.diffusion.contract import intensity_of
 from medfm.models.diffusion.export import LoadedDiffusion, from_bytes, load_diffusion
 from medfm.models.diffusion.latent import (
@@ -71,8 +75,40 @@ class GenerateOptions:
 
 
 def load_generator(model: str) -> Loaded:
-    """The generator an export holds: latent diffusion (UNet + autoencoder) or pixel-space."""
+    """The generator an export holds: latent diffusion (UNet + autoencoder) or pixel-space;
+    `model` may be on an object store (copied here first: the loaders read files)."""
+    model = local_model(model)
     return load_latent_diffusion(model) if is_latent_export(model) else load_diffusion(model)
+
+
+_LOCAL_MODELS: dict[str, str] = {}  # object-store model -> its copy, once per process
+
+
+def local_model(model: str) -> str:
+    """A local path for a model export: itself, or for an s3:// (gs://, ...) one a copy in a
+    temporary folder removed at exit. A folder comes whole, with its run's config.json one
+    level up (an engine export rebuilds its sidecar from it); a .safetensors or .json file
+    comes with the files sharing its stem (weights and sidecar)."""
+    if not is_remote(model) or model in _LOCAL_MODELS:
+        return _LOCAL_MODELS.get(model, model)
+    fs, root = get_fs(model)
+    root = root.rstrip("/")
+    tmp = Path(tempfile.mkdtemp(prefix="medfm-model-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    local = tmp / "run" / posixpath.basename(root)
+    if fs.isdir(root):
+        get_tree(model, local)
+        config = f"{posixpath.dirname(root)}/config.json"
+        if fs.isfile(config):
+            fs.get_file(config, str(local.parent / "config.json"))
+    elif fs.isfile(root):
+        local.parent.mkdir(parents=True)
+        for path in fs.glob(f"{posixpath.splitext(root)[0]}.*"):
+            fs.get_file(path, str(local.parent / posixpath.basename(path)))
+    else:
+        raise FileNotFoundError(f"{model}: no model export there")
+    _LOCAL_MODELS[model] = str(local)
+    return str(local)
 
 
 def generator_from_bytes(weights: bytes, sidecar: dict[str, Any]) -> Loaded:

@@ -308,26 +308,26 @@ def test_hub_on_s3_pushes_pulls_and_refuses_a_tampered_blob(s3, tmp_path, monkey
 
 
 @pytest.mark.slow
-def test_synth_generate_and_audit_write_to_s3(s3, sample_data, one_torch_thread, tmp_path):
+def test_synth_generate_and_audit_write_to_s3(s3, sample_data, one_torch_thread):
     """Real PneumoniaMNIST images written to s3://; an (untrained) diffusion model whose contract
-    is built from that set samples into s3:// (a verified shard set), and the audit against the
-    s3:// set writes its report there; no temporary left. (The model stays local: synth
-    generate reads a local model folder; test_object_store_train exports one to s3://.)"""
+    is built from that set, exported to s3:// too, samples into s3:// (a verified shard set),
+    and the audit against the s3:// set writes its report there; no temporary left."""
     real = s3.url("pneumonia")
     write_pneumonia(real, {"train": 12, "val": 10})  # the audit calibrates on >= 10
     m = Manifest.open(real)
     rows = [r for r in m.rows() if r["split"] == "train"]
     cfg = DiffusionConfig(channels=(8, 16, 16), attention_levels=(False,) * 3)
+    model = s3.url("model")
     export_diffusion(
         DiffusionModel(cfg).eval(),
-        tmp_path / "model",
+        model,
         preprocessing=build_contract(real, rows, m.header, (28, 28), None),
         classes=[],
         data_manifests=[{"root": real, "sha256": m.header["manifest"]["sha256"]}],
     )
     out, audited = s3.url("synthetic"), s3.url("audit")
     opts = GenerateOptions(n=4, sampler=SamplerSettings("ddim", 2))
-    header = generate(str(tmp_path / "model"), out, opts)
+    header = generate(model, out, opts)
     assert header["num_samples"] == 4 and len(Manifest.open(out)) == 4 and verify(out).ok
     report = audit(out, real, audited, load_audit_config(overrides={"msssim_pairs": 4}))
     fs, path = get_fs(audited)

@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from medfm.cli import app
 from medfm.config import ConfigError
+from medfm.finetune import hub
 from medfm.finetune.export import ADAPTER_FILES, ExportError, portable_uri
 from medfm.io import TMP_MARKER, get_fs, get_tree, put_tree
 from medfm.models import build_encoder
@@ -145,8 +146,8 @@ def test_diffusion_export_to_s3_writes_the_bucket_not_a_local_folder(s3, workdir
 def test_finetune_run_and_export_on_s3_evaluate_from_the_bucket(s3, sample_data, workdir):
     """Shards and a base encoder on S3; `medfm finetune` (LoRA) writes its run folder to S3
     (run.json last), `medfm finetune export` of that run writes the export to S3 (medfm.json
-    last), and `medfm finetune evaluate` scores the export from the bucket with the metrics
-    the run recorded."""
+    last), `medfm finetune evaluate` scores the export from the bucket with the metrics the run
+    recorded, and `medfm hub push` sends the bucket's export to a hub, pulled back intact."""
     shards, encoder = s3.url("ft/shards"), s3.url("ft/encoder")
     write_pneumonia(shards, {"train": 32, "val": 16, "test": 16})
     spec = {"name": "vit2d", "size": "tiny", "embed_dim": 32, "depth": 2, "num_heads": 2,
@@ -181,6 +182,12 @@ def test_finetune_run_and_export_on_s3_evaluate_from_the_bucket(s3, sample_data,
     # a local base encoder cannot be named by an export in a bucket: refused
     with pytest.raises(ExportError, match="a local path, which an export on an object store"):
         portable_uri(str(workdir / "encoder"), export_url)
+    # the export in the bucket goes to a hub (a local one here) and comes back intact
+    r = medfm("hub", "push", export_url, "ft-lora", "--hub", str(workdir / "hub"))
+    assert r.exit_code == 0, r.output[-3000:]
+    pulled = hub.pull("ft-lora", workdir / "pulled", hub=str(workdir / "hub")).path
+    for name in exported:
+        assert (pulled / name).read_bytes() == fs.cat_file(f"{root}/{name}"), name
 
 
 # ---------------------------------------------------------------- 3D patches: bytes from S3

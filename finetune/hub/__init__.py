@@ -15,8 +15,11 @@ paths pass through.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from medfm.io import get_tree, is_remote
 
 from .backend import HUB_BACKENDS, HubBackend, backend_class, open_hub
 from .errors import HubError, IntegrityError, RevisionNotFoundError, UnsafeFileError
@@ -90,9 +93,17 @@ def is_hub_uri(path: str | Path) -> bool:
 
 
 def push(folder: str | Path, spec: str, hub: str | None = None) -> str:
-    """Push `folder` as a revision of REPO (named REV, default main); returns its immutable id."""
+    """Push `folder` as a revision of REPO (named REV, default main); returns its immutable id.
+    A folder on an object store (an export written to s3://) is copied here first: the backends
+    hash and check a local tree before anything is uploaded."""
     ref = parse_ref(spec)
-    return ref.backend(hub).push(folder, ref.repo, ref.rev or "main")
+    if not is_remote(folder):
+        return ref.backend(hub).push(folder, ref.repo, ref.rev or "main")
+    with tempfile.TemporaryDirectory(prefix="medfm-push-") as tmp:
+        local = Path(tmp) / "export"
+        if not get_tree(str(folder), local):
+            raise HubError(f"{folder}: nothing to push (no files there)")
+        return ref.backend(hub).push(local, ref.repo, ref.rev or "main")
 
 
 def pull(spec: str, dest: str | Path | None = None, hub: str | None = None) -> PullReport:
