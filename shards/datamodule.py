@@ -42,6 +42,7 @@ class SourceConfig:
     synthetic: bool | None = None
     labels: dict[str, Any] | Callable[[dict], bool] | None = None  # see ShardDataset
     name: str | None = None
+    version: int | None = None  # a version of a set grown by --append (default: the newest)
 
 
 @dataclass
@@ -88,7 +89,7 @@ class ShardDataModule(L.LightningDataModule):
         self.config = config
         self.sources = config.train_sources()
         # Made up front (they check their settings, no I/O), so a bad patch setting fails here.
-        self._train_patches = [self._patches(s.root, config.patch_mode) for s in self.sources]
+        self._train_patches = [self._patches(s, config.patch_mode) for s in self.sources]
         self._train_datasets: list[ShardDataset] | None = None
         self._train_loader: ShardDataLoader | None = None
         self._pending: dict[str, Any] | None = None
@@ -97,12 +98,12 @@ class ShardDataModule(L.LightningDataModule):
             self.val_dataloader = self._val_dataloader  # val loop (and no warning about one)
 
     # --- datasets -------------------------------------------------------------------------
-    def _patches(self, root: str, mode: str) -> PatchSampler | None:
+    def _patches(self, src: SourceConfig, mode: str) -> PatchSampler | None:
         c = self.config
         if c.patch_size is None:
             return None
         return PatchSampler(
-            root,
+            src.root,
             c.patch_size,
             units=c.patch_units,
             mode=mode,
@@ -111,6 +112,7 @@ class ShardDataModule(L.LightningDataModule):
             patches_per_volume=c.patches_per_volume if mode != "grid" else 1,
             cache_dir=c.patch_cache_dir,
             storage_options=c.storage_options,
+            version=src.version,
         )
 
     def _dataset(
@@ -135,6 +137,7 @@ class ShardDataModule(L.LightningDataModule):
             max_skips=c.max_skips,
             name=src.name,
             storage_options=c.storage_options,
+            version=src.version,
         )
 
     def train_datasets(self) -> list[ShardDataset]:
@@ -184,7 +187,7 @@ class ShardDataModule(L.LightningDataModule):
     def _val_dataloader(self) -> ShardDataLoader:
         val = self.config.val
         src = val if isinstance(val, SourceConfig) else SourceConfig(val, split="val")
-        patches = self._patches(src.root, self.config.val_patch_mode)
+        patches = self._patches(src, self.config.val_patch_mode)
         return self._loader(self._dataset(src, patches, train=False), train=False)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

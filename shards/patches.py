@@ -57,6 +57,7 @@ class PatchSampler:
         cache_dir: str | None = None,
         store_wrapper: Callable[[Any], Any] | None = None,
         storage_options: dict[str, Any] | None = None,
+        version: int | None = None,  # a version of a set grown by --append (default: newest)
     ):
         if mode not in MODES or units not in UNITS:
             raise ValueError(f"mode must be in {MODES} and units in {UNITS}")
@@ -69,7 +70,7 @@ class PatchSampler:
         self.foreground_fraction, self.overlap, self.seed = foreground_fraction, overlap, seed
         self.patches_per_volume, self.pad_value = patches_per_volume, pad_value
         self.output_shape = tuple(output_shape) if output_shape else None
-        self.cache_dir, self.store_wrapper = cache_dir, store_wrapper
+        self.cache_dir, self.store_wrapper, self.version = cache_dir, store_wrapper, version
         self.storage_options = storage_options or {}
         self._reader: VolumeReader | None = None
         self._foreground: dict[str, dict[int, np.ndarray]] = {}
@@ -97,7 +98,7 @@ class PatchSampler:
     # --- reading --------------------------------------------------------------------------
     def reader(self) -> VolumeReader:
         if self._reader is None:
-            m = Manifest.open(self.root, **self.storage_options)
+            m = Manifest.open(self.root, version=self.version, **self.storage_options)
             files = frozenset(f for f in m.header["files"] if f.startswith("volumes.zarr/"))
             self._reader = VolumeReader(m.fs, m.path, files, self.store_wrapper)
         return self._reader
@@ -198,7 +199,7 @@ class PatchSampler:
     # --- standalone use -------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """Every patch of every volume in key order (grid mode: inference over whole volumes)."""
-        m = Manifest.open(self.root, **self.storage_options)
+        m = Manifest.open(self.root, version=self.version, **self.storage_options)
         for row in m.rows():
             if row["storage"] != "zarr":
                 continue

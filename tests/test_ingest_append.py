@@ -30,9 +30,13 @@ from medfm.ingest.privacy import Keyring
 from medfm.io import get_fs
 from medfm.shards import (
     Manifest,
+    PatchSampler,
+    ShardDataConfig,
+    ShardDataModule,
     ShardDataset,
     ShardFormatError,
     ShardSet,
+    SourceConfig,
     verify,
     write_manifest,
 )
@@ -162,6 +166,11 @@ def test_append_adds_a_version_and_leaves_the_first_intact(ray_rt, tmp_path):
     assert len(old_set) == 2 and old_set.read_sample(next(old_set.rows())).data.size
     loaded = {item["key"] for item in ShardDataset(str(dest), version=1, shuffle=False)}
     assert loaded == set(v1_rows) and len(ShardDataset(str(dest), shuffle=False)) == 4
+    # The patch sampler and the data module read a version by number too.
+    patched = {p["key"] for p in PatchSampler(str(dest), 8, mode="grid", version=1)}
+    assert patched == set(v1_rows)
+    dm = ShardDataModule(ShardDataConfig(train=[SourceConfig(str(dest), split=None, version=1)]))
+    assert {item["key"] for item in dm.train_datasets()[0]} == set(v1_rows)
     for version in (None, 1):
         report = verify(str(dest), version=version)
         assert report.ok and not report.warnings, (version, report.errors, report.warnings)
