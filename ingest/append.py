@@ -7,7 +7,9 @@ splits match), the split and transform settings (a spec that changes them is ref
 CT statistics the earlier version recorded (`--refit` fits them again over every input, and
 the manifest records that it did). An input is already in the set when a row of the earlier
 version came from the same source item (source and recorded path); a new sample whose decoded
-content equals an earlier sample's (same sha256) is dropped as a duplicate.
+content equals an earlier sample's (same sha256) is dropped as a duplicate. EHR sources are
+read whole again: patients the set holds keep their samples, new patients are tokenized with
+the set's vocabulary (kept as it is, like the MEDS output).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from medfm.io import as_url
 from medfm.shards import Manifest, ShardFormatError
+from medfm.shards.schema import EHR_DIR
 
 from .bookkeeping import JOB_FILE, Bookkeeper, ResumeError
 from .privacy import Keyring
@@ -49,9 +53,24 @@ class Base:
         ingest = self.manifest.header.get("attributes", {}).get("ingest", {})
         return (ingest.get("append") or {}).get("duplicate_inputs", [])
 
-    def new_items(self, spec: IngestSpec, keyring: Keyring, items: list[SourceItem]) -> list:
+    def new_items(
+        self, spec: IngestSpec, keyring: Keyring, items: list[SourceItem], every: set[str]
+    ) -> list:
+        """The items to convert: those of sources in `every` (EHR buckets, see
+        `prepared_sources`), and the others' that the set does not hold yet."""
         have = self.present()
-        return [i for i in items if (i.source, shown_path(spec, keyring, i.rel)) not in have]
+        shown = [(i.source, shown_path(spec, keyring, i.rel)) for i in items]
+        return [i for i, s in zip(items, shown, strict=True) if i.source in every or s not in have]
+
+    def prepared(self, source: str) -> dict[str, Any] | None:
+        """What an EHR source's append keeps: the set's vocabulary (URL) and its dataset record
+        (vocabulary size, what it was fitted on); None for a source the set has no vocabulary of."""
+        rel = f"{EHR_DIR}/{source}/vocab.json"
+        if rel not in self.manifest.header["files"]:
+            return None
+        record = self.manifest.header.get("datasets", {}).get(source, {})
+        m = self.manifest
+        return {"vocab": as_url(m.fs, f"{m.path}/{rel}"), "record": record.get("ehr", {})}
 
     def ct_stats(self) -> dict[str, dict[str, Any]]:
         """Per dataset of the set, the CT statistics it recorded ({} for one without CT)."""
@@ -74,11 +93,25 @@ class Base:
             )
             if kind != "ehr"
         }
+        patients = {  # an EHR patient is one sample: a patient the set holds keeps it
+            (d, p): k
+            for d, p, k, kind in zip(
+                *(
+                    self.manifest.table.column(c).to_pylist()
+                    for c in ("dataset", "patient_id", "key", "kind")
+                ),
+                strict=True,
+            )  # fmt: skip
+            if kind == "ehr"
+        }
         kept, dropped = [], []
         for row in rows:
             if row["key"] in keys:
                 raise ShardFormatError(f"append: new sample {row['key']} has an existing key")
-            if row["kind"] != "ehr" and row["sha256"] in old:
+            held = patients.get((row["dataset"], row["patient_id"]))
+            if row["kind"] == "ehr" and held is not None:
+                dropped.append({"kept": held, "dropped": row["key"], "sha256": row["sha256"]})
+            elif row["kind"] != "ehr" and row["sha256"] in old:
                 dropped.append({"kept": old[row["sha256"]], "dropped": row["key"],
                                 "sha256": row["sha256"]})  # fmt: skip
             else:
@@ -159,13 +192,28 @@ def check_compatible(base: Base, attributes: dict[str, Any]) -> None:
             )
 
 
-def refuse_prepared(spec: IngestSpec, items: list[SourceItem]) -> None:
-    """Sources whose reader has a driver-side pass (EHR: partition and vocabulary) group their
-    inputs per patient bucket, not per file, so an append cannot tell old from new: refused."""
+def prepared_sources(spec: IngestSpec, items: list[SourceItem], refit: bool) -> set[str]:
+    """Sources whose reader has a driver-side pass (EHR: partition and vocabulary). Their items
+    are patient buckets over every table file, not files, so each append reads them all again;
+    patients the set holds keep their samples (`Base.drop_present`), new patients are tokenized
+    with the set's vocabulary. `--refit` cannot refit that vocabulary: the earlier samples are
+    tokens of it."""
+    out = set()
     for source, fmt in sorted({(i.source, i.format) for i in items}):
         reader = create_reader(fmt, **spec.source(source).options)
         if type(reader).prepare is not Reader.prepare:
-            raise ResumeError(
-                f"cannot append: source {source!r} ({fmt}) is converted through a prepare "
-                "pass (EHR tables); --append takes imaging and signal sources only"
-            )
+            out.add(source)
+    if refit and out:
+        raise ResumeError(
+            f"cannot refit: source {sorted(out)[0]!r} is an EHR source, whose samples are tokens "
+            "of the set's vocabulary; append without --refit, or ingest into a new folder"
+        )
+    return out
+
+
+def version_items(items: list[SourceItem], sources: set[str], version: int) -> None:
+    """EHR buckets of an append get the version in their identity, so their tasks, tars and
+    sample keys are new ones (the same bucket of version 1 named the same tar)."""
+    for item in items:
+        if item.source in sources:
+            item.info["part"] = f"v{version}-{item.info['part']}"

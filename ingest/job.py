@@ -27,7 +27,7 @@ from medfm.io import as_url, get_fs, is_local, remove_temporaries, sha256_bytes,
 from medfm.shards import write_manifest
 from medfm.shards.tarshard import ShardFile
 
-from .append import Base, check_compatible, open_base, refuse_prepared
+from .append import Base, check_compatible, open_base, prepared_sources, version_items
 from .bookkeeping import (
     DRIVER_FILE,
     REPORT_FILE,
@@ -288,9 +288,10 @@ OUTPUT_FOLDERS = ("tars", "volumes.zarr", "ehr")  # where conversion tasks write
 
 
 def run_prepare(spec, keyring, items, dest, book: Bookkeeper, ray, progress: bool = True,
-                workers: int | None = None) -> dict[str, Any]:  # fmt: skip
+                workers: int | None = None, base: Base | None = None) -> dict:  # fmt: skip
     """Readers' driver-side passes (EHR vocabulary), their Ray tasks capped at `workers` as
-    the conversion's are; cached so that a resume reuses them."""
+    the conversion's are; cached so that a resume reuses them. In an append (`base`) a source
+    keeps what the set's earlier version fitted (its vocabulary)."""
     cached = book.read_json(book.job_file(PREPARE_FILE))
     if cached is not None:
         return cached
@@ -302,7 +303,8 @@ def run_prepare(spec, keyring, items, dest, book: Bookkeeper, ray, progress: boo
             continue
         fs, _ = get_fs(src.root, **src.storage_options)
         work = as_url(book.fs, book.path(f"_ingest/prepare/{source}"))
-        ctx = PrepareContext(spec, src, keyring, fs, dest, work, ray, progress, workers)
+        kept = base.prepared(source) if base is not None else None
+        ctx = PrepareContext(spec, src, keyring, fs, dest, work, ray, progress, workers, kept)
         mine = [i for i in items if i.source == source and i.format == fmt]
         out[source] = reader.prepare(mine, ctx)
         if "quarantine" in out[source]:
@@ -621,8 +623,9 @@ def _run(spec, dest, book: Bookkeeper, lease: Lease, keyring, summary: Summary, 
             items, bad, summary.files_in = discover(spec, keyring, ray, progress)
             every = items
             if base is not None:
-                refuse_prepared(spec, items)
-                items = base.new_items(spec, keyring, items)
+                ehr = prepared_sources(spec, items, refit)
+                items = base.new_items(spec, keyring, items, ehr)
+                version_items(items, ehr, base.version + 1)
                 summary.skipped = len(every) - len(items)
             tasks = plan_tasks(items, spec)
         except BaseException:
@@ -634,7 +637,7 @@ def _run(spec, dest, book: Bookkeeper, lease: Lease, keyring, summary: Summary, 
         stats = ct_statistics(spec, keyring, tasks, book, ray, progress, workers,
                               base, refit, every)  # fmt: skip
         for source, prep in run_prepare(
-            spec, keyring, items, dest, book, ray, progress, workers
+            spec, keyring, items, dest, book, ray, progress, workers, base
         ).items():
             stats[source] = {**stats.get(source, {}), **prep}
         prog = Progress(summary.bytes_in, len(tasks), enabled=progress)

@@ -193,7 +193,9 @@ class ReadContext:
 class PrepareContext:
     """What `Reader.prepare` gets on the driver: Ray, and a work folder under the destination.
     `progress`: the job's flag; a prepare pass shows its progress lines only when it is set.
-    `workers`: the job's cap on Ray tasks at once (None: every CPU), which prepare passes keep."""
+    `workers`: the job's cap on Ray tasks at once (None: every CPU), which prepare passes keep.
+    `kept`: in an --append, what the set's earlier version fitted for this source (EHR: its
+    vocabulary's URL and dataset record), which the pass reuses instead of fitting again."""
 
     spec: Any
     source: Any
@@ -204,6 +206,7 @@ class PrepareContext:
     ray: Any
     progress: bool = True
     workers: int | None = None
+    kept: dict[str, Any] | None = None
 
 
 class Reader:

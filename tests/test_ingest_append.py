@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import SimpleITK as sitk
 from ingest_helpers import KEY, small_ct
@@ -24,6 +25,7 @@ from typer.testing import CliRunner
 
 from medfm.cli import app
 from medfm.ingest.bookkeeping import ResumeError
+from medfm.ingest.ehr.vocab import Vocabulary
 from medfm.ingest.job import run_ingest
 from medfm.ingest.load import parse_spec
 from medfm.ingest.privacy import Keyring
@@ -313,3 +315,61 @@ def test_append_on_s3(ray_rt, s3, tmp_path):
     assert {rel: fs.cat_file(f"{path}/{rel}") for rel in before} == before
     assert fs.exists(f"{path}/versions/1/manifest.json")
     assert verify(url).ok and verify(url, version=1).ok
+
+
+def mimic_subset(src: Path, dest: Path, tables: tuple[str, ...], subjects: set[int] | None):
+    """The MIMIC-IV demo's `tables` (hosp/), only `subjects`' rows when given."""
+    import pyarrow.compute as pc
+    import pyarrow.csv as pacsv
+
+    (dest / "hosp").mkdir(parents=True, exist_ok=True)
+    for t in tables:
+        table = pacsv.read_csv(src / "hosp" / f"{t}.csv.gz")
+        if subjects is not None:
+            table = table.filter(pc.is_in(table["subject_id"], pa.array(sorted(subjects))))
+        with pa.CompressedOutputStream(str(dest / "hosp" / f"{t}.csv.gz"), "gzip") as out:
+            pacsv.write_csv(table, out)
+
+
+@pytest.mark.slow  # two real Ray jobs over the MIMIC-IV demo
+def test_ehr_append_adds_new_patients_with_the_sets_vocabulary(ray_rt, sample_data, tmp_path):
+    """Version 1 holds 40 of the MIMIC-IV demo's patients; the full export then appended: the
+    other 60 become samples tokenized with version 1's vocabulary (unchanged, same bytes), the
+    40 keep their version-1 samples, the MEDS output stays version 1's, and --refit is refused
+    for the EHR source."""
+    import pyarrow.csv as pacsv
+
+    mimic = sample_data / "mimic-iv-demo-2.2"
+    tables = ("patients", "admissions", "diagnoses_icd")
+    subjects = pacsv.read_csv(mimic / "hosp" / "patients.csv.gz")["subject_id"].to_pylist()
+    data, dest = tmp_path / "export", tmp_path / "out"
+    mimic_subset(mimic, data, tables, set(subjects[:40]))
+    spec = {"sources": [{"name": "mimic", "root": str(data), "format": "mimic_iv",
+                         "include": [f"hosp/{t}.csv.gz" for t in tables],
+                         "options": {"buckets": 2}}]}  # fmt: skip
+    ingest(spec, dest)
+    v1 = by_key(Manifest.open(str(dest)))
+    vocab_bytes = (dest / "ehr/mimic/vocab.json").read_bytes()
+    assert len(v1) == 40
+
+    mimic_subset(mimic, data, tables, None)  # the next export: every patient
+    with pytest.raises(ResumeError, match="EHR source"):
+        ingest(spec, dest, append=True, refit=True)
+    summary = ingest(spec, dest, append=True)
+    m = Manifest.open(str(dest))
+    rows = by_key(m)
+    assert (m.version, len(rows), summary.duplicates) == (2, 100, 40)
+    assert {k: rows[k] for k in v1} == v1  # the 40 keep their version-1 samples
+    kr = Keyring(KEY)
+    assert {r["patient_id"] for r in rows.values()} == {kr.patient(str(s)) for s in subjects}
+    assert (dest / "ehr/mimic/vocab.json").read_bytes() == vocab_bytes
+    v1_files = Manifest.open(str(dest), version=1).header["files"]
+    kept = [f for f in v1_files if f.startswith("ehr/mimic/")]  # the vocabulary and the MEDS set
+    assert "ehr/mimic/vocab.json" in kept and any("/meds/" in f for f in kept)
+    assert all(m.header["files"][f] == v1_files[f] for f in kept)
+    vocab = Vocabulary.from_json(vocab_bytes.decode())
+    ss = ShardSet(str(dest))
+    for key in set(rows) - set(v1):
+        codes = ss.read_sample(rows[key]).data
+        assert codes.size and int(codes.max()) < len(vocab.tokens), key
+    assert verify(str(dest)).ok and verify(str(dest), version=1).ok

@@ -129,12 +129,19 @@ class EHRReader(Reader):
                  for k in range(self.ehr.buckets)]  # fmt: skip
         stats = gather(ray, tasks, _phase(ctx, "clean", "buckets", len(tasks)), None, ctx.workers)
         quarantine += self.before_birth(stats, jobs, src.name)
-        vocab = self.fit(stats)
         rel = vocab_rel(src.name)
         dest_fs, dest = get_fs(ctx.dest)
-        atomic_write_bytes(dest_fs, f"{dest}/{rel}", vocab.to_json().encode())
         vocab_url = as_url(dest_fs, f"{dest}/{rel}")
-        meds_files = self.write_meds(ray, ctx, vocab_url, split_of) if self.ehr.meds else []
+        if ctx.kept:  # an --append: new patients are tokens of the set's vocabulary, as stored
+            vfs, vpath = get_fs(ctx.kept["vocab"])
+            vocab = Vocabulary.from_json(vfs.cat_file(vpath).decode())
+            meds_files = []  # the MEDS dataset stays the first version's (docs/ingest.md)
+        else:
+            vocab = self.fit(stats)
+            atomic_write_bytes(dest_fs, f"{dest}/{rel}", vocab.to_json().encode())
+            meds = self.ehr.meds
+            meds_files = self.write_meds(ray, ctx, vocab_url, split_of) if meds else []
+        fitted = ctx.kept["record"] if ctx.kept else vocab.fitted_on
         return {
             "work": ctx.work_dir,
             "scratch": ctx.work_dir,  # every raw code and value: removed once the job is done
@@ -149,7 +156,7 @@ class EHRReader(Reader):
                     "vocab": rel,
                     "vocab_size": len(vocab.tokens),
                     "binned_codes": len(vocab.edges),
-                    **vocab.fitted_on,
+                    **{k: v for k, v in fitted.items() if k not in ("vocab", "sample_per")},
                     "sample_per": self.ehr.sample_per,
                 }
             },  # fmt: skip
