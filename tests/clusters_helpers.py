@@ -31,6 +31,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+RENDEZVOUS_PORTS = range(20_000, 32_768)
+
+
+def rendezvous_port() -> int:
+    """A free port for a DDP rendezvous (MASTER_PORT) outside Linux's ephemeral range (32768+)
+    and Ray's worker ports (10002-19999): a probed ephemeral port was taken by another
+    process's outgoing connection before rank 0 bound it (EADDRINUSE in CI)."""
+    import random
+
+    for port in random.sample(RENDEZVOUS_PORTS, 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free rendezvous port in 20000-32767")
+
+
 def cluster_env(**extra: str) -> dict[str, str]:
     """Environment for every process of a test cluster: the venv first on PATH, token auth off
     (a `~/.ray/auth_token` left by another local run would otherwise switch it on for some of

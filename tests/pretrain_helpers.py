@@ -153,7 +153,7 @@ def write_yaml(cfg: dict, path: Path) -> Path:
 
 def run_cli(args: list[str], **kw: Any) -> subprocess.CompletedProcess:
     """`medfm pretrain ...` in a fresh process with one compute thread."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {**kw.pop("env", os.environ), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     exe = Path(sys.executable).parent / "medfm"
     return subprocess.run(
         [str(exe), "pretrain", *args], capture_output=True, text=True, env=env, timeout=300, **kw

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from clusters_helpers import rendezvous_port
 from test_finetune import ENC2D, needs_pneumonia, write_encoder, write_pneumonia
 
 from medfm.engine import precision_for
@@ -127,7 +128,8 @@ def cli(cfg: dict, folder: Path, *overrides: str) -> dict:
     """`medfm finetune` in a fresh process (Lightning re-runs it once per further rank)."""
     path = folder / f"{cfg['name']}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "MASTER_PORT": str(rendezvous_port())}  # fmt: skip
     exe = Path(sys.executable).parent / "medfm"
     args = [str(exe), "finetune", "--config", str(path)]
     for o in overrides:
