@@ -30,6 +30,7 @@ from medfm.shards.tarshard import ShardFile
 from .append import Base, check_compatible, open_base, prepared_sources, version_items
 from .bookkeeping import (
     DRIVER_FILE,
+    PARTS_DIR,
     REPORT_FILE,
     STATS_FILE,
     Bookkeeper,
@@ -648,9 +649,10 @@ def _run(spec, dest, book: Bookkeeper, lease: Lease, keyring, summary: Summary, 
         )
     lease.check()
     # Every task is done: a temporary among the outputs now is a dead attempt's (a worker killed
-    # mid-write, whose task Ray retried under a new temporary name). Not under _ingest/, where
-    # the lease's heartbeat thread still writes through temporaries.
-    for folder in OUTPUT_FOLDERS:
+    # mid-write, whose task Ray retried under a new temporary name), a sample's or a part
+    # record's. Not elsewhere under _ingest/, where the lease's heartbeat thread still writes
+    # through temporaries.
+    for folder in (*OUTPUT_FOLDERS, PARTS_DIR):
         remove_temporaries(book.fs, f"{book.root}/{folder}")
     parts = {t.task_id: parts[t.task_id] for t in tasks}  # only this job's tasks, in order
     summary.wall_s = round(time.monotonic() - t0, 3)
