@@ -6,6 +6,7 @@ import csv
 import gzip
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections import defaultdict
@@ -151,10 +152,21 @@ def write_yaml(cfg: dict, path: Path) -> Path:
     return path
 
 
-def run_cli(args: list[str], **kw: Any) -> subprocess.CompletedProcess:
-    """`medfm pretrain ...` in a fresh process with one compute thread."""
+def run_cli(args: list[str], timeout_s: float = 300, **kw: Any) -> subprocess.CompletedProcess:
+    """`medfm pretrain ...` in a fresh process with one compute thread. Its own session, so
+    that a run past `timeout_s` is killed with every process it started (DDP's other ranks)
+    and the test fails with what the run printed, not a bare timeout."""
     env = {**kw.pop("env", os.environ), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     exe = Path(sys.executable).parent / "medfm"
-    return subprocess.run(
-        [str(exe), "pretrain", *args], capture_output=True, text=True, env=env, timeout=300, **kw
-    )
+    cmd = [str(exe), "pretrain", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True, **kw)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(
+            f"medfm pretrain ran past {timeout_s} s; its output:\n{out[-3000:]}\n{err[-6000:]}"
+        ) from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
