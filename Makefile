@@ -10,6 +10,9 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.medfm-installed
 DEMO_OUT ?= demo-out
+# Test processes: a file's tests stay in one (its module fixtures: a Ray runtime, a server).
+# Two fill CI's two cores; more would start that many Ray runtimes at once.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test venv
 
@@ -28,4 +31,4 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile

@@ -370,14 +370,21 @@ def test_kill_9_then_resume_equals_uninterrupted_run(ray_rt, tmp_path):
 
 def _kill_a_converting_worker(killed: list[int], stop: threading.Event) -> None:
     """SIGKILL the first Ray worker seen running a conversion task. Ray titles a worker
-    process `ray::<task name>` while it runs one, so the process table tells which it is."""
+    process `ray::<task name>` while it runs one, so the process table tells which it is.
+    Only this test process's own Ray runtime's workers (its descendants): another test file
+    may be converting in a parallel test process."""
     import psutil
 
+    me = psutil.Process()
     while not stop.is_set() and not killed:
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            if "ray::convert_task" in " ".join(proc.info["cmdline"] or []):
-                os.kill(proc.info["pid"], signal.SIGKILL)
-                killed.append(proc.info["pid"])
+        for proc in me.children(recursive=True):
+            try:
+                cmdline = " ".join(proc.cmdline())
+            except psutil.Error:  # exited since it was listed
+                continue
+            if "ray::convert_task" in cmdline:
+                os.kill(proc.pid, signal.SIGKILL)
+                killed.append(proc.pid)
                 return
         time.sleep(0.02)
 
