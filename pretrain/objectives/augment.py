@@ -55,11 +55,11 @@ def resized_crop_flip(
     scale: tuple[float, float] = (0.2, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     flip: bool = True,
-    size: int | None = None,
+    size: int | tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """torchvision's RandomResizedCrop + RandomHorizontalFlip (MAE's training transform), on the
     batch: per sample an area fraction in `scale` with a log-uniform aspect ratio in `ratio`,
-    resized to `size` x `size` (default: the input size; bicubic, as MAE). A crop too wide or
+    resized to `size` (an int: square; default: the input size; bicubic, as MAE). A crop too wide or
     tall for the image is clamped to it rather than redrawn (torchvision retries 10 times, then
     centre-crops)."""
     n, dev = x.shape[0], x.device
@@ -71,9 +71,42 @@ def resized_crop_flip(
     sign = torch.where(mirror & flip, -1.0, 1.0)
     theta = torch.zeros(n, 2, 3, device=dev)
     theta[:, 0, 0], theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2] = w * sign, h, tx, ty
-    out = list(x.shape) if size is None else [*x.shape[:2], size, size]
+    out = list(x.shape) if size is None else [*x.shape[:2], *_pair(size)]
     grid = F.affine_grid(theta, out, align_corners=False)
     y = F.grid_sample(x.float(), grid, mode="bicubic", padding_mode="border", align_corners=False)
+    return y.to(x.dtype)
+
+
+def _pair(size: int | tuple[int, ...]) -> tuple[int, ...]:
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def resized_crop_flip_3d(
+    x: torch.Tensor,
+    gen: torch.Generator,
+    scale: tuple[float, float] = (0.2, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    size: tuple[int, int, int] | None = None,
+) -> torch.Tensor:
+    """RandomResizedCrop's rule on a batch of (B, C, D, H, W) patches, with a flip along each
+    axis: per sample a volume fraction in `scale`, shaped by two log-uniform aspect ratios in
+    `ratio` (the third axis takes their inverse, so the fraction holds before clamping), resized
+    trilinearly to `size` (default: the input size). CT and MR have no preferred handedness for
+    self-supervision, so every axis may flip (MONAI's SSL recipes flip all three)."""
+    n, dev = x.shape[0], x.device
+    volume = _uniform(n, scale[0], scale[1], gen, dev)
+    a, b = (_uniform(n, math.log(ratio[0]), math.log(ratio[1]), gen, dev) for _ in range(2))
+    aspect = torch.stack([a, b, -(a + b)], dim=1).exp()
+    side = (volume.pow(1 / 3)[:, None] * aspect).clamp(max=1.0)  # (n, 3), of each axis
+    shift = _uniform(3 * n, -1, 1, gen, dev).view(n, 3) * (1 - side)
+    sign = torch.where(torch.rand(n, 3, generator=gen, device=dev) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 3, 4, device=dev)
+    axis = torch.arange(3, device=dev)
+    theta[:, axis, axis] = side * sign
+    theta[:, :, 3] = shift
+    out = list(x.shape) if size is None else [*x.shape[:2], *size]
+    grid = F.affine_grid(theta, out, align_corners=False)
+    y = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
     return y.to(x.dtype)
 
 

@@ -1,10 +1,15 @@
-"""DINOv2-style self-distillation (Oquab et al., TMLR 2024) for 2D ViTs: DINO's image-level loss
-over multi-crop views, iBOT's masked-patch loss and the KoLeo regulariser.
+"""DINOv2-style self-distillation (Oquab et al., TMLR 2024) for 2D and 3D ViTs: DINO's image-level
+loss over multi-crop views, iBOT's masked-patch loss and the KoLeo regulariser.
 
 - Views: 2 global crops at the encoder's size (area 0.32-1) and `local_crops` crops of
   `local_size` px (area 0.05-0.32), each with a horizontal flip, drawn from the step seed with
   torchvision's RandomResizedCrop rule on the batch (augment.resized_crop_flip), so a resumed run
   sees the same views. Local crops get the position table interpolated to their grid, as DINOv2.
+- 3D (vit3d, monai_vit3d): the same on volume patches, as in 3D self-distillation work (e.g.
+  Swin-UNETR's and 3D DINO adaptations): global crops of the patch (a volume fraction in
+  global_scale, resized to the patch), `local_crops` crops resized to `local_size` voxels (an int
+  for a cube, or one size per axis for anisotropic patches), flips along every axis, trilinear
+  resampling (augment.resized_crop_flip_3d) and a trilinearly interpolated position table.
 - Teacher: an EMA of the student encoder and head, momentum on a cosine from `momentum` to
   `momentum_end` over `schedule_steps`. The objective does not see the optimizer, so the teacher
   takes its EMA step at the first micro-batch after the student's weights changed (their
@@ -36,12 +41,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from monai.networks.blocks import PatchEmbeddingBlock
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from medfm.config import ConfigError
 
-from .augment import resized_crop_flip
+from .augment import resized_crop_flip, resized_crop_flip_3d
 from .base import OBJECTIVES, Context, Objective
 
 
@@ -54,7 +60,7 @@ class DINOConfig:
     global_scale: tuple[float, float] = (0.32, 1.0)
     local_crops: int = 8  # DINOv2's default; DINO's ViT-B used 10
     local_scale: tuple[float, float] = (0.05, 0.32)
-    local_size: int = 96
+    local_size: int | tuple[int, ...] = 96  # px (2D) or voxels (3D): an int, or one per axis
     student_temp: float = 0.1
     teacher_temp: float = 0.07
     teacher_temp_start: float = 0.04
@@ -102,10 +108,50 @@ def koleo(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return -torch.log((x - x[nearest]).norm(dim=-1) + eps).mean()
 
 
+def monai_embedding(enc: nn.Module) -> PatchEmbeddingBlock | None:
+    """The MONAI patch embedding of a 3D ViT (vit3d's patch_embed, monai_vit3d's
+    patch_embedding): conv projection, then its learnable position table."""
+    for name in ("patch_embed", "patch_embedding"):
+        block = getattr(enc, name, None)
+        if isinstance(block, PatchEmbeddingBlock) and block.proj_type == "conv":
+            return block
+    return None
+
+
+def position_table(enc: nn.Module) -> torch.Tensor:
+    """(1, tokens, D): the absolute positions added to the encoder's patch tokens."""
+    block = monai_embedding(enc)
+    return enc.pos_embed if block is None else block.position_embeddings
+
+
+def patch_shape(enc: nn.Module) -> tuple[int, ...]:
+    """The encoder's patch size, one entry per spatial axis."""
+    if monai_embedding(enc) is not None:
+        return tuple(enc.config.patch_size)
+    return tuple(enc.patch_embed.patch_size)
+
+
+def view_shape(enc: nn.Module) -> tuple[int, ...]:
+    """The input size the encoder is built for: the global views' size."""
+    size = enc.config.img_size
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def local_shape(cfg: DINOConfig, enc: nn.Module) -> tuple[int, ...]:
+    axes = len(view_shape(enc))
+    return (cfg.local_size,) * axes if isinstance(cfg.local_size, int) else tuple(cfg.local_size)
+
+
 def tokens_at(enc: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Patch tokens of a crop of any size: the position table interpolated to its grid."""
-    if x.shape[-1] == enc.config.img_size:
+    if tuple(x.shape[2:]) == view_shape(enc):
         return enc.tokenize(x)
+    block = monai_embedding(enc)
+    if block is not None:  # MONAI's PatchEmbeddingBlock.forward, at another grid
+        t = block.patch_embeddings(x)
+        table = block.position_embeddings.transpose(1, 2).reshape(1, -1, *enc.token_grid())
+        pos = F.interpolate(table, size=t.shape[2:], mode="trilinear", align_corners=False)
+        return block.dropout(t.flatten(2).transpose(1, 2) + pos.flatten(2).transpose(1, 2))
     pe = enc.patch_embed
     t = pe.proj(x)
     grid = list(t.shape[-2:])
@@ -120,7 +166,7 @@ def cross_entropy(teacher: torch.Tensor, student_logits: torch.Tensor, temp: flo
 
 
 class DINO(Objective):
-    kinds = ("image2d",)
+    kinds = ("image2d", "volume3d")
 
     def __init__(self, cfg: DINOConfig, ctx: Context):
         super().__init__("dino", cfg, ctx)
@@ -199,9 +245,10 @@ class DINO(Objective):
     def views(self, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, list]:
         """(2B global crops stacked view by view, the local crops one batch per view)."""
         cfg = self.config
-        g = [resized_crop_flip(x, gen, tuple(cfg.global_scale)) for _ in range(2)]
-        loc = [resized_crop_flip(x, gen, tuple(cfg.local_scale), size=cfg.local_size)
-               for _ in range(cfg.local_crops)]  # fmt: skip
+        crop = resized_crop_flip_3d if x.ndim == 5 else resized_crop_flip
+        size = local_shape(cfg, self.encoder)
+        g = [crop(x, gen, tuple(cfg.global_scale)) for _ in range(2)]
+        loc = [crop(x, gen, tuple(cfg.local_scale), size=size) for _ in range(cfg.local_crops)]
         return torch.cat(g), loc
 
     def masks(self, n: int, tokens: int, gen: torch.Generator, device) -> torch.Tensor:
@@ -227,7 +274,8 @@ class DINO(Objective):
         """Class tokens of every view (global ones masked) and the masked patch tokens."""
         enc = self.encoder
         tokens = enc.tokenize(glob)
-        out = enc.encode(torch.where(mask[..., None], self.mask_token + enc.pos_embed, tokens))
+        masked = self.mask_token + position_table(enc)
+        out = enc.encode(torch.where(mask[..., None], masked, tokens))
         cls = [out[:, 0]]
         if loc:  # all local crops in one pass
             cls.append(enc.encode(tokens_at(enc, torch.cat(loc)))[:, 0])
@@ -289,7 +337,8 @@ class DINO(Objective):
     def flops_per_sample(self) -> float:
         cfg, enc = self.config, self.encoder
         g = enc.num_tokens + 1
-        n_local = (cfg.local_size // enc.patch_embed.patch_size[0]) ** 2 + 1
+        grid = (s // p for s, p in zip(local_shape(cfg, enc), patch_shape(enc), strict=True))
+        n_local = math.prod(grid) + 1
         student = (
             2 * enc.flops_per_token(g) * g
             + cfg.local_crops * enc.flops_per_token(n_local) * n_local
@@ -308,18 +357,24 @@ class DINO(Objective):
 
 
 def check(cfg: DINOConfig, enc: nn.Module) -> None:
-    if not hasattr(enc, "patch_embed"):
+    has_table = monai_embedding(enc) is not None or (
+        hasattr(enc, "patch_embed") and hasattr(enc, "pos_embed")
+    )
+    if not has_table:
         raise ConfigError(
-            f"objective dino: the encoder {enc.name!r} has no patch embedding (local crops and "
-            "masked patches need a ViT: vit2d or a timm ViT arch)"
+            f"objective dino: the encoder {enc.name!r} has no patch embedding with a position "
+            "table (local crops and masked patches need a ViT: vit2d, a timm ViT arch, vit3d "
+            "or monai_vit3d)"
         )
-    patch = enc.patch_embed.patch_size[0]
-    if cfg.local_crops and (
-        cfg.local_size % patch or not patch <= cfg.local_size <= enc.config.img_size
-    ):
+    patch, full = patch_shape(enc), view_shape(enc)
+    local = local_shape(cfg, enc)
+    fits = len(local) == len(full) and all(
+        s % p == 0 and p <= s <= f for s, p, f in zip(local, patch, full, strict=False)
+    )
+    if cfg.local_crops and not fits:
         raise ConfigError(
             f"objectives.dino.local_size: {cfg.local_size} must be a multiple of the patch size "
-            f"{patch} and at most the image size {enc.config.img_size}"
+            f"{patch} and at most the image size {full}, one size or one per axis"
         )
     for key in ("global_scale", "local_scale", "mask_ratio"):
         lo, hi = getattr(cfg, key)
