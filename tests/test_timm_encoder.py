@@ -209,3 +209,19 @@ def test_bad_specs_and_checkpoints_fail_naming_the_key_and_file(tmp_path, spec, 
         spec["pretrained"] = str(files[spec["pretrained"]])
     with pytest.raises(ConfigError, match=match):
         build_encoder({"name": "timm", **spec})
+
+
+@pytest.mark.parametrize(
+    ("size", "recipe", "mlp"),
+    [("huge", "vit_huge_patch14_224", 5120), ("giant", "vit_giant_patch14_224", 6144)],
+)
+def test_vit2d_huge_and_giant_are_timms_vit_h_and_vit_g(size, recipe, mlp):
+    """`size: huge | giant` builds timm's ViT-H/14 and ViT-g/14 (MLP ratio 48/11), parameter for
+    parameter; on the meta device, so no 1B-parameter model is allocated."""
+    with torch.device("meta"):
+        ours = build_encoder({"name": "vit2d", "size": size, "patch_size": 14, "in_chans": 3})
+        ref = timm.create_model(recipe, num_classes=0, no_embed_class=True)
+    count = sum(p.numel() for p in ours.parameters())
+    assert count == sum(p.numel() for p in ref.parameters())
+    assert ours.blocks[0].mlp.fc1.out_features == mlp and len(ours.blocks) == len(ref.blocks)
+    print(f"\nvit2d size {size}: {count / 1e6:.0f}M parameters")

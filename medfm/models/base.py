@@ -14,12 +14,16 @@ from typing import Any
 import torch
 from torch import nn
 
-# (embed_dim, depth, num_heads), the ViT family sizes used by timm and the MAE paper.
+# (embed_dim, depth, num_heads), the ViT family sizes used by timm and the MAE paper; huge is
+# ViT-H (MAE's largest), giant ViT-g (Zhai et al. 2022, timm's vit_giant_patch14_224, whose MLP
+# ratio 48/11 vit2d takes from timm's recipe; the other encoders keep 4).
 SIZES: dict[str, tuple[int, int, int]] = {
     "tiny": (192, 12, 3),
     "small": (384, 12, 6),
     "base": (768, 12, 12),
     "large": (1024, 24, 16),
+    "huge": (1280, 32, 16),
+    "giant": (1408, 40, 16),
 }
 
 

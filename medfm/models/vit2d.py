@@ -1,4 +1,4 @@
-"""2D ViTs from timm (tiny..large), 1 or 3 input channels."""
+"""2D ViTs from timm (tiny..giant), 1 or 3 input channels."""
 
 from __future__ import annotations
 
@@ -10,6 +10,10 @@ import torch
 
 from .base import Encoder, resolve_size
 from .registry import ENCODERS
+
+# timm has no patch-16 ViT-H or ViT-g; their patch-14 recipes differ only in the patch size,
+# which patch_size overrides.
+TIMM_RECIPE = {"huge": "vit_huge_patch14_224", "giant": "vit_giant_patch14_224"}
 
 
 @dataclass
@@ -34,7 +38,7 @@ class ViT2D(Encoder):
         dim, depth, heads = resolve_size(cfg.size, cfg.embed_dim, cfg.depth, cfg.num_heads)
         # timm's named model supplies the recipe (qkv bias, init); our fields override its size.
         vit = timm.create_model(
-            f"vit_{cfg.size}_patch16_224",
+            TIMM_RECIPE.get(cfg.size, f"vit_{cfg.size}_patch16_224"),
             pretrained=False,
             img_size=cfg.img_size,
             patch_size=cfg.patch_size,
