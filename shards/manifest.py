@@ -305,10 +305,15 @@ def row_json(row: dict[str, Any], column: str) -> Any:
 def read_rows(data: bytes, where: str) -> pa.Table:
     """Parquet bytes to a table; any failure of the decoder is a ShardFormatError."""
     try:
-        # Single-threaded: with pyarrow 26, a threaded read of an in-memory buffer sometimes
-        # aborts the process at interpreter exit ("terminate called without an active
-        # exception"). Manifests decode in milliseconds either way.
-        table = pq.read_table(pa.BufferReader(data), use_threads=False)
+        # pq.read_table over a buffer that wraps Python bytes may release its file reader on one
+        # of Arrow's I/O threads, which then needs the GIL; at interpreter exit that thread is
+        # torn down mid-destructor and the process aborts ("terminate called without an active
+        # exception", about 1 `medfm shards verify` in 40 on a loaded box). So: a copy Arrow
+        # owns (no GIL to free it) and ParquetFile's synchronous reader, closed here.
+        sink = pa.BufferOutputStream()
+        sink.write(data)
+        with pq.ParquetFile(pa.BufferReader(sink.getvalue())) as f:
+            table = f.read(use_threads=False)
         table.column_names  # noqa: B018 - decodes every name: a bad one fails here, not later
         return table
     except (pa.ArrowException, OSError, ValueError, TypeError, IndexError) as e:
