@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from clusters_helpers import rendezvous_port
 from pretrain_helpers import DECODER, TINY, base_config, pneumonia_shards, run_cli, write_yaml
 from safetensors.torch import load_file
 
@@ -128,7 +129,8 @@ def test_export_loads_from_safetensors_and_sidecar_alone(tmp_path, shards):
 def test_ddp_two_processes_gloo_disjoint_data(tmp_path, shards):
     cfg = mae_config(tmp_path, shards, "ddp", max_steps=4)
     res = run_cli(["--config", str(cfg), "train.strategy=ddp", "train.devices=2",
-                   "train.accelerator=cpu", "train.ledger=true", "data.num_workers=0"])  # fmt: skip
+                   "train.accelerator=cpu", "train.ledger=true", "data.num_workers=0"],
+                  env={**os.environ, "MASTER_PORT": str(rendezvous_port())})  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     ledger = tmp_path / "ddp" / "ledger"
     seen = [
