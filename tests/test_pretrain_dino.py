@@ -110,8 +110,8 @@ def test_schedules_follow_the_published_shapes():
     ks = (0, 5, 10, 50, 100, 200)
     for k in ks:
         obj.step.fill_(k)
-        temps.append(obj.teacher_temp_now())
-        moms.append(obj.momentum_now())
+        temps.append(float(obj.teacher_temp_now()))
+        moms.append(float(obj.momentum_now()))
     assert temps == pytest.approx([0.04, 0.055, 0.07, 0.07, 0.07, 0.07])
     cosine = [1 - 0.008 * (1 + math.cos(math.pi * min(k, 100) / 100)) / 2 for k in ks]
     assert moms == pytest.approx(cosine) and moms[0] == pytest.approx(0.992) and moms[-1] == 1.0
@@ -125,9 +125,13 @@ def test_views_masks_and_the_timm_vit(sample_data):
     ctx.seed = 3
     glob, loc = obj.views(x, ctx.generator(x.device))
     assert glob.shape == (16, 1, 28, 28) and [v.shape for v in loc] == [(8, 1, 12, 12)] * 2
-    mask = obj.masks(16, 49, ctx.generator(x.device), x.device)
-    ratios = mask.float().mean(1)
+    masks = obj.masks(16, 49, ctx.seed, x.device)
+    ratios = masks.grid.float().mean(1)
     assert int((ratios > 0).sum()) == 8 and ratios.max() <= 0.5 + 1 / 49  # half, 10-50 %
+    out = torch.randn(16, 50, 8)  # the host-drawn plan picks what a boolean index would
+    assert torch.equal(masks.select(out), out[:, 1:][masks.grid]) and masks.images == 8
+    per_image = masks.grid.sum(1)[masks.grid.nonzero()[:, 0]]
+    assert torch.allclose(masks.weight, 1 / per_image.float())
     out = obj.loss({"data": x})
     assert all(torch.isfinite(v) for v in out.values())
 

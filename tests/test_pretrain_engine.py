@@ -32,6 +32,8 @@ from medfm.pretrain.train import build, run
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 VIT = {"name": "vit2d", "img_size": 28, "patch_size": 4, **TINY}
 MAE = {"name": "mae", **DECODER}
+DINO = {"name": "dino", "prototypes": 64, "hidden_dim": 32, "bottleneck_dim": 16,
+        "local_crops": 2, "local_size": 12}  # fmt: skip
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -134,9 +136,11 @@ def test_fused_adamw_on_cuda():
 @pytest.mark.gpu
 @gpu
 @pytest.mark.slow
-def test_a_gpu_step_makes_no_host_sync_outside_the_flush(tmp_path, shards):
+@pytest.mark.parametrize("objective", [MAE, DINO], ids=["mae", "dino"])
+def test_a_gpu_step_makes_no_host_sync_outside_the_flush(tmp_path, shards, objective):
     """CUDA's sync debug mode raises on any device-to-host sync inside the steps between
-    flushes (the loss read-back happens at batch end, every log_every steps)."""
+    flushes (the loss read-back happens at batch end, every log_every steps). DINO too: its
+    schedules are device tensors and its iBOT masks are drawn on the host."""
 
     class NoSync(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -148,7 +152,8 @@ def test_a_gpu_step_makes_no_host_sync_outside_the_flush(tmp_path, shards):
 
     from medfm.pretrain import train
 
-    tree = base_config(tmp_path, shards, VIT, [MAE], max_steps=8, log_every=4, ema_decay=0.9)
+    tree = base_config(tmp_path, shards, VIT, [objective], max_steps=8, log_every=4,
+                       ema_decay=0.9)  # fmt: skip
     tree["train"] |= {"accelerator": "gpu", "devices": 1}
     cfg = load_config(None, base=tree)
     module, data = train.build(cfg)

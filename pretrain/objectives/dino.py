@@ -165,6 +165,24 @@ def cross_entropy(teacher: torch.Tensor, student_logits: torch.Tensor, temp: flo
     return -(teacher * F.log_softmax(student_logits.float() / temp, dim=-1)).sum(-1)
 
 
+MASK_SEED = 0x1B07_5EED  # the iBOT masks' generator: the step seed xor this, apart from the views'
+
+
+@dataclass
+class Masks:
+    """iBOT masks of the global views, drawn on the host (see DINO.masks)."""
+
+    grid: torch.Tensor  # (n, tokens) bool, True = masked
+    picked: torch.Tensor  # the masked tokens' flat indices in (n * tokens), row-major
+    weight: torch.Tensor  # per masked token: 1 / the masked count of its image
+    images: int  # images with at least one masked token
+
+    def select(self, out: torch.Tensor) -> torch.Tensor:
+        """The masked patch tokens of encoder output (n, 1 + tokens, D), in `picked` order (an
+        index_select: a boolean index would read its size back from the device)."""
+        return out[:, 1:].flatten(0, 1).index_select(0, self.picked)
+
+
 class DINO(Objective):
     kinds = ("image2d", "volume3d")
 
@@ -191,19 +209,21 @@ class DINO(Objective):
 
     # -- schedules and the teacher ------------------------------------------------------------
 
-    def momentum_now(self) -> float:
+    # The schedules are tensors computed from the step buffer where it lives: reading the step
+    # back to the host would stall a GPU every step.
+
+    def momentum_now(self) -> torch.Tensor:
         cfg = self.config
-        progress = min(1.0, int(self.step) / max(1, cfg.schedule_steps))
+        progress = (self.step.float() / max(1, cfg.schedule_steps)).clamp(max=1.0)
         return (
             cfg.momentum_end
-            - (cfg.momentum_end - cfg.momentum) * (1 + math.cos(math.pi * progress)) / 2
+            - (cfg.momentum_end - cfg.momentum) * (1 + torch.cos(math.pi * progress)) / 2
         )
 
-    def teacher_temp_now(self) -> float:
+    def teacher_temp_now(self) -> torch.Tensor:
         cfg = self.config
-        if int(self.step) >= cfg.teacher_temp_warmup_steps:
-            return cfg.teacher_temp
-        f = int(self.step) / cfg.teacher_temp_warmup_steps
+        warmup = cfg.teacher_temp_warmup_steps
+        f = (self.step.float() / max(1, warmup)).clamp(max=1.0) if warmup else self.step * 0 + 1.0
         return cfg.teacher_temp_start + f * (cfg.teacher_temp - cfg.teacher_temp_start)
 
     def student_params(self) -> list[nn.Parameter]:
@@ -221,24 +241,23 @@ class DINO(Objective):
         moved = (
             version != self._seen_version if self._seen_version is not None else bool(self.started)
         )
-        if moved:
-            m = self.momentum_now()
-            teacher = self.teacher_params()
-            torch._foreach_mul_(teacher, m)
-            torch._foreach_add_(teacher, self.student_params(), alpha=1 - m)
+        if moved:  # teacher <- m teacher + (1 - m) student
+            torch._foreach_lerp_(self.teacher_params(), self.student_params(),
+                                 1 - self.momentum_now())  # fmt: skip
             self.step += 1
         self._seen_version = version
         self.started.fill_(True)
 
     @torch.no_grad()
     def update_center(self, center: torch.Tensor, logits: torch.Tensor) -> None:
+        """EMA of the batch mean over every rank; no rows on any rank (iBOT off) leaves it."""
         mean = logits.float().sum(0, keepdim=True)
         count = torch.tensor(float(len(logits)), device=logits.device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(mean)
             dist.all_reduce(count)
-        m = self.config.center_momentum
-        center.mul_(m).add_(mean / count, alpha=1 - m)
+        weight = (1 - self.config.center_momentum) * (count > 0)
+        center.lerp_(mean / count.clamp(min=1), weight)
 
     # -- views and masks ----------------------------------------------------------------------
 
@@ -251,42 +270,44 @@ class DINO(Objective):
         loc = [crop(x, gen, tuple(cfg.local_scale), size=size) for _ in range(cfg.local_crops)]
         return torch.cat(g), loc
 
-    def masks(self, n: int, tokens: int, gen: torch.Generator, device) -> torch.Tensor:
-        """(n, tokens) bool, True = masked: a mask_probability share of the rows (at least one),
-        each with a ratio drawn uniformly from mask_ratio."""
+    def masks(self, n: int, tokens: int, seed: int, device) -> Masks:
+        """A mask_probability share of the n rows (at least one), each with a ratio drawn
+        uniformly from mask_ratio of its tokens masked. Drawn on the host from their own seed:
+        the masked-token count is then known without reading the device back."""
         cfg = self.config
-        if cfg.ibot_weight == 0 or cfg.mask_probability == 0:
-            return torch.zeros(n, tokens, dtype=torch.bool, device=device)
-        rows = torch.randperm(n, generator=gen, device=device)[
-            : max(1, round(n * cfg.mask_probability))
-        ]
-        lo, hi = cfg.mask_ratio
-        ratio = lo + (hi - lo) * torch.rand(len(rows), generator=gen, device=device)
-        count = (ratio * tokens).round().clamp(min=1)
-        rank = torch.rand(len(rows), tokens, generator=gen, device=device).argsort(1).argsort(1)
-        mask = torch.zeros(n, tokens, dtype=torch.bool, device=device)
-        mask[rows] = rank < count[:, None]
-        return mask
+        mask = torch.zeros(n, tokens, dtype=torch.bool)
+        if cfg.ibot_weight and cfg.mask_probability:
+            gen = torch.Generator().manual_seed(seed ^ MASK_SEED)
+            rows = torch.randperm(n, generator=gen)[: max(1, round(n * cfg.mask_probability))]
+            lo, hi = cfg.mask_ratio
+            ratio = lo + (hi - lo) * torch.rand(len(rows), generator=gen)
+            count = (ratio * tokens).round().clamp(min=1)
+            rank = torch.rand(len(rows), tokens, generator=gen).argsort(1).argsort(1)
+            mask[rows] = rank < count[:, None]
+        picked = mask.flatten().nonzero().squeeze(1)
+        weight = (1 / mask.sum(1, keepdim=True).clamp(min=1)).expand_as(mask).flatten()[picked]
+        return Masks(*(t.to(device, non_blocking=True) for t in (mask, picked, weight)),
+                     images=int(mask.any(1).sum()))  # fmt: skip
 
     # -- the loss -----------------------------------------------------------------------------
 
-    def student(self, glob: torch.Tensor, loc: list, mask: torch.Tensor):
+    def student(self, glob: torch.Tensor, loc: list, masks: Masks):
         """Class tokens of every view (global ones masked) and the masked patch tokens."""
         enc = self.encoder
         tokens = enc.tokenize(glob)
         masked = self.mask_token + position_table(enc)
-        out = enc.encode(torch.where(mask[..., None], masked, tokens))
+        out = enc.encode(torch.where(masks.grid[..., None], masked, tokens))
         cls = [out[:, 0]]
         if loc:  # all local crops in one pass
             cls.append(enc.encode(tokens_at(enc, torch.cat(loc)))[:, 0])
-        return out[:, 0], self.head(torch.cat(cls)), self.head(out[:, 1:][mask])
+        return out[:, 0], self.head(torch.cat(cls)), self.head(masks.select(out))
 
     @torch.no_grad()
-    def teacher_logits(self, glob: torch.Tensor, mask: torch.Tensor):
+    def teacher_logits(self, glob: torch.Tensor, masks: Masks):
         """The teacher's class-token and masked-patch logits on the full global views."""
         enc, head = self.teacher["encoder"], self.teacher["head"]
         out = enc.encode(enc.tokenize(glob))
-        return head(out[:, 0]).float(), head(out[:, 1:][mask]).float()
+        return head(out[:, 0]).float(), head(masks.select(out)).float()
 
     def loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         if self.training:
@@ -294,25 +315,24 @@ class DINO(Objective):
         cfg, x = self.config, batch["data"]
         gen = self._ctx.generator(x.device)
         glob, loc = self.views(x, gen)
-        mask = self.masks(len(glob), self.encoder.num_tokens, gen, x.device)
-        features, s_cls, s_patch = self.student(glob, loc, mask)
-        t_cls, t_patch = self.teacher_logits(glob, mask)
+        masks = self.masks(len(glob), self.encoder.num_tokens, self._ctx.seed, x.device)
+        features, s_cls, s_patch = self.student(glob, loc, masks)
+        t_cls, t_patch = self.teacher_logits(glob, masks)
         temp = self.teacher_temp_now()
         dino = self.dino_loss(F.softmax((t_cls - self.center) / temp, dim=-1), s_cls, len(x))
         ibot = self.ibot_loss(
-            F.softmax((t_patch - self.patch_center) / temp, dim=-1), s_patch, mask
+            F.softmax((t_patch - self.patch_center) / temp, dim=-1), s_patch, masks
         )
         reg = sum(koleo(f) for f in features.chunk(2)) if cfg.koleo_weight else dino * 0
         if self.training:
             self.update_center(self.center, t_cls)
-            if mask.any():
-                self.update_center(self.patch_center, t_patch)
+            self.update_center(self.patch_center, t_patch)  # every rank: all_reduce inside
         parts = {"dino": dino, "ibot": ibot, "koleo": reg}
         schedules = {"teacher_temp": temp, "momentum": self.momentum_now()}
         return {
             "loss": dino + cfg.ibot_weight * ibot + cfg.koleo_weight * reg,
             **{k: v.detach() for k, v in parts.items()},
-            **{k: torch.tensor(v) for k, v in schedules.items()},
+            **{k: v.detach() for k, v in schedules.items()},
         }
 
     def dino_loss(self, teacher: torch.Tensor, student: torch.Tensor, n: int) -> torch.Tensor:
@@ -326,13 +346,11 @@ class DINO(Objective):
                     pairs += 1
         return total / pairs
 
-    def ibot_loss(self, teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor):
-        """Per masked image the mean over its masked tokens, then the mean over those images."""
-        if not mask.any():
-            return student.sum() * 0
+    def ibot_loss(self, teacher: torch.Tensor, student: torch.Tensor, masks: Masks):
+        """Per masked image the mean over its masked tokens, then the mean over those images
+        (0, still connected to the graph, when nothing is masked)."""
         per_token = cross_entropy(teacher, student, self.config.student_temp)
-        weight = (1 / mask.sum(1, keepdim=True).clamp(min=1)).expand_as(mask)[mask]
-        return (per_token * weight).sum() / mask.any(1).sum()
+        return (per_token * masks.weight).sum() / max(1, masks.images)
 
     def flops_per_sample(self) -> float:
         cfg, enc = self.config, self.encoder
