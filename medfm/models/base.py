@@ -122,6 +122,23 @@ class Encoder(nn.Module):
         return {"name": self.name, "params": asdict(self.config), "kind": self.kind}
 
 
+def patchify_3d(x: torch.Tensor, grid: tuple[int, ...], patch: tuple[int, ...]) -> torch.Tensor:
+    """(B, C, D, H, W) -> (B, tokens, voxels per patch x C), patches in row-major grid order."""
+    (a, b, c), (p, q, r) = grid, patch
+    n, ch = x.shape[0], x.shape[1]
+    x = x.reshape(n, ch, a, p, b, q, c, r).permute(0, 2, 4, 6, 3, 5, 7, 1)
+    return x.reshape(n, a * b * c, p * q * r * ch)
+
+
+def unpatchify_3d(
+    patches: torch.Tensor, grid: tuple[int, ...], patch: tuple[int, ...], ch: int
+) -> torch.Tensor:
+    """The inverse of patchify_3d."""
+    (a, b, c), (p, q, r) = grid, patch
+    x = patches.reshape(-1, a, b, c, p, q, r, ch).permute(0, 7, 1, 4, 2, 5, 3, 6)
+    return x.reshape(-1, ch, a * p, b * q, c * r)
+
+
 def sincos_1d(n: int, dim: int) -> torch.Tensor:
     """Fixed sine-cosine position table (n, dim), as in the Transformer and MAE papers."""
     pos = torch.arange(n, dtype=torch.float32)[:, None]

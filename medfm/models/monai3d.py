@@ -31,7 +31,7 @@ from torch import nn
 
 from medfm.config import ConfigError
 
-from .base import Encoder
+from .base import Encoder, patchify_3d, unpatchify_3d
 from .registry import ENCODERS
 from .timm2d import read_state_dict, weights_file
 
@@ -197,16 +197,10 @@ class MonaiViT3D(MonaiEncoder):
         return self.grid
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
-        (a, b, c), (p, q, r) = self.grid, self.config.patch_size
-        n, ch = x.shape[0], x.shape[1]
-        x = x.reshape(n, ch, a, p, b, q, c, r).permute(0, 2, 4, 6, 3, 5, 7, 1)
-        return x.reshape(n, a * b * c, p * q * r * ch)
+        return patchify_3d(x, self.grid, self.config.patch_size)
 
     def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
-        (a, b, c), (p, q, r) = self.grid, self.config.patch_size
-        ch = self.config.in_chans
-        x = patches.reshape(-1, a, b, c, p, q, r, ch).permute(0, 7, 1, 4, 2, 5, 3, 6)
-        return x.reshape(-1, ch, a * p, b * q, c * r)
+        return unpatchify_3d(patches, self.grid, self.config.patch_size, self.config.in_chans)
 
 
 # -- pretrained weights -------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from monai.networks.blocks import PatchEmbeddingBlock
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from .base import Encoder, resolve_size
+from .base import Encoder, patchify_3d, resolve_size, unpatchify_3d
 from .registry import ENCODERS
 
 
@@ -76,16 +76,10 @@ class ViT3D(Encoder):
         return self.grid
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
-        (a, b, c), (p, q, r) = self.grid, self.config.patch_size
-        n, ch = x.shape[0], x.shape[1]
-        x = x.reshape(n, ch, a, p, b, q, c, r).permute(0, 2, 4, 6, 3, 5, 7, 1)
-        return x.reshape(n, a * b * c, p * q * r * ch)
+        return patchify_3d(x, self.grid, self.config.patch_size)
 
     def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
-        (a, b, c), (p, q, r) = self.grid, self.config.patch_size
-        ch = self.config.in_chans
-        x = patches.reshape(-1, a, b, c, p, q, r, ch).permute(0, 7, 1, 4, 2, 5, 3, 6)
-        return x.reshape(-1, ch, a * p, b * q, c * r)
+        return unpatchify_3d(patches, self.grid, self.config.patch_size, self.config.in_chans)
 
 
 @ENCODERS.register("vit3d", ViT3DConfig)

@@ -39,12 +39,7 @@ class DiffusionObjective(Objective):
         self.model = DiffusionModel(cfg)
 
     def check_classes(self, classes: list[Any]) -> None:
-        if self.model.conditional and len(classes) != self.cfg.num_classes:
-            found = f"{len(classes)} classes {classes}" if classes else "no classes"
-            raise ConfigError(
-                f"num_classes: the objective is {self.cfg.num_classes}-class conditional but the "
-                f"data give {found}; set data.class_key to the labels key to condition on"
-            )
+        check_class_count(self.model.conditional, self.cfg.num_classes, classes)
 
     def contract_hints(self) -> dict[str, Any]:
         """3D trains on patches of the UNet's sample size; 2D images keep their stored size."""
@@ -56,16 +51,8 @@ class DiffusionObjective(Objective):
     def loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         x0 = batch["data"] * 2.0 - 1.0
         self.model.check_input(x0)
-        scheduler = self.model.scheduler
         gen = self._ctx.generator(x0.device)
-        noise = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
-        steps = scheduler.config.num_train_timesteps
-        t = torch.randint(0, steps, (x0.shape[0],), generator=gen, device=x0.device)
-        xt = scheduler.add_noise(x0, noise, t)
-        if self.cfg.prediction_type == "epsilon":
-            target = noise
-        else:
-            target = scheduler.get_velocity(x0, noise, t)
+        xt, t, target = noised(self.model.scheduler, x0, gen, self.cfg.prediction_type)
         pred = self.model(xt, t, batch.get("class_index"))
         return {"loss": F.mse_loss(pred.float(), target.float())}
 
@@ -91,6 +78,27 @@ class DiffusionObjective(Objective):
         for key in [k for k in state_dict if k.startswith(old)]:
             state_dict[f"{prefix}model.{key[len(prefix) :]}"] = state_dict.pop(key)
         super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+def check_class_count(conditional: bool, num_classes: int, classes: list[Any]) -> None:
+    """A class-conditional objective needs data.class_key to give exactly its classes."""
+    if conditional and len(classes) != num_classes:
+        found = f"{len(classes)} classes {classes}" if classes else "no classes"
+        raise ConfigError(
+            f"num_classes: the objective is {num_classes}-class conditional but the data give "
+            f"{found}; set data.class_key to the labels key to condition on"
+        )
+
+
+def noised(scheduler: Any, x0: torch.Tensor, gen: torch.Generator, prediction_type: str):
+    """A DDPM training step's inputs: noise, then timesteps, from the step's generator (a
+    resumed run draws the same), the noised x_t and the target (the noise, or v)."""
+    noise = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
+    steps = scheduler.config.num_train_timesteps
+    t = torch.randint(0, steps, (x0.shape[0],), generator=gen, device=x0.device)
+    xt = scheduler.add_noise(x0, noise, t)
+    target = noise if prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
+    return xt, t, target
 
 
 @OBJECTIVES.register("diffusion", DiffusionConfig)

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medfm.config import ConfigError
 from medfm.models.diffusion.latent import (
     LatentDiffusionConfig,
     LatentDiffusionModel,
@@ -25,6 +24,7 @@ from medfm.models.diffusion.latent import (
 from medfm.models.diffusion.sampling import SamplerSettings
 
 from .base import OBJECTIVES, Context, Objective
+from .diffusion import check_class_count, noised
 
 PREVIEW_SAMPLES, PREVIEW_STEPS = 8, 20
 
@@ -46,12 +46,7 @@ class LatentDiffusionObjective(Objective):
         self.model.autoencoder.load_state_dict(ae.model.state_dict())
 
     def check_classes(self, classes: list[Any]) -> None:
-        if self.model.conditional and len(classes) != self.cfg.num_classes:
-            found = f"{len(classes)} classes {classes}" if classes else "no classes"
-            raise ConfigError(
-                f"num_classes: the objective is {self.cfg.num_classes}-class conditional but the "
-                f"data give {found}; set data.class_key to the labels key to condition on"
-            )
+        check_class_count(self.model.conditional, self.cfg.num_classes, classes)
 
     def contract_hints(self) -> dict[str, Any]:
         hints: dict[str, Any] = {"channels": self.model.ae_cfg.in_channels}
@@ -64,14 +59,7 @@ class LatentDiffusionObjective(Objective):
         gen = self._ctx.generator(batch["data"].device)
         z0 = self.model.encode(batch["data"], gen)
         diff = self.model.diffusion
-        scheduler = diff.scheduler
-        noise = torch.randn(z0.shape, generator=gen, device=z0.device, dtype=z0.dtype)
-        steps = scheduler.config.num_train_timesteps
-        t = torch.randint(0, steps, (z0.shape[0],), generator=gen, device=z0.device)
-        zt = scheduler.add_noise(z0, noise, t)
-        target = (
-            noise if diff.cfg.prediction_type == "epsilon" else scheduler.get_velocity(z0, noise, t)
-        )
+        zt, t, target = noised(diff.scheduler, z0, gen, diff.cfg.prediction_type)
         labels = None
         if self.model.conditional:
             drop = torch.rand(len(z0), generator=gen, device=z0.device) < self.cfg.class_dropout

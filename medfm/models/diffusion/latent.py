@@ -35,6 +35,7 @@ from .model import (
     DiffusionConfig,
     DiffusionModel,
     build_scheduler,
+    check_unet_levels,
 )
 from .sampling import SamplerSettings, initial_noise, make_scheduler
 
@@ -70,22 +71,7 @@ class AutoencoderConfig:
         return tuple(s // self.factor for s in sample_size)
 
     def check(self) -> None:
-        if self.spatial_dims not in (2, 3):
-            raise ConfigError(f"spatial_dims: 2 or 3, got {self.spatial_dims}")
-        if len(self.sample_size) != self.spatial_dims:
-            raise ConfigError(
-                f"sample_size: needs {self.spatial_dims} entries, got {list(self.sample_size)}"
-            )
-        if len(self.attention_levels) != len(self.channels):
-            raise ConfigError("attention_levels: needs one entry per channels entry")
-        if any(c % self.norm_num_groups for c in self.channels):
-            raise ConfigError(
-                f"channels: each must be divisible by norm_num_groups={self.norm_num_groups}"
-            )
-        if any(s % self.factor for s in self.sample_size):
-            raise ConfigError(
-                f"sample_size: {list(self.sample_size)} must be divisible by {self.factor}"
-            )
+        check_unet_levels(self)
         if self.loss not in LOSSES:
             raise ConfigError(f"loss: one of {LOSSES}, got {self.loss!r}")
         if self.kl_weight < 0:

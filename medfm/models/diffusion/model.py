@@ -39,24 +39,7 @@ class DiffusionConfig:
 
     def check(self) -> None:
         """Refuse settings the UNets would only reject deep inside a forward pass."""
-        if self.spatial_dims not in (2, 3):
-            raise ConfigError(f"spatial_dims: 2 or 3, got {self.spatial_dims}")
-        if len(self.sample_size) != self.spatial_dims:
-            raise ConfigError(
-                f"sample_size: needs {self.spatial_dims} entries, got {list(self.sample_size)}"
-            )
-        if len(self.attention_levels) != len(self.channels):
-            raise ConfigError("attention_levels: needs one entry per channels entry")
-        if any(c % self.norm_num_groups for c in self.channels):
-            raise ConfigError(
-                f"channels: each must be divisible by norm_num_groups={self.norm_num_groups}"
-            )
-        factor = 2 ** (len(self.channels) - 1)
-        if any(s % factor for s in self.sample_size):
-            raise ConfigError(
-                f"sample_size: {list(self.sample_size)} must be divisible by {factor} "
-                f"({len(self.channels)} resolution levels halve it {len(self.channels) - 1} times)"
-            )
+        check_unet_levels(self)
         if self.beta_schedule not in BETA_SCHEDULES:
             raise ConfigError(f"beta_schedule: one of {BETA_SCHEDULES}, got {self.beta_schedule!r}")
         if self.prediction_type not in PREDICTION_TYPES:
@@ -67,6 +50,29 @@ class DiffusionConfig:
     def describe(self) -> dict[str, Any]:
         """The architecture record of the export sidecar."""
         return {"name": "diffusion", "params": asdict(self)}
+
+
+def check_unet_levels(cfg: Any) -> None:
+    """The settings a MONAI UNet or autoencoder (spatial_dims, sample_size, channels,
+    attention_levels, norm_num_groups) would only reject deep inside a forward pass."""
+    if cfg.spatial_dims not in (2, 3):
+        raise ConfigError(f"spatial_dims: 2 or 3, got {cfg.spatial_dims}")
+    if len(cfg.sample_size) != cfg.spatial_dims:
+        raise ConfigError(
+            f"sample_size: needs {cfg.spatial_dims} entries, got {list(cfg.sample_size)}"
+        )
+    if len(cfg.attention_levels) != len(cfg.channels):
+        raise ConfigError("attention_levels: needs one entry per channels entry")
+    if any(c % cfg.norm_num_groups for c in cfg.channels):
+        raise ConfigError(
+            f"channels: each must be divisible by norm_num_groups={cfg.norm_num_groups}"
+        )
+    factor = 2 ** (len(cfg.channels) - 1)
+    if any(s % factor for s in cfg.sample_size):
+        raise ConfigError(
+            f"sample_size: {list(cfg.sample_size)} must be divisible by {factor} "
+            f"({len(cfg.channels)} resolution levels halve it {len(cfg.channels) - 1} times)"
+        )
 
 
 def build_unet(cfg: DiffusionConfig) -> nn.Module:
