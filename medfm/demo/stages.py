@@ -260,7 +260,7 @@ def synth(d: Demo, model: Path, real: Path, encoder: Path) -> None:
 
 
 def finetune(d: Demo, encoder: Path, shards: Path) -> None:
-    from medfm.finetune import export, hub, load_config, run
+    from medfm.finetune import load_config, run
     from medfm.finetune.evaluate import evaluate_export
 
     run_dir = d.out / "runs" / "lora"
@@ -274,19 +274,10 @@ def finetune(d: Demo, encoder: Path, shards: Path) -> None:
         row.items = f"{fit['counts']['train_rows']} train images"
         row.metric = (f"best val AUROC {fit['best_val_score']:.3f} (epoch {fit['best_epoch']}), "
                       f"test accuracy {test['accuracy']['value']:.3f}")  # fmt: skip
-    exported, hub_root = d.out / "exports" / "pneumonia-lora", d.out / "hub"
-    pulled = d.out / "pulled" / "pneumonia-lora"
     with d.stage("export + hub") as row:
-        export(run_dir, exported, overwrite=True)
-        rev = hub.push(exported, HUB_REPO, hub=str(hub_root))
-        report = hub.pull(HUB_REPO, pulled, hub=str(hub_root))
-        row.items = f"{len(report.files)} files"
+        pulled, rev, files = publish(d, run_dir, "pneumonia-lora", HUB_REPO)
+        row.items = f"{files} files"
         row.metric = f"{HUB_REPO} -> {rev[:12]}, pulled and sha256-verified"
-    d.commands += [
-        f"medfm finetune export {run_dir} --out {exported} --overwrite",
-        f"medfm hub push {exported} {HUB_REPO} --hub {hub_root}",
-        f"medfm hub pull {HUB_REPO} --to {pulled} --hub {hub_root}",
-    ]
     roc = d.out / "runs" / "roc_pulled.png"
     with d.stage("evaluate pulled export") as row:
         m = evaluate_export(pulled, load_config(path), "test", roc)
@@ -298,6 +289,25 @@ def finetune(d: Demo, encoder: Path, shards: Path) -> None:
     d.commands.append(f"medfm finetune evaluate {pulled} --config {path} --roc {roc}")
     d.results["evaluation"] = {"export": str(pulled), "auroc": auroc["value"], "n": m["n"]}
     d.figure("Fine-tuning", "ROC of the pulled export on the test split", roc)
+
+
+def publish(d: Demo, run_dir: Path, name: str, repo: str) -> tuple[Path, str, int]:
+    """Export a fine-tuning run, push it to the demo's hub and pull it back, sha256-verified:
+    (the pulled folder, the pushed revision, the files pulled); their commands are listed."""
+    from medfm.finetune import hub
+    from medfm.finetune.export import export  # the package's lazy `export` may be shadowed
+
+    hub_root = d.out / "hub"
+    exported, pulled = d.out / "exports" / name, d.out / "pulled" / name
+    export(run_dir, exported, overwrite=True)
+    rev = hub.push(exported, repo, hub=str(hub_root))
+    report = hub.pull(repo, pulled, hub=str(hub_root))
+    d.commands += [
+        f"medfm finetune export {run_dir} --out {exported} --overwrite",
+        f"medfm hub push {exported} {repo} --hub {hub_root}",
+        f"medfm hub pull {repo} --to {pulled} --hub {hub_root}",
+    ]
+    return pulled, rev, len(report.files)
 
 
 def _ci(m: dict[str, float]) -> str:
@@ -318,12 +328,10 @@ def volumes(d: Demo, shards: Path) -> None:
 def segment(d: Demo, encoder: Path, shards: Path) -> None:
     """UNETR on the 3D MAE, trained on the CT's train slab; exported, pushed to the hub and
     pulled back; the pulled export scored on the test slab (it never saw a voxel of it)."""
-    from medfm.finetune import hub, load_config, run
+    from medfm.finetune import load_config, run
     from medfm.finetune.evaluate import evaluate_export
-    from medfm.finetune.export import export  # the package's lazy `export` is shadowed by now
 
-    run_dir, hub_root = d.out / "runs" / "liver", d.out / "hub"
-    exported, pulled = d.out / "exports" / "liver-unetr", d.out / "pulled" / "liver-unetr"
+    run_dir = d.out / "runs" / "liver"
     overlay = d.out / "runs" / "liver_overlay_pulled.png"
     tree = dc.segmentation_config(encoder, shards, run_dir, d.scale)
     path = d.config("finetune_liver", tree, "medfm finetune --config {}")
@@ -332,24 +340,16 @@ def segment(d: Demo, encoder: Path, shards: Path) -> None:
         d.cluster.finetune("segment liver 3D", cfg) if d.cluster else run(cfg)
         fit = json.loads((run_dir / "run.json").read_text())["fit"]
         run_dice = json.loads((run_dir / "metrics.json").read_text())["metrics"]["dice"]
-        export(run_dir, exported, overwrite=True)
-        rev = hub.push(exported, SEG_REPO, hub=str(hub_root))
-        pull = hub.pull(SEG_REPO, pulled, hub=str(hub_root))
+        pulled, rev, files = publish(d, run_dir, "liver-unetr", SEG_REPO)
         m = evaluate_export(pulled, load_config(path), "test", overlay)
         (slabs,) = fit["slabs"].values()  # one CT
         same = "same as" if m["dice"]["value"] == run_dice["value"] else "differs from"
         row.items = f"{fit['counts']['train_samples']} CT, {len(fit['history'])} epochs"
         row.metric = (f"pulled export's test-slab Dice {_ci(m['dice'])} (95% CI over {m['n']} "
                       f"blocks of one CT), {same} the run's; {SEG_REPO} -> {rev[:12]}")  # fmt: skip
-    d.commands += [
-        f"medfm finetune export {run_dir} --out {exported} --overwrite",
-        f"medfm hub push {exported} {SEG_REPO} --hub {hub_root}",
-        f"medfm hub pull {SEG_REPO} --to {pulled} --hub {hub_root}",
-        f"medfm finetune evaluate {pulled} --config {path} --roc {overlay}",
-    ]
+    d.commands.append(f"medfm finetune evaluate {pulled} --config {path} --roc {overlay}")
     d.results["segmentation"] = {
-        "export": str(pulled), "hub": {"repo": SEG_REPO, "revision": rev,
-                                       "files": len(pull.files)},
+        "export": str(pulled), "hub": {"repo": SEG_REPO, "revision": rev, "files": files},
         "dice": m["dice"], "hd95": m["hd95"], "nsd": m["nsd"], "n_blocks": m["n"],
         "run_dice": run_dice["value"], "slabs": slabs, "epochs": len(fit["history"]),
     }  # fmt: skip
