@@ -126,12 +126,40 @@ def test_export_loads_from_safetensors_and_sidecar_alone(tmp_path, shards):
         load_encoder(moved / "encoder.json")
 
 
+def run_ranks(args: list[str], world: int, logs: Path, timeout_s: float = 300) -> None:
+    """`medfm pretrain ARGS` once per rank of one node, started as torchrun or srun start them
+    (LOCAL_RANK set, so Lightning launches nothing itself), each rank with its own log. Twice
+    in fresh-clone runs the second rank of Lightning's own launcher printed nothing for 300 s;
+    started like this, a hang names the rank that hung."""
+    exe = Path(sys.executable).parent / "medfm"
+    layout = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(rendezvous_port()),
+              "NODE_RANK": "0", "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"}  # fmt: skip
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, **layout, "LOCAL_RANK": str(rank)}
+        cmd = [str(exe), "pretrain", *args]
+        with (logs / f"rank{rank}.log").open("w") as log:
+            procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True))  # fmt: skip
+    deadline = time.monotonic() + timeout_s
+    try:
+        codes = [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
+    except subprocess.TimeoutExpired:
+        codes = None
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    text = "\n".join(f"-- rank {r}:\n{(logs / f'rank{r}.log').read_text()[-3000:]}"
+                     for r in range(world))  # fmt: skip
+    assert codes == [0] * world, f"exit codes {codes} (None: past {timeout_s} s)\n{text}"
+
+
 def test_ddp_two_processes_gloo_disjoint_data(tmp_path, shards):
     cfg = mae_config(tmp_path, shards, "ddp", max_steps=4)
-    res = run_cli(["--config", str(cfg), "train.strategy=ddp", "train.devices=2",
-                   "train.accelerator=cpu", "train.ledger=true", "data.num_workers=0"],
-                  env={**os.environ, "MASTER_PORT": str(rendezvous_port())})  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
+    run_ranks(["--config", str(cfg), "train.strategy=ddp", "train.devices=2",
+               "train.accelerator=cpu", "train.ledger=true", "data.num_workers=0"], 2,
+              tmp_path)  # fmt: skip
     ledger = tmp_path / "ddp" / "ledger"
     seen = [
         [line.split("\t")[1] for line in (ledger / f"rank{r}.txt").read_text().splitlines()]
