@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
@@ -138,8 +140,34 @@ def build(cfg: PretrainConfig) -> tuple[PretrainModule, PretrainData]:
     return module, data
 
 
+# Lightning's launcher writes the DDP rendezvous into the environment of the process that calls
+# fit and takes only WORLD_SIZE out again. With LOCAL_RANK left set, the next run in the process
+# (or a run it starts in a subprocess) takes itself for an externally started rank and waits
+# forever for ranks nobody starts: two fresh-clone CI runs hung on exactly that.
+RENDEZVOUS_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "RANK")
+
+
+@contextmanager
+def rendezvous_env_kept() -> Iterator[None]:
+    """Run the body, then put the rendezvous variables back as they were."""
+    saved = {k: os.environ.get(k) for k in RENDEZVOUS_ENV}
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def run(cfg: PretrainConfig, *, resume: bool = False, force_resume: bool = False) -> dict:
     """Train (or continue) the run described by `cfg`; returns a summary dict."""
+    with rendezvous_env_kept():
+        return _run(cfg, resume, force_resume)
+
+
+def _run(cfg: PretrainConfig, resume: bool, force_resume: bool) -> dict:
     set_vocab_size(cfg)  # before the resume check: the run's fingerprint includes it
     # The one read of the resumed checkpoint: Lightning is handed this state, not the file again.
     ckpt, state = resume_checkpoint(cfg, force_resume) if resume else (None, None)

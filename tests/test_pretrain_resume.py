@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from medfm.pretrain.checkpoint import ResumeError
 from medfm.pretrain.config import load_config
 from medfm.pretrain.engine import NonFiniteLossError
-from medfm.pretrain.train import run
+from medfm.pretrain.train import RENDEZVOUS_ENV, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -128,9 +128,8 @@ def test_export_loads_from_safetensors_and_sidecar_alone(tmp_path, shards):
 
 def run_ranks(args: list[str], world: int, logs: Path, timeout_s: float = 300) -> None:
     """`medfm pretrain ARGS` once per rank of one node, started as torchrun or srun start them
-    (LOCAL_RANK set, so Lightning launches nothing itself), each rank with its own log. Twice
-    in fresh-clone runs the second rank of Lightning's own launcher printed nothing for 300 s;
-    started like this, a hang names the rank that hung."""
+    (LOCAL_RANK set, so Lightning launches nothing itself), each rank with its own log, so a
+    hang names the rank that hung."""
     exe = Path(sys.executable).parent / "medfm"
     layout = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(rendezvous_port()),
               "NODE_RANK": "0", "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"}  # fmt: skip
@@ -155,11 +154,18 @@ def run_ranks(args: list[str], world: int, logs: Path, timeout_s: float = 300) -
     assert codes == [0] * world, f"exit codes {codes} (None: past {timeout_s} s)\n{text}"
 
 
-def test_ddp_two_processes_gloo_disjoint_data(tmp_path, shards):
+@pytest.mark.parametrize("launcher", ["lightning", "external"])
+def test_ddp_two_processes_gloo_disjoint_data(tmp_path, shards, launcher):
+    """Started by Lightning's own launcher (rank 0 re-runs the command for rank 1), or as
+    torchrun and srun start ranks."""
     cfg = mae_config(tmp_path, shards, "ddp", max_steps=4)
-    run_ranks(["--config", str(cfg), "train.strategy=ddp", "train.devices=2",
-               "train.accelerator=cpu", "train.ledger=true", "data.num_workers=0"], 2,
-              tmp_path)  # fmt: skip
+    args = ["--config", str(cfg), "train.strategy=ddp", "train.devices=2",
+            "train.accelerator=cpu", "train.ledger=true", "data.num_workers=0"]  # fmt: skip
+    if launcher == "external":
+        run_ranks(args, 2, tmp_path)
+    else:
+        res = run_cli(args, env={**os.environ, "MASTER_PORT": str(rendezvous_port())})
+        assert res.returncode == 0, res.stderr[-3000:]
     ledger = tmp_path / "ddp" / "ledger"
     seen = [
         [line.split("\t")[1] for line in (ledger / f"rank{r}.txt").read_text().splitlines()]
@@ -168,3 +174,14 @@ def test_ddp_two_processes_gloo_disjoint_data(tmp_path, shards):
     assert len(seen[0]) == len(seen[1]) == 4 * 16
     assert not set(seen[0]) & set(seen[1]), "ranks trained on the same samples"
     assert (tmp_path / "ddp" / "export" / "encoder.safetensors").exists()
+
+
+def test_an_in_process_ddp_run_leaves_no_rendezvous_in_the_environment(tmp_path, shards):
+    """Lightning's launcher writes LOCAL_RANK, NODE_RANK and MASTER_* into the calling process
+    and leaves them there: a 2-process run started from this process afterwards took itself for
+    an externally started rank 0 and waited for a rank 1 nobody started (two CI hangs)."""
+    before = {k: os.environ.get(k) for k in RENDEZVOUS_ENV}
+    overrides = ["train.strategy=ddp", "train.devices=1", "train.accelerator=cpu",
+                 "data.num_workers=0"]  # fmt: skip
+    run(load_config(mae_config(tmp_path, shards, "one", max_steps=2), overrides))
+    assert {k: os.environ.get(k) for k in RENDEZVOUS_ENV} == before
