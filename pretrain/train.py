@@ -141,19 +141,27 @@ def build(cfg: PretrainConfig) -> tuple[PretrainModule, PretrainData]:
 
 
 # Lightning's launcher writes the DDP rendezvous into the environment of the process that calls
-# fit and takes only WORLD_SIZE out again. With LOCAL_RANK left set, the next run in the process
-# (or a run it starts in a subprocess) takes itself for an externally started rank and waits
-# forever for ranks nobody starts: two fresh-clone CI runs hung on exactly that.
+# fit and takes only WORLD_SIZE out again, and its strategies leave the process group they
+# started. With LOCAL_RANK left set, the next run in the process (or a run it starts in a
+# subprocess) takes itself for an externally started rank and waits forever for ranks nobody
+# starts; with the group left, a later run believes its ranks exist. Two fresh-clone CI runs
+# hung on exactly that.
 RENDEZVOUS_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "RANK")
 
 
 @contextmanager
-def rendezvous_env_kept() -> Iterator[None]:
-    """Run the body, then put the rendezvous variables back as they were."""
+def distributed_state_kept() -> Iterator[None]:
+    """Run the body, then put the rendezvous variables back as they were and end the process
+    group it started."""
+    import torch.distributed as dist
+
     saved = {k: os.environ.get(k) for k in RENDEZVOUS_ENV}
+    had_group = dist.is_available() and dist.is_initialized()
     try:
         yield
     finally:
+        if not had_group and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -163,7 +171,7 @@ def rendezvous_env_kept() -> Iterator[None]:
 
 def run(cfg: PretrainConfig, *, resume: bool = False, force_resume: bool = False) -> dict:
     """Train (or continue) the run described by `cfg`; returns a summary dict."""
-    with rendezvous_env_kept():
+    with distributed_state_kept():
         return _run(cfg, resume, force_resume)
 
 

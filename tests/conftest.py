@@ -1,4 +1,4 @@
-"""Shared fixtures: where the real sample data lives."""
+"""Shared fixtures: where the real sample data lives; no test leaves a DDP rendezvous behind."""
 
 from __future__ import annotations
 
@@ -53,3 +53,28 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def no_rendezvous_left_behind():
+    """A LOCAL_RANK left in os.environ makes every later Lightning run of this test process (and
+    of the processes it starts) take itself for an externally started rank and wait for ranks
+    nobody starts; a process group left initialized makes a later run believe its ranks exist.
+    The test that leaves either fails here, and the next starts clean."""
+    import torch.distributed as dist
+
+    from medfm.pretrain.train import RENDEZVOUS_ENV
+
+    before = {k: os.environ.get(k) for k in RENDEZVOUS_ENV}
+    yield
+    left = {k: v for k in RENDEZVOUS_ENV if (v := os.environ.get(k)) != before[k]}
+    for key in left:
+        if before[key] is None:
+            os.environ.pop(key)
+        else:
+            os.environ[key] = before[key]
+    group = dist.is_available() and dist.is_initialized()
+    if group:
+        dist.destroy_process_group()
+    if left or group:
+        pytest.fail(f"the test left {left} in os.environ, a process group: {group}")
