@@ -34,15 +34,13 @@ if TYPE_CHECKING:
 
     from .config import PretrainConfig
 
-# The variables Lightning reads to pick a cluster environment. SLURM's come first in its search:
-# Ray nodes started by `srun ray start` pass them on to every actor, so they are hidden while a
-# stage runs (the group, not SLURM, owns these ranks).
-RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "RANK", "WORLD_SIZE")
-
 
 @contextmanager
 def rank_env(rank: int, world: int, master: tuple[str, int]) -> Iterator[None]:
-    """This process as rank `rank` of `world` (one process per node) for the duration."""
+    """This process as rank `rank` of `world` (one process per node) for the duration: the
+    rendezvous variables Lightning reads (train.RENDEZVOUS_ENV). SLURM's come first in its
+    search, and Ray nodes started by `srun ray start` pass them on to every actor, so they are
+    hidden while a stage runs (the group, not SLURM, owns these ranks)."""
     saved = dict(os.environ)
     for name in [n for n in os.environ if n.startswith("SLURM_")]:
         del os.environ[name]

@@ -55,11 +55,11 @@ def resized_crop_flip(
     scale: tuple[float, float] = (0.2, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     flip: bool = True,
-    size: int | tuple[int, int] | None = None,
+    size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """torchvision's RandomResizedCrop + RandomHorizontalFlip (MAE's training transform), on the
     batch: per sample an area fraction in `scale` with a log-uniform aspect ratio in `ratio`,
-    resized to `size` (an int: square; default: the input size; bicubic, as MAE). A crop too wide or
+    resized to `size` (default: the input size; bicubic, as MAE). A crop too wide or
     tall for the image is clamped to it rather than redrawn (torchvision retries 10 times, then
     centre-crops)."""
     n, dev = x.shape[0], x.device
@@ -71,14 +71,10 @@ def resized_crop_flip(
     sign = torch.where(mirror & flip, -1.0, 1.0)
     theta = torch.zeros(n, 2, 3, device=dev)
     theta[:, 0, 0], theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2] = w * sign, h, tx, ty
-    out = list(x.shape) if size is None else [*x.shape[:2], *_pair(size)]
+    out = list(x.shape) if size is None else [*x.shape[:2], *size]
     grid = F.affine_grid(theta, out, align_corners=False)
     y = F.grid_sample(x.float(), grid, mode="bicubic", padding_mode="border", align_corners=False)
     return y.to(x.dtype)
-
-
-def _pair(size: int | tuple[int, ...]) -> tuple[int, ...]:
-    return (size, size) if isinstance(size, int) else tuple(size)
 
 
 def resized_crop_flip_3d(

@@ -223,7 +223,9 @@ class DINO(Objective):
     def teacher_temp_now(self) -> torch.Tensor:
         cfg = self.config
         warmup = cfg.teacher_temp_warmup_steps
-        f = (self.step.float() / max(1, warmup)).clamp(max=1.0) if warmup else self.step * 0 + 1.0
+        if not warmup:
+            return self.step.new_tensor(cfg.teacher_temp, dtype=torch.float)
+        f = (self.step.float() / warmup).clamp(max=1.0)
         return cfg.teacher_temp_start + f * (cfg.teacher_temp - cfg.teacher_temp_start)
 
     def student_params(self) -> list[nn.Parameter]:
