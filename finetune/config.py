@@ -23,6 +23,8 @@ RUN_RECORD = "run.json"
 class DataConfig:
     shards: str
     synthetic: SyntheticConfig | None = None
+    # Train on a `shards` set holding synthetic rows without a passing audit (recorded).
+    allow_unaudited: bool = False
     datasets: list[str] | None = None
     modalities: list[str] | None = None
     batch_size: int = 32

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from medfm.finetune import hub
 from medfm.io import save_safetensors
-from medfm.shards import check_synthetic
+from medfm.shards import check_synthetic, check_training_set
 from medfm.shards.mixing import RealizedRatio
 
 from .data import (
@@ -79,6 +79,7 @@ def run_samples(
     if syn:  # the audit gate, before any sample is read
         syn = replace(syn, shards=str(hub.resolve(syn.shards)))
         audit = check_synthetic(syn)
+    direct = check_training_set(root, cfg.data.allow_unaudited)
     train_rows = split_rows(root, "train", cfg)
     targets = row_targets(train_rows, task, root)
     keys = None
@@ -88,6 +89,8 @@ def run_samples(
         train_rows = split_rows(root, "train", cfg, keys=keys)
     train_ds = split_dataset(root, "train", cfg, shuffle=True, keys=keys)
     sources = {"shards": manifest_record(root)}
+    if direct:
+        sources["shards"]["synthetic_audit"] = direct
     train_src: Any = train_ds
     if syn:
         syn_ds = split_dataset(syn.shards, "train", cfg, shuffle=True)

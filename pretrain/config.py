@@ -34,6 +34,8 @@ class DataConfig:
     shards: str = ""
     mix: dict[str, float] = field(default_factory=dict)  # {shard root: weight}, else `shards`
     synthetic: SyntheticConfig | None = None
+    # Train on a `shards`/`mix` set holding synthetic rows without a passing audit (recorded).
+    allow_unaudited: bool = False
     pair: PairConfig | None = None
     split: str = "train"
     kinds: list[str] | None = None

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from medfm.models.contract import Contract, sorted_classes
-from medfm.shards import Manifest, check_synthetic
+from medfm.shards import Manifest, check_synthetic, check_training_set
 from medfm.shards.datamodule import ShardDataConfig, ShardDataModule, SourceConfig
 from medfm.shards.dataset import ShardDataset
 from medfm.shards.schema import ehr_vocab_size
@@ -201,6 +201,7 @@ class PretrainData:
         # The audit gate, before any sample is read (docs/synth.md).
         self.synthetic_audit = check_synthetic(dc.synthetic) if dc.synthetic else None
         self.sources = sources(dc, self.pairing.has_partner if self.pairing else None)
+        self.training_set_audit = self._training_set_audit(dc)
         self.kind = single_kind(dc, [s.root for s in self.sources])
         contract.kind = contract.kind or self.kind  # objectives without an encoder: the data's
         self.module = ShardDataModule(shard_config(dc, contract, seed, self.sources, transform))
@@ -208,6 +209,13 @@ class PretrainData:
         self.classes = self._classes(dc)
         transform.classes = self.classes
         self.pair_kind = self.pairing.kind if self.pairing else None
+
+    def _training_set_audit(self, dc: DataConfig) -> dict[str, Any]:
+        """{root: gate record} of each data.shards/data.mix set that holds synthetic rows."""
+        where = "data.mix" if dc.mix else "data.shards"
+        real = [s.root for s in self.sources if not dc.synthetic or s.root != dc.synthetic.shards]
+        found = {root: check_training_set(root, dc.allow_unaudited, where) for root in real}
+        return {root: record for root, record in found.items() if record is not None}
 
     def _datasets(self) -> list[ShardDataset]:
         try:
@@ -243,6 +251,7 @@ class PretrainData:
             ],
             "manifests": self.manifest_hashes(),
             "synthetic_audit": self.synthetic_audit,
+            "training_set_audit": self.training_set_audit,
             "kind": self.kind,
             "class_key": self.config.class_key,
             "classes": self.classes,

@@ -8,7 +8,7 @@ from .manifest import Manifest, write_manifest
 from .reader import ShardSet
 from .sampleio import CountingStore
 from .schema import KINDS, SCHEMA_VERSION, SPLITS, Geometry, Sample
-from .synthetic import SyntheticConfig, audit_verdict, check_synthetic
+from .synthetic import SyntheticConfig, audit_verdict, check_synthetic, check_training_set
 from .tarshard import DEFAULT_SHARD_BYTES, ShardFile
 from .verify import VerifyReport, verify
 from .volume import DEFAULT_CHUNKS, VolumeHandle, open_volume
@@ -45,6 +45,7 @@ __all__ = [
     "VolumeHandle",
     "audit_verdict",
     "check_synthetic",
+    "check_training_set",
     "collate_samples",
     "open_volume",
     "remove_temporaries",

@@ -2,7 +2,9 @@
 recorded choice.
 
 A failed or missing audit used to go unnoticed: pretraining and fine-tuning mixed a pure-noise set
-at ratio 0.3 without a word. Both stages now call `check_synthetic` before reading any sample.
+at ratio 0.3 without a word. Both stages now call `check_synthetic` before reading any sample, and
+`check_training_set` on every set they train on directly (`data.shards`, `data.mix`): a synthetic
+set named there instead of under `data.synthetic` would otherwise skip the gate.
 
 A verdict counts only when it is bound to the set's exact contents, in one of two places:
 - the header's `attributes.synthetic.audit` (written by `medfm synth generate --audit` in the same
@@ -73,13 +75,17 @@ def _report(m: Manifest) -> dict[str, Any] | None:
     return report if isinstance(report, dict) else None
 
 
+def open_manifest(root: str, where: str) -> Manifest:
+    try:
+        return Manifest.open(root)
+    except Exception as e:  # ShardFormatError, a missing folder: the config names a bad set
+        raise ConfigError(f"{where}: {e}") from e
+
+
 def check_synthetic(cfg: SyntheticConfig, where: str = "data.synthetic") -> dict[str, Any]:
     """Refuse (ConfigError) a set without a passing audit unless `allow_unaudited`; returns what
     the run records: {"audit": verdict, "audit_source", "generator_sha256", "allow_unaudited"}."""
-    try:
-        m = Manifest.open(cfg.shards)
-    except Exception as e:  # ShardFormatError, a missing folder: the config names a bad set
-        raise ConfigError(f"{where}.shards: {e}") from e
+    m = open_manifest(cfg.shards, f"{where}.shards")
     v = audit_verdict(m)
     if not v["synthetic"]:
         raise ConfigError(
@@ -87,22 +93,43 @@ def check_synthetic(cfg: SyntheticConfig, where: str = "data.synthetic") -> dict
             "attributes.synthetic and its rows are not all synthetic); mix real sets through "
             "data.mix"
         )
+    return gate(v, f"{where}.shards: {cfg.shards}", cfg.allow_unaudited, f"{where}.allow_unaudited")
+
+
+def check_training_set(
+    root: str, allow_unaudited: bool, where: str = "data.shards"
+) -> dict[str, Any] | None:
+    """The gate for a set trained on directly: one holding any synthetic row needs a passing
+    audit, or `data.allow_unaudited`. Returns the record as `check_synthetic` does, with the
+    synthetic row count; None for a set of real rows only."""
+    import pyarrow.compute as pc
+
+    m = open_manifest(root, where)
+    n = int(pc.sum(m.table.column("synthetic")).as_py() or 0) if len(m) else 0
+    if n == 0:
+        return None
+    # A set mixing real and synthetic rows has no set-level audit: nothing judged it as a whole.
+    v = audit_verdict(m) | ({} if n == len(m) else {"verdict": "none", "source": None})
+    what = f"{where}: {root} holds {n} synthetic samples and"
+    return gate(v, what, allow_unaudited, "data.allow_unaudited") | {"synthetic_rows": n}
+
+
+def gate(v: dict[str, Any], subject: str, allow_unaudited: bool, flag: str) -> dict[str, Any]:
+    """Pass a verdict, refuse it, or warn about it under `flag`; returns the run's record."""
     record = {
         "audit": v["verdict"],
         "audit_source": v["source"],
         "generator_sha256": v["generator_sha256"],
-        "allow_unaudited": cfg.allow_unaudited,
+        "allow_unaudited": allow_unaudited,
     }
     if v["verdict"] == "pass":
         return record
     what = "failed its audit" if v["verdict"] == "fail" else "has no audit of its current contents"
-    if not cfg.allow_unaudited:
+    if not allow_unaudited:
         raise ConfigError(
-            f"{where}.shards: {cfg.shards} {what}; run `medfm synth audit --synthetic "
-            f"{cfg.shards} --real TRAIN_SHARDS` (or generate with --audit) and fix what it "
-            f"reports, or set {where}.allow_unaudited: true to train on it anyway (recorded)"
+            f"{subject} {what}; run `medfm synth audit --synthetic SET --real TRAIN_SHARDS` (or "
+            f"generate with --audit) and fix what it reports, or set {flag}: true to train on it "
+            "anyway (recorded)"
         )
-    warnings.warn(
-        f"{where}: training on {cfg.shards}, which {what} (allow_unaudited: true)", stacklevel=2
-    )
+    warnings.warn(f"{subject} {what}; training on it ({flag}: true)", stacklevel=3)
     return record

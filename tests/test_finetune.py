@@ -14,6 +14,7 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from medfm.config import ConfigError
 from medfm.finetune import hub
 from medfm.finetune.config import load_config
 from medfm.finetune.data import Collate, loader, split_dataset, split_rows, with_synthetic
@@ -269,6 +270,24 @@ def test_synthetic_ratio_mixes_through_mixed_dataset(work):
     share = record["fit"]["synthetic"]  # logged from the batches the model actually saw
     assert share["samples"] == n and share["within_tolerance"], share
     assert abs(share["realized"] - 0.25) <= 4 * (0.25 * 0.75 / n) ** 0.5
+
+
+@needs_pneumonia
+def test_a_synthetic_set_fine_tuned_on_directly_needs_an_audit_or_allow_unaudited(work):
+    syn = work["base"] / "synthetic-direct"
+    if not syn.exists():
+        write_pneumonia(syn, synthetic=True)
+    over = {"data.shards": str(syn), "mode": "linear_probe", "train.epochs": 1}
+    with pytest.raises(ConfigError, match="data.shards: .* holds 560 synthetic samples and has "
+                       "no audit.*data.allow_unaudited: true"):  # fmt: skip
+        run(load_config(None, base=config(work, "direct", **over)))
+    assert not (work["base"] / "runs" / "direct" / "run.json").exists()
+    cfg = load_config(None, base=config(work, "direct", **over, **{"data.allow_unaudited": True}))
+    with pytest.warns(UserWarning, match="data.allow_unaudited"):
+        record = json.loads((run(cfg) / "run.json").read_text())
+    assert record["data"]["shards"]["synthetic_audit"] == {
+        "audit": "none", "audit_source": None, "generator_sha256": None,
+        "allow_unaudited": True, "synthetic_rows": 560}  # fmt: skip
 
 
 @needs_pneumonia

@@ -3,7 +3,8 @@
 Calibration: new real images (the test split) must pass the shipped thresholds, while uniform
 noise and copies of the training set must fail them. The gate: pretraining and fine-tuning refuse
 a synthetic set without a passing audit of its current rows, unless `allow_unaudited` says
-otherwise, which the run records.
+otherwise, which the run records, whether the set is mixed in (`data.synthetic`) or trained on
+directly (`data.shards`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,15 @@ import pytest
 from synth_helpers import npz_path, write_pneumonia
 
 from medfm.config import ConfigError
-from medfm.shards import Manifest, Sample, ShardSetWriter, SyntheticConfig, check_synthetic
+from medfm.shards import (
+    Manifest,
+    Sample,
+    ShardSet,
+    ShardSetWriter,
+    SyntheticConfig,
+    check_synthetic,
+    check_training_set,
+)
 from medfm.synth.audit import audit, load_audit_config
 from medfm.synth.contract import observed_contract
 
@@ -109,6 +118,59 @@ def test_a_verdict_in_the_header_counts_and_allow_unaudited_is_recorded(sets):
     with pytest.warns(UserWarning, match="failed its audit"):
         record = check_synthetic(SyntheticConfig(failed, allow_unaudited=True))
     assert record["audit"] == "fail" and record["allow_unaudited"] is True
+
+
+def mixed_set(root: Path, real: str, synthetic: str) -> str:
+    """Real rows and synthetic rows in one set, as a user might merge them by hand."""
+    with ShardSetWriter(str(root), overwrite=True) as w:
+        for src in (real, synthetic):
+            opened = ShardSet(src)
+            for row in list(opened.rows())[:8]:
+                w.write(opened.read_sample(row))
+        w.close()
+    return str(root)
+
+
+def test_a_set_trained_on_directly_is_gated_by_its_synthetic_rows(sets):
+    assert check_training_set(sets["real"], allow_unaudited=False) is None  # real rows only
+    audited(sets, "new")
+    record = check_training_set(sets["new"], allow_unaudited=False)
+    assert record == {"audit": "pass", "audit_source": "audit/report.json",
+                      "generator_sha256": GENERATOR, "allow_unaudited": False,
+                      "synthetic_rows": N}  # fmt: skip
+    audited(sets, "noise")
+    with pytest.raises(ConfigError, match=rf"data.shards: .* holds {N} synthetic samples and "
+                       "failed its audit.*data.allow_unaudited: true"):  # fmt: skip
+        check_training_set(sets["noise"], allow_unaudited=False)
+    # A passing audit of the synthetic set does not carry over to a set merged from it.
+    mixed = mixed_set(sets["tmp"] / "mixed", sets["real"], sets["new"])
+    with pytest.raises(ConfigError, match="holds 8 synthetic samples and has no audit"):
+        check_training_set(mixed, allow_unaudited=False)
+    with pytest.warns(UserWarning, match="data.allow_unaudited: true"):
+        record = check_training_set(mixed, allow_unaudited=True)
+    assert record["audit"] == "none" and record["allow_unaudited"] is True
+
+
+def test_pretraining_directly_on_an_unaudited_set_is_refused_or_recorded(sets, tmp_path):
+    from pretrain_helpers import DECODER, TINY, base_config
+
+    from medfm.pretrain.config import load_config
+    from medfm.pretrain.train import run
+
+    model = {"name": "vit2d", **TINY, "img_size": 28, "patch_size": 7}
+    objective = {"name": "mae", "mask_ratio": 0.75, **DECODER}
+    cfg = base_config(tmp_path, Path(sets["noise"]), model, [objective], max_steps=2)
+    audited(sets, "noise")
+    with pytest.raises(ConfigError, match="data.shards: .* failed its audit"):
+        run(load_config(None, base=cfg))
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before training began
+    cfg["data"]["allow_unaudited"] = True
+    with pytest.warns(UserWarning, match="data.allow_unaudited"):
+        run(load_config(None, base=cfg))
+    sidecar = json.loads((tmp_path / "run" / "export" / "encoder.json").read_text())
+    assert sidecar["data"]["training_set_audit"] == {sets["noise"]: {
+        "audit": "fail", "audit_source": "audit/report.json", "generator_sha256": GENERATOR,
+        "allow_unaudited": True, "synthetic_rows": N}}  # fmt: skip
 
 
 def test_pretraining_refuses_an_unaudited_set_and_records_the_override(sets, tmp_path):
