@@ -22,7 +22,7 @@ from ingest_helpers import KEY, NIBABEL_FILES, PYDICOM_FILES, small_ct, write_se
 from PIL import Image
 
 from medfm.ingest.bookkeeping import ResumeError
-from medfm.ingest.job import run_ingest
+from medfm.ingest.job import items_per_task, run_ingest
 from medfm.ingest.load import parse_spec
 from medfm.ingest.privacy import Keyring, split_for
 from medfm.io import TMP_MARKER
@@ -436,3 +436,13 @@ def test_ct_zscore_uses_dataset_statistics_from_a_first_pass(ray_rt, tmp_path):
         fg.append(s.data[raw + shift > 0])
     pooled = np.concatenate(fg)  # the dataset's foreground, normalised with dataset stats
     assert abs(pooled.mean()) < 0.05 and abs(pooled.std() - 1) < 0.1
+
+
+def test_unset_task_items_cut_a_job_into_about_32_tasks_of_at_most_64_items():
+    def spec(**shards):
+        return parse_spec({"sources": [{"name": "a", "root": "/data", "format": "wfdb"}],
+                           "shards": shards})  # fmt: skip
+
+    counts = (1, 4, 32, 33, 200, 2048, 10**6)
+    assert [items_per_task(spec(), n) for n in counts] == [1, 1, 1, 2, 7, 64, 64]
+    assert {items_per_task(spec(task_items=4), n) for n in counts} == {4}  # as the user set
