@@ -128,6 +128,8 @@ class PretrainConfig:
         if d["train"]["lr"] is None:
             d["train"]["lr"] = DEFAULT_LR
         d["data"].pop("num_workers")
+        if not d["data"]["allow_unaudited"]:  # the default: runs from before it keep theirs too
+            d["data"].pop("allow_unaudited")
         for k in ("log_every", "checkpoint_every", "plots", "loggers", "compile", "ledger",
                   "peak_flops", "compile_backend"):  # fmt: skip
             d["train"].pop(k)

@@ -144,6 +144,7 @@ def test_fingerprint_unchanged_without_blr():
     assert load_config(None, [], cfg).fingerprint() == before_blr
     assert load_config(None, ["train.lr=1.5e-4"], cfg).fingerprint() == before_blr
     assert load_config(None, ["train.blr=1.5e-4"], cfg).fingerprint() != before_blr
+    assert load_config(None, ["data.allow_unaudited=true"], cfg).fingerprint() != before_blr
 
 
 def logged_lr(out_dir: Path) -> float:
