@@ -203,29 +203,39 @@ def _scan(spec, keyring, source, fmt, files, reader, ray, progress=False) -> dic
     return out
 
 
-AUTO_TASKS = 32  # an unset shards.task_items cuts a job into about this many tasks...
-AUTO_TASK_ITEMS = 64  # ...of at most this many items
+AUTO_TASKS = 32  # an unset shards.task_items cuts a job into this many tasks...
+AUTO_TASK_ITEMS = 64  # ...or more, where they would hold more than this many items
 
 
-def items_per_task(spec: IngestSpec, n_items: int) -> int:
-    """`shards.task_items`, or when it is unset, about AUTO_TASKS tasks. That many tasks keep
-    a few dozen workers busy to the end, and a task of several items shares its fixed costs
-    (a tar and a part file, each written, fsynced and renamed) between them: with one 30-min
-    ECG record per task those cost 12% of the work. It depends on the item count only, so the
-    same inputs give the same tasks, and a resume finds them."""
+def task_sizes(spec: IngestSpec, n_items: int) -> list[int]:
+    """Items per task, in order: `shards.task_items` each (the last one the rest), or when it
+    is unset, AUTO_TASKS tasks (one per item below that; more above AUTO_TASK_ITEMS each) whose
+    sizes differ by one at most. That many keep a few dozen workers busy to the end, and a
+    task of several items shares its fixed costs (a tar and a part file, each written, fsynced
+    and renamed) between them: with one 30-min ECG record per task those cost 12% of the work.
+    Equal sizes let every worker finish at about the same time (200 records: 8 x 7 + 24 x 6,
+    16 each for 2 workers, not 28 x 7 + 4). It depends on the item count only, so the same
+    inputs give the same tasks, and a resume finds them."""
     if spec.shards.task_items is not None:
-        return spec.shards.task_items
-    return max(1, min(AUTO_TASK_ITEMS, -(-n_items // AUTO_TASKS)))
+        full, rest = divmod(n_items, spec.shards.task_items)
+        return [spec.shards.task_items] * full + [rest] * (rest > 0)
+    n_tasks = max(min(n_items, AUTO_TASKS), -(-n_items // AUTO_TASK_ITEMS))
+    if n_tasks == 0:
+        return []
+    size, larger = divmod(n_items, n_tasks)
+    return [size + 1] * larger + [size] * (n_tasks - larger)
 
 
 def plan_tasks(items: list[SourceItem], spec: IngestSpec) -> list[Task]:
-    """Deterministic batches (same inputs -> same tasks -> same shard prefixes on resume)."""
+    """Deterministic batches (same inputs -> same tasks -> same shard prefixes on resume): the
+    sizes of `task_sizes`, a task cut short where its input would pass `shards.task_bytes`."""
     tasks, cur, cur_bytes = [], [], 0
-    per_task = items_per_task(spec, len(items))
+    sizes = iter(task_sizes(spec, len(items)))
+    want = next(sizes, 1)
     for it in items:
-        if cur and (len(cur) >= per_task or cur_bytes + it.nbytes > spec.shards.task_bytes):
+        if cur and (len(cur) >= want or cur_bytes + it.nbytes > spec.shards.task_bytes):
             tasks.append(cur)
-            cur, cur_bytes = [], 0
+            cur, cur_bytes, want = [], 0, next(sizes, want)
         cur.append(it)
         cur_bytes += it.nbytes
     if cur:
@@ -329,7 +339,7 @@ def run_prepare(spec, keyring, items, dest, book: Bookkeeper, ray, progress: boo
 
 
 def run_conversion(spec, keyring, tasks, stats, dest, book, ray, workers, progress) -> tuple:
-    """Submit unfinished tasks (at most `workers` x 2 in flight); returns (parts, run, reused)."""
+    """Submit unfinished tasks (two per CPU in flight, or `workers`): (parts, run, reused)."""
     parts = book.finished_parts()
     todo = [t for t in tasks if t.task_id not in parts]
     reused = len(tasks) - len(todo)
@@ -339,9 +349,11 @@ def run_conversion(spec, keyring, tasks, stats, dest, book, ray, workers, progre
     bad = sum(len(p["quarantine"]) for p in parts.values())
     progress.update(reused, kept, done_bytes, 0, quarantined=bad, duplicates=dups)
     remote = ray.remote(num_cpus=1, max_retries=3)(convert_task)
-    # An explicit `workers` caps the tasks running at once; otherwise keep every CPU busy with
-    # one task queued behind each.
-    limit = workers or max(1, int(ray.cluster_resources().get("CPU", 1)) * 2)
+    # Ray runs one task per CPU; one more queued behind each hides the round trip from a task's
+    # end to the next one's start. An explicit `workers` below the cluster's CPUs caps the tasks
+    # submitted, queued ones included, as nothing else would stop Ray running them at once.
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    limit = workers if workers and workers < cpus else cpus * 2
     stats_ref = ray.put(stats)
     pending: dict[Any, Task] = {}
     queue = list(todo)

@@ -154,7 +154,7 @@ class ShardSpec:
     shard_bytes: int = 512 * 1024 * 1024
     chunks: list[int] = field(default_factory=lambda: [64, 64, 64])
     image_encoding: Literal["auto", "png", "npy"] = "auto"
-    task_items: int | None = None  # None: sized by the job (ingest.job.items_per_task)
+    task_items: int | None = None  # None: sized by the job (ingest.job.task_sizes)
     task_bytes: int = 256 * 1024 * 1024
     pyramid_levels: int = 0  # volumes: downsampled OME-Zarr levels for viewers (docs/storage.md)
 

@@ -22,9 +22,10 @@ from ingest_helpers import KEY, NIBABEL_FILES, PYDICOM_FILES, small_ct, write_se
 from PIL import Image
 
 from medfm.ingest.bookkeeping import ResumeError
-from medfm.ingest.job import items_per_task, run_ingest
+from medfm.ingest.job import plan_tasks, run_ingest, task_sizes
 from medfm.ingest.load import parse_spec
 from medfm.ingest.privacy import Keyring, split_for
+from medfm.ingest.registry import SourceFile, SourceItem
 from medfm.io import TMP_MARKER
 from medfm.shards import Manifest, ShardSet, verify
 
@@ -438,11 +439,29 @@ def test_ct_zscore_uses_dataset_statistics_from_a_first_pass(ray_rt, tmp_path):
     assert abs(pooled.mean()) < 0.05 and abs(pooled.std() - 1) < 0.1
 
 
-def test_unset_task_items_cut_a_job_into_about_32_tasks_of_at_most_64_items():
+def test_unset_task_items_cut_a_job_into_32_tasks_of_equal_size_at_most_64_items():
     def spec(**shards):
         return parse_spec({"sources": [{"name": "a", "root": "/data", "format": "wfdb"}],
                            "shards": shards})  # fmt: skip
 
-    counts = (1, 4, 32, 33, 200, 2048, 10**6)
-    assert [items_per_task(spec(), n) for n in counts] == [1, 1, 1, 2, 7, 64, 64]
-    assert {items_per_task(spec(task_items=4), n) for n in counts} == {4}  # as the user set
+    counts = (0, 1, 4, 32, 33, 200, 2048, 2049, 10**6)
+    sizes = [task_sizes(spec(), n) for n in counts]
+    assert [sum(s) for s in sizes] == list(counts)  # every item in a task
+    assert [len(s) for s in sizes] == [0, 1, 4, 32, 32, 32, 32, 33, 15625]
+    assert all(max(s) - min(s) <= 1 and max(s) <= 64 for s in sizes if s)
+    assert sizes[5] == [7] * 8 + [6] * 24  # 200 records: 16 per worker for 2, not 28 x 7 + 4
+    assert task_sizes(spec(task_items=4), 10) == [4, 4, 2]  # as the user set
+
+
+def test_tasks_follow_the_sizes_and_cut_short_at_task_bytes():
+    def items(nbytes):
+        return [SourceItem("a", "wfdb", (SourceFile(f"/data/r{i:03d}.dat", f"r{i:03d}.dat",
+                                                    nbytes),))
+                for i in range(200)]  # fmt: skip
+
+    spec = parse_spec({"sources": [{"name": "a", "root": "/data", "format": "wfdb"}],
+                       "shards": {"task_bytes": 3_000}})  # fmt: skip
+    assert [len(t.items) for t in plan_tasks(items(100), spec)] == [7] * 8 + [6] * 24
+    cut = plan_tasks(items(1_000), spec)  # 3 items reach task_bytes: every task cut at 3
+    assert [len(t.items) for t in cut] == [3] * 66 + [2]
+    assert plan_tasks(items(100), spec)[0].task_id == plan_tasks(items(100), spec)[0].task_id
