@@ -104,10 +104,13 @@ def gather(ray: Any, tasks: Sequence[Callable[[], Any]], progress: Progress,
     flight (all at once when None), and return their results in order, counting each in
     `progress` as it finishes (as `units[i]` of its unit, 1 by default, with `nbytes[i]` input
     bytes) and showing the line every `progress.every` seconds. `limit` is the job's
-    `workers`: a 1-worker job uses one core in its prepare passes too, as in its conversion."""
+    `workers`: a 1-worker job uses one core in its prepare passes too, as in its conversion.
+    With `nbytes`, the largest go first: a phase then ends about when its biggest input does
+    (MIMIC-IV's labevents is half the input), not one biggest-input time after the rest."""
     out: list[Any] = [None] * len(tasks)
     index: dict[Any, int] = {}
-    todo = iter(range(len(tasks)))
+    order = range(len(tasks))
+    todo = iter(sorted(order, key=lambda i: -nbytes[i]) if nbytes else order)
     cap = limit or len(tasks)
 
     def submit() -> None:

@@ -18,7 +18,7 @@ from synthea_helpers import write_synthea
 from medfm.ingest.job import run_ingest
 from medfm.ingest.load import load_spec
 from medfm.ingest.privacy import Keyring
-from medfm.ingest.progress import Progress
+from medfm.ingest.progress import Progress, gather
 
 SPEC = Path(__file__).resolve().parents[1] / "ingest" / "specs" / "ehr_synthea.yaml"
 PHASE = r"\[ingest\] synthea {phase}: {unit} (\d+)/(\d+) \([\d.]+/s\){rate} \| ETA "
@@ -86,3 +86,21 @@ def test_a_phase_without_bytes_estimates_by_count():
     prog.update(1, 0, 0, 0)
     assert re.fullmatch(r"\[ingest\] mimic clean: buckets 1/4 \(0\.1/s\) \| ETA 00:00:3\d\n",
                         out.getvalue()), out.getvalue()  # fmt: skip
+
+
+def test_gather_starts_the_largest_input_first_and_returns_results_in_order(ray_local):
+    submitted = []
+
+    def task(i):
+        def submit():
+            submitted.append(i)
+            return ray_local.put(i * 10)
+
+        return submit
+
+    prog = Progress(0, 4, enabled=False)
+    out = gather(ray_local, [task(i) for i in range(4)], prog, nbytes=[5, 50, 1, 20], limit=1)
+    assert out == [0, 10, 20, 30] and submitted == [1, 3, 0, 2]
+    submitted.clear()
+    assert gather(ray_local, [task(i) for i in range(3)], prog) == [0, 10, 20]
+    assert submitted == [0, 1, 2]  # no sizes: as given
