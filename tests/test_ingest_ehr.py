@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from ingest_helpers import KEY
 
-from medfm.ingest.ehr.vocab import SPECIAL, Vocabulary
+from medfm.ingest.ehr.vocab import SPECIAL, Vocabulary, bottom_k
 from medfm.ingest.job import run_ingest
 from medfm.ingest.load import parse_spec
 from medfm.ingest.privacy import Keyring, split_for
@@ -284,3 +284,20 @@ def test_gzip_csv_streams_in_batches(tmp_path):
     fs, _ = get_fs(str(tmp_path))
     sizes = [b.num_rows for b in open_batches(fs, str(p), ["b"], 50_000)]
     assert sum(sizes) == 1_000_000 and max(sizes) <= 50_000  # never one whole-table read
+
+
+def test_bottom_k_keeps_each_codes_lowest_priorities_and_merges_exactly():
+    rng = np.random.default_rng(0)
+    codes = rng.choice(7, size=5_000, p=[0.4, 0.3, 0.1, 0.1, 0.05, 0.04, 0.01])
+    values, prio, k = rng.normal(size=5_000), rng.random(5_000), 300
+
+    def by_code(c, v, p):
+        return {int(x): sorted(p[c == x].tolist()) for x in np.unique(c)}
+
+    c, v, p = bottom_k(codes, values, prio, k)
+    want = {x: sorted(prio[codes == x])[:k] for x in range(7)}  # the k lowest, by brute force
+    assert by_code(c, v, p) == want
+    assert all(v[p == q][0] == values[prio == q][0] for q in p[:50])  # values travel with them
+    halves = [bottom_k(codes[s], values[s], prio[s], k) for s in (slice(2500), slice(2500, None))]
+    merged = bottom_k(*(np.concatenate(parts) for parts in zip(*halves, strict=True)), k)
+    assert by_code(*merged) == want  # the bottom-k of the parts' bottom-k

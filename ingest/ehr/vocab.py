@@ -22,17 +22,20 @@ TYPE_SPECIAL, TYPE_CODE, TYPE_VALUE, TYPE_INTERVAL, TYPE_STATIC = 0, 1, 2, 3, 4
 def bottom_k(codes: np.ndarray, values: np.ndarray, prio: np.ndarray, k: int):
     """Per code (codes: integers >= 0), the k values of lowest priority, in no particular
     order: a uniform sample that merges exactly (the bottom-k of a union is the bottom-k of
-    the parts' bottom-k). Only codes with more than k values are sorted."""
+    the parts' bottom-k). Only codes with more than k values are grouped, each then cut with
+    a partition, not a sort: the job's final merge (2.1 M values, 601 codes, k 20,000 for
+    2,000 MIMIC-IV patients) took 0.11-0.15 s against 0.40-0.50 s with a lexsort."""
     if len(codes) == 0:
         return codes, values, prio
-    keep = np.bincount(codes)[codes] <= k
+    per_code = np.bincount(codes)
+    keep = per_code[codes] <= k
     over = np.flatnonzero(~keep)
     if len(over):
-        order = over[np.lexsort((prio[over], codes[over]))]
-        c = codes[order]
-        starts = np.r_[0, np.flatnonzero(c[1:] != c[:-1]) + 1]
-        rank = np.arange(len(c)) - np.repeat(starts, np.diff(np.r_[starts, len(c)]))
-        keep[order[rank < k]] = True
+        grouped = over[np.argsort(codes[over], kind="stable")]  # ascending code, as bounds
+        bounds = np.r_[0, np.cumsum(per_code[per_code > k])]
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+            group = grouped[start:end]
+            keep[group[np.argpartition(prio[group], k - 1)[:k]]] = True
     return codes[keep], values[keep], prio[keep]
 
 
