@@ -604,8 +604,8 @@ def ehr_vs_pandas(ctx: BenchContext) -> list[dict]:
         result("ehr_events_vs_pandas_groupby", per_s(best["job1"]), per_s(best["pandas"]),
                "events/s", 1.0, data=note),
         result("ehr_ray_2_workers_vs_1", per_s(best["job2"]), per_s(best["job1"]), "events/s",
-               1.7, data=f"{what}; conversion tasks capped by workers, the prepare passes use "
-                         "every CPU"),
+               1.7, data=f"{what}; every pass's tasks (scan, partition, clean, MEDS, "
+                         "conversion) capped by workers"),
     ]  # fmt: skip
 
 
